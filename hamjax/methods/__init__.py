@@ -1,0 +1,87 @@
+"""Training methods, looked up by `config.method.name`.
+
+A method is a small set of pure functions (see `Method`). The generic trainer in
+`hamjax.train` calls them; no method owns a training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from hamjax.errors import ConfigError
+
+
+def _no_state(ctx, rng) -> dict:
+    del ctx, rng
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What a training method plugs into the generic trainer.
+
+    loss_fn(params, state, batch, rng, ctx) -> (loss, aux): differentiated w.r.t. params; aux is
+      a dict with `batch_stats`, `metrics` (scalars), `ledger` (a `hamjax.metrics.Ledger`) and
+      optionally `apply_update` (bool scalar; False skips the optimiser update, e.g. HAM's empty
+      hard set) and `method_state` (an updated method state, e.g. running class losses).
+    init_state(ctx, rng) -> pytree kept in `TrainState.method_state` (checkpointed).
+    pre_step(state, batch, rng, ctx) -> state, run inside the jitted step before the loss
+      (CAAT's meta update).
+    epoch_end(state, ctx, evaluator) -> state, run on the host after each epoch (FRL multipliers);
+      `evaluator(state, split_name)` returns per-class clean and robust counts.
+    validate(config) raises ConfigError naming the field.
+    summarize_state(method_state) -> dict of JSON-able values logged after each epoch (CAAT's
+      per-class routing, FRL's multipliers).
+    """
+
+    name: str
+    loss_fn: Callable[..., Any]
+    init_state: Callable[..., Any] = _no_state
+    pre_step: Callable[..., Any] | None = None
+    epoch_end: Callable[..., Any] | None = None
+    validate: Callable[..., None] | None = None
+    summarize_state: Callable[..., dict] | None = None
+    needs_meta_batch: bool = False
+    description: str = ""
+
+
+_REGISTRY: dict[str, Method] = {}
+# Modules that register methods on import; imported lazily so `get_method` sees them all.
+_METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat")
+
+
+def register(method: Method) -> Method:
+    """Adds a method to the registry (names are unique)."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _import_all() -> None:
+    for module in _METHOD_MODULES:
+        try:
+            importlib.import_module(f"hamjax.methods.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"hamjax.methods.{module}":
+                raise
+
+
+def available_methods() -> list[str]:
+    """Names accepted by `config.method.name`."""
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """Looks a method up by name; an unknown name lists the valid ones."""
+    _import_all()
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"config.method.name={name!r} is not a known method; choose one of "
+            f"{available_methods()}"
+        )
+    return _REGISTRY[name]

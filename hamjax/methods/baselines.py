@@ -1,0 +1,96 @@
+"""Baselines: standard (clean) training, PGD-AT (Madry et al. 2018) and TRADES (Zhang et al. 2019)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from hamjax.attacks.losses import kl_divergence
+from hamjax.errors import ConfigError
+from hamjax.methods import Method, register
+from hamjax.methods.common import (
+    accuracy,
+    attack_ledger,
+    cross_entropy,
+    forward,
+    step_aux,
+    train_attack,
+    training_ledger,
+)
+
+
+def standard_loss(params, state, batch, rng, ctx):
+    """Clean cross-entropy: the no-defence reference."""
+    del rng
+    x, y = batch["image"], batch["label"]
+    logits, stats = forward(ctx, params, state.batch_stats, x, bn_mode="train")
+    loss = jnp.mean(cross_entropy(logits, y))
+    ledger = training_ledger(x.shape[0])
+    return loss, step_aux(stats, ledger, train_acc=accuracy(logits, y))
+
+
+def pgd_at_loss(params, state, batch, rng, ctx):
+    """Cross-entropy on PGD adversarial examples (the attack in `config.attack`)."""
+    x, y = batch["image"], batch["label"]
+    x_adv, info = train_attack(ctx, params, state.batch_stats, x, y, rng)
+    logits, stats = forward(ctx, params, state.batch_stats, x_adv, bn_mode="train")
+    loss = jnp.mean(cross_entropy(logits, y))
+    ledger = attack_ledger(x.shape[0], ctx.config.attack.steps) + training_ledger(x.shape[0])
+    return loss, step_aux(
+        stats, ledger, train_robust_acc=accuracy(logits, y), mean_kappa=jnp.mean(info.kappa)
+    )
+
+
+def trades_terms(ctx, params, batch_stats, x, y, x_adv, eps_weights=None):
+    """TRADES' two terms per example: clean CE and KL(p(x) || p(x_adv)), BN in train mode.
+
+    Two forward passes, as the reference code does (clean first, then adversarial), each
+    updating the running statistics.
+    """
+    del eps_weights
+    clean_logits, stats = forward(ctx, params, batch_stats, x, bn_mode="train")
+    adv_logits, stats = forward(ctx, params, stats, x_adv, bn_mode="train")
+    ce = cross_entropy(clean_logits, y)
+    kl = kl_divergence(adv_logits, y, clean_logits=clean_logits)
+    return ce, kl, clean_logits, adv_logits, stats
+
+
+def trades_adversary(ctx, params, batch_stats, x, y, rng, eps=None):
+    """TRADES' inner maximisation: PGD on KL from x + 0.001 N(0, 1)."""
+    overrides = {"loss": "kl", "init": "normal"}
+    if eps is not None:
+        overrides["eps"] = eps
+    return train_attack(ctx, params, batch_stats, x, y, rng, **overrides)
+
+
+def trades_loss(params, state, batch, rng, ctx):
+    """CE(f(x), y) + beta * KL(f(x) || f(x')), x' from PGD on the KL."""
+    x, y = batch["image"], batch["label"]
+    x_adv, _ = trades_adversary(ctx, params, state.batch_stats, x, y, rng)
+    ce, kl, clean_logits, adv_logits, stats = trades_terms(
+        ctx, params, state.batch_stats, x, y, x_adv
+    )
+    beta = ctx.config.method.beta
+    loss = jnp.mean(ce) + beta * jnp.mean(kl)
+    # The attack's clean forward (its KL target) is one more forward pass without backward.
+    ledger = attack_ledger(x.shape[0], ctx.config.attack.steps, final_eval=True)
+    ledger = ledger + training_ledger(x.shape[0], 2)
+    return loss, step_aux(
+        stats,
+        ledger,
+        train_acc=accuracy(clean_logits, y),
+        train_robust_acc=accuracy(adv_logits, y),
+        kl=jnp.mean(kl),
+    )
+
+
+def _validate_trades(config) -> None:
+    beta = config.method.get("beta")
+    if beta is None or beta < 0:
+        raise ConfigError(f"config.method.beta={beta!r}: TRADES needs beta >= 0 (paper: 6.0)")
+
+
+register(Method("standard", standard_loss, description="clean cross-entropy"))
+register(Method("pgd_at", pgd_at_loss, description="PGD adversarial training (Madry et al.)"))
+register(
+    Method("trades", trades_loss, validate=_validate_trades, description="TRADES (Zhang et al.)")
+)

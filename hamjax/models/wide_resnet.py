@@ -1,0 +1,93 @@
+"""WideResNet as in the TRADES / MART / AWP code (WRN-34-10 by default, dropout 0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hamjax.errors import ConfigError
+from hamjax.models.layers import (
+    batch_norm,
+    classifier_head,
+    compute_dtype,
+    normalize,
+    wrn_conv_init,
+)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    """Bias-free conv, PyTorch padding, TRADES init N(0, sqrt(2 / (k*k*out)))."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=wrn_conv_init,
+        name=name,
+    )
+
+
+class WideBasicBlock(nn.Module):
+    """TRADES BasicBlock: BN-ReLU-conv-BN-ReLU-conv; when channels change, the 1x1 shortcut is
+    applied to the pre-activated input (as in the reference code)."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        equal_in_out = x.shape[-1] == self.features
+        out = nn.relu(batch_norm(x, train, mask, dtype=self.dtype, name="bn1"))
+        if equal_in_out:
+            shortcut = x
+        else:
+            shortcut = _conv(self.features, 1, self.stride, self.dtype, "shortcut")(out)
+        out = _conv(self.features, 3, self.stride, self.dtype, "conv1")(out)
+        out = nn.relu(batch_norm(out, train, mask, dtype=self.dtype, name="bn2"))
+        out = _conv(self.features, 3, 1, self.dtype, "conv2")(out)
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width (depth = 6n + 4); WRN-34-10 has ~46.16M params at 10 classes.
+
+    Input: float [0,1] NHWC; normalised inside; returns float32 logits. The unused `sub_block1`
+    of the TRADES code is omitted (it never runs, so it changes nothing but the param count).
+    """
+
+    num_classes: int = 10
+    depth: int = 34
+    width: int = 10
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
+        if self.depth < 10 or (self.depth - 4) % 6 != 0 or self.width < 1:
+            raise ConfigError(
+                f"WideResNet depth={self.depth}, width={self.width}: model.depth must be 6n+4 "
+                "(e.g. 28, 34) with n >= 1 and model.width >= 1"
+            )
+        n = (self.depth - 4) // 6
+        dtype = compute_dtype(self.dtype)
+        x = normalize(x, self.mean, self.std).astype(dtype)
+        x = _conv(16, 3, 1, dtype, "conv1")(x)
+        for i, (channels, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
+            for j in range(n):
+                x = WideBasicBlock(
+                    channels * self.width, stride if j == 0 else 1, dtype, name=f"block{i + 1}_{j}"
+                )(x, train, mask)
+        x = nn.relu(batch_norm(x, train, mask, dtype=dtype, name="bn"))
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # == avg_pool(8) at 32x32, any size
+        return classifier_head(x, self.num_classes, bias_init=nn.initializers.zeros)

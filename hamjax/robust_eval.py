@@ -1,0 +1,42 @@
+"""Per-class clean and PGD accuracy over a whole split: the trainer's validation and the
+evaluation command share this code."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from hamjax.data import eval_batches
+from hamjax.metrics import PerClassCounts
+from hamjax.train.step import make_eval_step, replicated, shard_batch
+
+
+def subset(split, num_examples: int, seed: int):
+    """A fixed, seeded subset of `num_examples` (0 or more than the split: all of it)."""
+    if not num_examples or num_examples >= len(split):
+        return split
+    order = np.random.default_rng([seed, 7]).permutation(len(split))[:num_examples]
+    return split.take(np.sort(order))
+
+
+class PGDEvaluator:
+    """Compiles the per-class evaluation once and runs it over any split."""
+
+    def __init__(self, model, num_classes: int, attack_config, mesh, batch_size: int):
+        self.num_classes = num_classes
+        self.mesh = mesh
+        self.batch_size = batch_size
+        self._step = jax.jit(
+            make_eval_step(model, num_classes, attack_config),
+            in_shardings=(replicated(mesh), None, replicated(mesh)),
+        )
+
+    def __call__(self, variables, split, rng) -> tuple[PerClassCounts, PerClassCounts]:
+        """(clean, robust) per-class counts; every example counted once (padding masked)."""
+        clean = PerClassCounts.zeros(self.num_classes)
+        robust = PerClassCounts.zeros(self.num_classes)
+        for i, batch in enumerate(eval_batches(split, self.batch_size)):
+            batch = shard_batch(batch, self.mesh)
+            c, r = self._step(variables, batch, jax.random.fold_in(rng, i))
+            clean, robust = clean.merge(c), robust.merge(r)
+        return jax.device_get(clean), jax.device_get(robust)

@@ -1,0 +1,363 @@
+"""The one generic training loop: data -> jitted step -> validation -> checkpoints -> report.
+
+Methods plug in through the registry (`hamjax.methods`); nothing here knows any method.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from hamjax.checkpoint import BEST, LAST, Checkpointer
+from hamjax.config import config_to_json, validate_config
+from hamjax.data import DATASET_STATS, iterate_batches, load_splits, num_batches
+from hamjax.errors import CheckpointError, ConfigError
+from hamjax.methods import get_method
+from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary, format_per_class_table
+from hamjax.models import build_model
+from hamjax.robust_eval import PGDEvaluator, subset
+from hamjax.runlog import RunLogger
+from hamjax.train.optim import make_lr_fn, make_optimizer
+from hamjax.train.state import StepContext, TrainState, create_train_state
+from hamjax.train.step import jit_train_step, make_mesh, make_train_step, replicated, shard_batch
+
+
+def build_context(config, splits) -> StepContext:
+    """Everything static a step needs, from the config and the loaded data."""
+    name = config.data.name
+    mean, std = DATASET_STATS.get(name, (None, None))
+    model = build_model(config.model, splits.num_classes, splits.image_shape, mean=mean, std=std)
+    steps_per_epoch = num_batches(len(splits.train), config.train.batch_size)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is larger than the training "
+            f"split ({len(splits.train)} examples); lower it"
+        )
+    return StepContext(
+        model=model,
+        tx=make_optimizer(config.train),
+        lr_fn=make_lr_fn(config.train, steps_per_epoch),
+        config=ml_collections.FrozenConfigDict(config),
+        num_classes=splits.num_classes,
+        class_counts=splits.train.class_counts(splits.num_classes),
+        steps_per_epoch=steps_per_epoch,
+        image_shape=tuple(splits.image_shape),
+    )
+
+
+def meta_batch(meta_split, batch_size: int, seed: int, step: int) -> dict:
+    """A clean, balanced meta batch drawn as a function of (seed, step): resumable."""
+    rng = np.random.default_rng([seed, 11, step])
+    idx = rng.choice(len(meta_split), size=batch_size, replace=len(meta_split) < batch_size)
+    return {
+        "meta_image": meta_split.images[idx].astype(np.float32) / 255.0,
+        "meta_label": meta_split.labels[idx],
+    }
+
+
+def _variables(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _select_score(summary: dict, select_on: str) -> float:
+    key = {"robust_average": ("robust", "average"), "robust_worst": ("robust", "worst"),
+           "clean_average": ("clean", "average")}[select_on]
+    return float(summary[key[0]][key[1]])
+
+
+def summarize(clean: PerClassCounts, robust: PerClassCounts, class_names) -> dict:
+    """Per-class clean/robust accuracy, average, worst, std and FRL's boundary error."""
+    return {
+        "clean": fairness_summary(clean, class_names),
+        "robust": fairness_summary(robust, class_names),
+        "boundary_error": boundary_error(clean, robust, class_names),
+    }
+
+
+def _load_init_weights(state: TrainState, init_from: str) -> TrainState:
+    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint."""
+    source = Checkpointer(init_from)
+    kind = BEST if source.latest_step(BEST) is not None else LAST
+    restored = source.restore(state, kind=kind)
+    if restored is None:
+        raise CheckpointError(
+            f"config.train.init_from={init_from!r} holds no checkpoint (looked in "
+            f"{init_from}/best and {init_from}/checkpoints); point it at a finished run's workdir"
+        )
+    source_state, _ = restored
+    return state.replace(params=source_state.params, batch_stats=source_state.batch_stats)
+
+
+def _attack_record(config) -> dict:
+    return {
+        "train_attack": config_to_json(config.attack),
+        "eval_attack": {"name": f"pgd{config.eval.steps}", "eps": config.eval.eps,
+                        "step_size": config.eval.step_size, "steps": config.eval.steps,
+                        "random_start": True, "bn_mode": "eval"},
+    }
+
+
+def _pgd_at_cost(config, examples: float) -> float:
+    """Example passes PGD-AT would execute on the same examples: K attack steps + 1 update."""
+    return 2.0 * (config.attack.steps + 1) * examples
+
+
+def _fold_sums(epoch_record: dict, sums, steps: int) -> dict:
+    """Adds device-side metric sums of `steps` steps into the (JSON-able) epoch record."""
+    if sums is None:
+        return epoch_record
+    totals = dict(epoch_record["metric_sums"])
+    for key, value in jax.device_get(sums).items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return dict(epoch_record, metric_sums=totals, steps=epoch_record["steps"] + steps)
+
+
+class Trainer:
+    """Holds a run's pieces; `run()` trains to the end, resuming from the workdir if it can."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        validate_config(config)
+        self.config = config
+        self.workdir = workdir
+        self.is_main = jax.process_index() == 0
+        self.log = RunLogger(workdir, enabled=self.is_main)
+        self.method = get_method(config.method.name)
+        self.splits = load_splits(config.data, seed=config.seed)
+        if self.method.needs_meta_batch and self.splits.meta is None:
+            raise ConfigError(
+                f"method {config.method.name!r} needs a meta set: set config.data.meta_per_class "
+                "> 0 (CAAT: 300 for CIFAR-10)"
+            )
+        self.val = self.splits.val if self.splits.val is not None else None
+        self.ctx = build_context(config, self.splits)
+        self.mesh = make_mesh()
+        n_dev = self.mesh.devices.size
+        if config.train.batch_size % n_dev:
+            raise ConfigError(
+                f"config.train.batch_size={config.train.batch_size} must be divisible by the "
+                f"{n_dev} devices of the mesh"
+            )
+        self.checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+        self.train_step = jit_train_step(make_train_step(self.ctx, self.method), self.mesh)
+        self.evaluator = PGDEvaluator(self.ctx.model, self.splits.num_classes, config.eval,
+                                      self.mesh, config.eval.batch_size)
+        self._eval_cache: dict = {}
+
+    # ----------------------------------------------------------------------------- state
+    def initial_state(self) -> tuple[TrainState, dict]:
+        """A fresh state, the latest checkpoint's, or fine-tuning weights; plus run metadata."""
+        state = create_train_state(self.ctx, self.method, self.config.seed)
+        state = jax.device_put(state, replicated(self.mesh))
+        restored = self.checkpointer.restore(state)
+        if restored is not None:
+            state, meta = restored
+            self._check_compatible(meta)
+            self.log.print(f"resumed from {self.workdir} at step {int(state.step)}")
+            return state, meta
+        if self.config.train.init_from:
+            state = _load_init_weights(state, self.config.train.init_from)
+        return state, {"best_score": None, "best_step": None, "epochs": []}
+
+    def _check_compatible(self, meta: dict) -> None:
+        saved = meta.get("config", {})
+        for section, field in (("model", "name"), ("method", "name"), ("data", "name")):
+            was = saved.get(section, {}).get(field)
+            now = self.config[section][field]
+            if was is not None and was != now:
+                raise CheckpointError(
+                    f"the checkpoint in {self.workdir} was written with {section}.{field}={was!r}"
+                    f" but the config now says {now!r}; use a new --workdir or the old config"
+                )
+
+    # ----------------------------------------------------------------------------- eval
+    def evaluate(self, state: TrainState, split_name: str) -> tuple[PerClassCounts, ...]:
+        """(clean, robust) per-class counts on a split; cached per (step, split)."""
+        key = (int(state.step), split_name)
+        if key not in self._eval_cache:
+            split = {"val": self.val, "meta": self.splits.meta, "test": self.splits.test}[
+                split_name]
+            if split is None:
+                raise ConfigError(f"split {split_name!r} is empty (config.data.val_size / "
+                                  "meta_per_class is 0)")
+            split = subset(split, self.config.eval.num_examples, self.config.seed)
+            rng = jax.random.PRNGKey(self.config.seed + 1000)
+            self._eval_cache = {key: self.evaluator(_variables(state), split, rng)}
+        return self._eval_cache[key]
+
+    # ----------------------------------------------------------------------------- train
+    def _batch(self, batch: dict, step: int) -> dict:
+        if self.method.needs_meta_batch:
+            batch.update(meta_batch(self.splits.meta, self.config.train.batch_size,
+                                    self.config.seed, step))
+        return shard_batch(batch, self.mesh)
+
+    def _process_rows(self, batch: dict) -> dict:
+        """This host's share of the global batch (all of it on one host)."""
+        n, i = jax.process_count(), jax.process_index()
+        rows = self.config.train.batch_size // n
+        return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+    def _save(self, state: TrainState, meta: dict) -> None:
+        meta = dict(meta, config=config_to_json(self.config))
+        self.checkpointer.save(int(state.step), state, meta)
+
+    def run(self) -> dict:
+        """Trains to config.train.epochs and returns the final report (also written as JSON)."""
+        cfg = self.config
+        state, meta = self.initial_state()
+        spe = self.ctx.steps_per_epoch
+        total_steps = cfg.train.epochs * spe
+        self.log.write("run", int(state.step), config=config_to_json(cfg),
+                       data=self.splits.info, devices=[str(d) for d in jax.devices()],
+                       **_attack_record(cfg))
+        sample = self._batch(next(iterate_batches(self.splits.train, cfg.train.batch_size,
+                                                  cfg.seed, 0, 0)), 0)
+        t0 = time.perf_counter()
+        compiled = self.train_step.lower(state, sample).compile()
+        meta.setdefault("compile_seconds", []).append(time.perf_counter() - t0)
+        self.log.print(f"compiled the train step in {meta['compile_seconds'][-1]:.1f}s; "
+                       f"{spe} steps/epoch, {jax.device_count()} device(s)")
+
+        while int(state.step) < total_steps:
+            epoch, start = divmod(int(state.step), spe)
+            state, meta = self._train_epoch(compiled, state, meta, epoch, start)
+        report = self.final_report(state, meta)
+        self.checkpointer.close()
+        self.log.close()
+        return report
+
+    def _train_epoch(self, compiled, state, meta, epoch: int, start: int):
+        cfg, spe = self.config, self.ctx.steps_per_epoch
+        ledger_before = jax.device_get(state.ledger)
+        epoch_record = meta.pop("partial_epoch", None) or {"seconds": 0.0, "skipped": 0.0,
+                                                           "metric_sums": {}, "steps": 0}
+        t_last, images, sums, counted_from = time.perf_counter(), 0, None, start
+        batches = iterate_batches(self.splits.train, cfg.train.batch_size, cfg.seed, epoch, start)
+        for i, batch in enumerate(batches, start=start):
+            step = epoch * spe + i
+            state, metrics = compiled(state, self._batch(self._process_rows(batch), step))
+            images += cfg.train.batch_size
+            sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
+            last_in_epoch = i + 1 == spe
+            if (step + 1) % cfg.train.log_every_steps == 0 or last_in_epoch:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                epoch_record["seconds"] += now - t_last
+                rate = images / max(now - t_last, 1e-9)
+                t_last, images = now, 0
+                self.log.progress(epoch, cfg.train.epochs, i + 1, spe, rate, metrics)
+                self.log.write("train", step + 1, epoch=epoch, images_per_s=rate, **metrics)
+            if (step + 1) % cfg.train.checkpoint_every_steps == 0 and not last_in_epoch:
+                epoch_record = _fold_sums(epoch_record, sums, i + 1 - counted_from)
+                sums, counted_from = None, i + 1
+                jax.block_until_ready(state)
+                now = time.perf_counter()
+                epoch_record["seconds"] += now - t_last
+                t_last = now
+                self._save(state, dict(meta, partial_epoch=epoch_record))
+                t_last = time.perf_counter()
+        jax.block_until_ready(state)
+        epoch_record = _fold_sums(epoch_record, sums, spe - counted_from)
+        return self._end_epoch(state, meta, epoch, epoch_record, ledger_before)
+
+    def _end_epoch(self, state, meta, epoch, epoch_record, ledger_before):
+        cfg = self.config
+        ledger = jax.device_get(state.ledger)
+        examples = self.ctx.steps_per_epoch * cfg.train.batch_size
+        cost = {
+            "forward": float(ledger.forward - ledger_before.forward),
+            "backward": float(ledger.backward - ledger_before.backward),
+        }
+        cost["relative_to_pgd_at"] = (cost["forward"] + cost["backward"]) / _pgd_at_cost(
+            cfg, examples)
+        record = {"epoch": epoch + 1, "train_seconds": epoch_record["seconds"], "ledger": cost}
+        record["train_metrics"] = {k: v / max(epoch_record["steps"], 1)
+                                   for k, v in epoch_record["metric_sums"].items()}
+        if self.method.summarize_state is not None:  # before epoch_end rolls the state over
+            record["method"] = self.method.summarize_state(jax.device_get(state.method_state))
+        if self.method.epoch_end is not None:
+            state = self.method.epoch_end(state, self.ctx, self.evaluate)
+        if self.val is not None and (epoch + 1) % cfg.train.eval_every_epochs == 0:
+            summary = summarize(*self.evaluate(state, "val"), self.splits.class_names)
+            record["val"] = summary
+            score = _select_score(summary, cfg.eval.select_on)
+            if meta["best_score"] is None or score > meta["best_score"]:
+                meta.update(best_score=score, best_step=int(state.step), best_epoch=epoch + 1)
+                self.checkpointer.save(int(state.step), state,
+                                       dict(meta, config=config_to_json(cfg)), kind=BEST)
+            self.log.print(
+                f"epoch {epoch + 1}: val clean {summary['clean']['average']:.4f} "
+                f"(worst {summary['clean']['worst']:.4f}), "
+                f"PGD-{cfg.eval.steps} {summary['robust']['average']:.4f} "
+                f"(worst {summary['robust']['worst']:.4f}); "
+                f"cost {cost['relative_to_pgd_at']:.3f}x PGD-AT; {record['train_seconds']:.1f}s")
+        meta["epochs"] = meta["epochs"] + [record]
+        self.log.write("epoch", int(state.step), **record)
+        self._save(state, meta)
+        return state, meta
+
+    # ----------------------------------------------------------------------------- report
+    def final_report(self, state, meta) -> dict:
+        """Test-set numbers for the last and the validation-selected checkpoint; never selects
+        on the test set."""
+        cfg = self.config
+        results = {"last": self._test_results(state)}
+        if meta.get("best_step") is not None:
+            restored = self.checkpointer.restore(state, kind=BEST)
+            if restored is not None:
+                results["best_on_val"] = self._test_results(restored[0])
+                results["best_on_val"]["epoch"] = meta.get("best_epoch")
+        epochs = meta["epochs"]
+        total_passes = sum(e["ledger"]["forward"] + e["ledger"]["backward"] for e in epochs)
+        examples = len(epochs) * self.ctx.steps_per_epoch * cfg.train.batch_size
+        report = {
+            "config": config_to_json(cfg),
+            "seed": cfg.seed,
+            "data": self.splits.info,
+            **_attack_record(cfg),
+            "results": results,
+            "cost": {
+                "forward_passes": sum(e["ledger"]["forward"] for e in epochs),
+                "backward_passes": sum(e["ledger"]["backward"] for e in epochs),
+                "relative_to_pgd_at": total_passes / max(_pgd_at_cost(cfg, examples), 1.0),
+                "train_seconds_excluding_compile": sum(e["train_seconds"] for e in epochs),
+                "compile_seconds": meta.get("compile_seconds", []),
+            },
+            "epochs": epochs,
+        }
+        if self.is_main:
+            with open(os.path.join(self.workdir, "report.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            for name, res in results.items():
+                self.log.print(f"\n{name} checkpoint, test split ({res['num_examples']} examples,"
+                               f" PGD-{cfg.eval.steps} eps {cfg.eval.eps:.4f}):")
+                self.log.print(res["table"])
+            self.log.print(f"cost: {report['cost']['relative_to_pgd_at']:.3f}x PGD-AT example "
+                           f"passes; {report['cost']['train_seconds_excluding_compile']:.1f}s "
+                           "training time excluding compilation")
+        return report
+
+    def _test_results(self, state) -> dict[str, Any]:
+        split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed)
+        clean, robust = self.evaluator(_variables(state), split,
+                                       jax.random.PRNGKey(self.config.seed + 2000))
+        names = self.splits.class_names
+        table = format_per_class_table(
+            {"clean": clean, f"pgd{self.config.eval.steps}": robust}, names)
+        res = summarize(clean, robust, names)
+        res.update(step=int(state.step), num_examples=len(split), table=table)
+        if self.splits.train.noise_rate > 0:
+            res["note"] = "test labels are clean; training labels were noised"
+        return res
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) a run in `workdir` and returns its final report."""
+    return Trainer(config, workdir).run()

@@ -1,0 +1,59 @@
+"""The whole training state: everything a resumed run needs lives here and is checkpointed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hamjax.metrics import Ledger
+from hamjax.models import init_variables
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step, weights, BN statistics, optimiser, RNG, method state and the compute ledger."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key data: checkpoints portably
+    method_state: Any
+    ledger: Ledger
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """Static things a step needs, closed over before jit (never traced, never checkpointed)."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    lr_fn: Any
+    config: Any  # ml_collections.FrozenConfigDict
+    num_classes: int
+    class_counts: np.ndarray
+    steps_per_epoch: int
+    image_shape: tuple[int, ...]
+
+
+def create_train_state(ctx: StepContext, method, seed: int) -> TrainState:
+    """Initialises weights, optimiser and method state from one seed."""
+    root = jax.random.PRNGKey(seed)
+    init_rng, method_rng, step_rng = jax.random.split(root, 3)
+    variables = init_variables(ctx.model, init_rng, ctx.image_shape)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=ctx.tx.init(params),
+        rng=step_rng,
+        method_state=method.init_state(ctx, method_rng),
+        ledger=Ledger.zeros(),
+    )

@@ -1,0 +1,124 @@
+"""The generic, pure train step and the evaluation step, jitted over a device mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hamjax.attacks import pgd
+from hamjax.data import augment
+from hamjax.metrics import per_class_counts
+from hamjax.models import apply_model
+from hamjax.train.optim import set_learning_rate
+from hamjax.train.state import StepContext, TrainState
+
+DATA_AXIS = "data"
+
+
+def _select(pred, new, old):
+    """new where pred else old, leaf by leaf (pred is a traced scalar bool)."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tuple]:
+    """Builds `train_step(state, batch) -> (state, metrics)`, pure and jittable.
+
+    rng = fold_in(state.rng, step) makes every step's randomness a function of (seed, step), so a
+    resumed run draws exactly what an uninterrupted one would.
+    """
+    augment_config = ctx.config.data.augment
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        aug_rng, pre_rng, loss_rng = jax.random.split(rng, 3)
+        batch = dict(batch)
+        batch["image"] = augment(
+            aug_rng, batch["image"], crop_pad=augment_config.crop_pad, flip=augment_config.flip
+        )
+        if method.pre_step is not None:
+            state = method.pre_step(state, batch, pre_rng, ctx)
+        lr = ctx.lr_fn(state.step)
+        grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
+        (loss, aux), grads = grad_fn(state.params, state, batch, loss_rng, ctx)
+        opt_state = set_learning_rate(state.opt_state, lr)
+        updates, new_opt_state = ctx.tx.update(grads, opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        apply = aux.get("apply_update", jnp.asarray(True))
+        state = state.replace(
+            step=state.step + 1,
+            params=_select(apply, new_params, state.params),
+            opt_state=_select(apply, new_opt_state, state.opt_state),
+            batch_stats=_select(apply, aux["batch_stats"], state.batch_stats),
+            method_state=aux.get("method_state", state.method_state),
+            ledger=state.ledger + aux["ledger"],
+        )
+        metrics = {"loss": loss, "lr": jnp.asarray(lr, jnp.float32), **aux["metrics"]}
+        metrics["update_applied"] = apply.astype(jnp.float32)
+        return state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, num_classes: int, attack_config) -> Callable:
+    """`eval_step(variables, batch, rng) -> (clean_counts, robust_counts)` per class.
+
+    The attack is PGD with `attack_config` (eps, step_size, steps) on the model in eval mode;
+    padded rows (batch["mask"] False) count nowhere.
+    """
+
+    def eval_step(variables, batch, rng):
+        x, y, mask = batch["image"], batch["label"], batch["mask"]
+
+        def logits_fn(z):
+            return apply_model(model, variables, z, bn_mode="eval")[0]
+
+        clean_correct = jnp.argmax(logits_fn(x), -1) == y
+        x_adv, info = pgd(
+            logits_fn, x, y, rng, eps=attack_config.eps, step_size=attack_config.step_size,
+            steps=attack_config.steps, random_start=True,
+        )
+        robust_correct = ~info.success
+        return (
+            per_class_counts(clean_correct, y, num_classes, mask),
+            per_class_counts(robust_correct, y, num_classes, mask),
+        )
+
+    return eval_step
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D data-parallel mesh over all (global) devices."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices, (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the data axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host arrays (this process's rows) -> global arrays sharded over the mesh."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def jit_train_step(train_step, mesh: Mesh):
+    """jit with the state replicated and the batch split on its leading axis; no pmap."""
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=(0,),
+    )
