@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -24,6 +24,8 @@ flags.mark_flag_as_required("config")
 def main(argv: list[str]) -> None:
     del argv
     import jax
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
 
     if flags.FLAGS.multihost:
         jax.distributed.initialize()

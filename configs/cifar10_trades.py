@@ -5,13 +5,12 @@
 Inner maximisation: 10 steps of 2/255 on KL(p(x) || p(x')), start x + 0.001 N(0, 1).
 """
 
-from hamjax.config import base_config
+from hamjax.config import base_config, method_config
 
 
 def get_config():
     config = base_config()
     config.data.name = "cifar10"
     config.model.name = "preact_resnet18"
-    config.method.name = "trades"
-    config.method.beta = 6.0
+    config.method = method_config("trades", beta=6.0)
     return config

@@ -63,6 +63,25 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """`config.method` for a registered method: its name, its documented defaults, overrides.
+
+    Unknown override keys are rejected, so a typo never silently leaves a default in place.
+    """
+    from hamjax.methods import get_method
+
+    method = get_method(name)
+    fields = dict(method.defaults)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"config.method fields {unknown} are not fields of method {name!r}; it has "
+            f"{sorted(fields)}"
+        )
+    fields.update(overrides)
+    return ml_collections.ConfigDict({"name": name, **fields})
+
+
 def _require(ok: bool, field: str, value, fix: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}={value!r}: {fix}")

@@ -4,19 +4,17 @@ evaluation command share this code."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 
-from hamjax.data import eval_batches
+from hamjax.data import eval_batches, stratified_subset
 from hamjax.metrics import PerClassCounts
 from hamjax.train.step import make_eval_step, replicated, shard_batch
 
 
-def subset(split, num_examples: int, seed: int):
-    """A fixed, seeded subset of `num_examples` (0 or more than the split: all of it)."""
+def subset(split, num_examples: int, seed: int, num_classes: int):
+    """A fixed, seeded, class-stratified subset (0 or more than the split: all of it)."""
     if not num_examples or num_examples >= len(split):
         return split
-    order = np.random.default_rng([seed, 7]).permutation(len(split))[:num_examples]
-    return split.take(np.sort(order))
+    return stratified_subset(split, num_examples, seed, num_classes)
 
 
 class PGDEvaluator:

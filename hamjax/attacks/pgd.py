@@ -64,7 +64,8 @@ def project(x: Array, x_adv: Array, eps: Array, norm: str) -> Array:
 def random_init(key: Array, x: Array, eps: Array, norm: str, init: str) -> Array:
     """Random start: uniform in the ball (Madry) or x + 0.001 N(0, 1) (TRADES)."""
     if init == "normal":
-        return jnp.clip(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
+        # Projected too: for eps below the noise scale the start must still lie in the ball.
+        return project(x, x + 0.001 * jax.random.normal(key, x.shape, x.dtype), eps, norm)
     if norm == "linf":
         noise = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * eps
     else:

@@ -33,8 +33,8 @@ _BREAKS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 def p_selection(it: int, n_queries: int, p_init: float) -> float:
     """Fraction of pixels the square covers at query `it` (reference, rescale_schedule=True).
 
-    The schedule is written for 10000 queries and rescaled to `n_queries` in float64 with int()
-    truncation, exactly as the reference does it (integer division differs at some breakpoints).
+    The schedule is written for 10000 queries and rescaled to `n_queries` by truncating a
+    float64 quotient, exactly as the reference does.
     """
     it = int(it / n_queries * 10000)
     halvings = sum(it > b for b in _BREAKS)

@@ -33,6 +33,7 @@ class Method:
     epoch_end(state, ctx, evaluator) -> state, run on the host after each epoch (FRL multipliers);
       `evaluator(state, split_name)` returns per-class clean and robust counts.
     validate(config) raises ConfigError naming the field.
+    defaults: the method's config fields and their defaults (`hamjax.config.method_config`).
     summarize_state(method_state) -> dict of JSON-able values logged after each epoch (CAAT's
       per-class routing, FRL's multipliers).
     """
@@ -45,6 +46,7 @@ class Method:
     validate: Callable[..., None] | None = None
     summarize_state: Callable[..., dict] | None = None
     needs_meta_batch: bool = False
+    defaults: dict = dataclasses.field(default_factory=dict)
     description: str = ""
 
 

@@ -1,4 +1,4 @@
-"""Baselines: standard (clean) training, PGD-AT (Madry et al. 2018) and TRADES (Zhang et al. 2019)."""
+"""Baselines: standard training, PGD-AT (Madry et al. 2018), TRADES (Zhang et al. 2019)."""
 
 from __future__ import annotations
 
@@ -92,5 +92,6 @@ def _validate_trades(config) -> None:
 register(Method("standard", standard_loss, description="clean cross-entropy"))
 register(Method("pgd_at", pgd_at_loss, description="PGD adversarial training (Madry et al.)"))
 register(
-    Method("trades", trades_loss, validate=_validate_trades, description="TRADES (Zhang et al.)")
+    Method("trades", trades_loss, validate=_validate_trades, defaults={"beta": 6.0},
+           description="TRADES (Zhang et al.)")
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -127,13 +128,15 @@ def build_model(
     return _REGISTRY[name](model_config, int(num_classes), mean_t, std_t, dtype)
 
 
-def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> Variables:
-    """{"params", "batch_stats"} for inputs of shape input_shape (H, W, C; no batch dim).
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> Variables:
+    # jitted and cached on (model, shape): eager init of a deep net dispatches thousands of ops
+    return model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
 
-    Jitted because eager init of a deep net dispatches thousands of small ops.
-    """
-    x = jnp.zeros((1, *input_shape), jnp.float32)
-    variables = jax.jit(lambda key, inp: model.init(key, inp, train=False))(rng, x)
+
+def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> Variables:
+    """{"params", "batch_stats"} for inputs of shape input_shape (H, W, C; no batch dim)."""
+    variables = _init(model, rng, tuple(int(d) for d in input_shape))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 

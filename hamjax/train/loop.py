@@ -13,11 +13,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.config import config_to_json, validate_config
-from hamjax.data import DATASET_STATS, iterate_batches, load_splits, num_batches
+from hamjax.data import DATASET_STATS, iterate_batches, load_splits, meta_batch, num_batches
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.methods import get_method
 from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary, format_per_class_table
@@ -50,16 +49,6 @@ def build_context(config, splits) -> StepContext:
         steps_per_epoch=steps_per_epoch,
         image_shape=tuple(splits.image_shape),
     )
-
-
-def meta_batch(meta_split, batch_size: int, seed: int, step: int) -> dict:
-    """A clean, balanced meta batch drawn as a function of (seed, step): resumable."""
-    rng = np.random.default_rng([seed, 11, step])
-    idx = rng.choice(len(meta_split), size=batch_size, replace=len(meta_split) < batch_size)
-    return {
-        "meta_image": meta_split.images[idx].astype(np.float32) / 255.0,
-        "meta_label": meta_split.labels[idx],
-    }
 
 
 def _variables(state: TrainState) -> dict:
@@ -186,7 +175,8 @@ class Trainer:
             if split is None:
                 raise ConfigError(f"split {split_name!r} is empty (config.data.val_size / "
                                   "meta_per_class is 0)")
-            split = subset(split, self.config.eval.num_examples, self.config.seed)
+            split = subset(split, self.config.eval.num_examples, self.config.seed,
+                           self.splits.num_classes)
             rng = jax.random.PRNGKey(self.config.seed + 1000)
             self._eval_cache = {key: self.evaluator(_variables(state), split, rng)}
         return self._eval_cache[key]
@@ -235,7 +225,6 @@ class Trainer:
 
     def _train_epoch(self, compiled, state, meta, epoch: int, start: int):
         cfg, spe = self.config, self.ctx.steps_per_epoch
-        ledger_before = jax.device_get(state.ledger)
         epoch_record = meta.pop("partial_epoch", None) or {"seconds": 0.0, "skipped": 0.0,
                                                            "metric_sums": {}, "steps": 0}
         t_last, images, sums, counted_from = time.perf_counter(), 0, None, start
@@ -265,15 +254,16 @@ class Trainer:
                 t_last = time.perf_counter()
         jax.block_until_ready(state)
         epoch_record = _fold_sums(epoch_record, sums, spe - counted_from)
-        return self._end_epoch(state, meta, epoch, epoch_record, ledger_before)
+        return self._end_epoch(state, meta, epoch, epoch_record)
 
-    def _end_epoch(self, state, meta, epoch, epoch_record, ledger_before):
+    def _end_epoch(self, state, meta, epoch, epoch_record):
         cfg = self.config
         ledger = jax.device_get(state.ledger)
         examples = self.ctx.steps_per_epoch * cfg.train.batch_size
         cost = {
-            "forward": float(ledger.forward - ledger_before.forward),
-            "backward": float(ledger.backward - ledger_before.backward),
+            "forward": float(ledger.forward) - sum(e["ledger"]["forward"] for e in meta["epochs"]),
+            "backward": float(ledger.backward)
+            - sum(e["ledger"]["backward"] for e in meta["epochs"]),
         }
         cost["relative_to_pgd_at"] = (cost["forward"] + cost["backward"]) / _pgd_at_cost(
             cfg, examples)
@@ -345,7 +335,8 @@ class Trainer:
         return report
 
     def _test_results(self, state) -> dict[str, Any]:
-        split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed)
+        split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
+                       self.splits.num_classes)
         clean, robust = self.evaluator(_variables(state), split,
                                        jax.random.PRNGKey(self.config.seed + 2000))
         names = self.splits.class_names

@@ -1,0 +1,147 @@
+"""Wall time of one jitted HAM train step against one PGD-AT step, per hard fraction.
+
+    python benchmarks/ham_cost.py --model small_cnn --batch 128 --image_size 32 --repeats 5
+
+Both are the real `make_train_step` (attack, training pass, optimiser) on the same model, batch
+and state. The hard set is forced to a chosen fraction through the batch hook
+`hamjax.methods.ham.FORCE_HARD_KEY` (the mining pass still runs and is timed; only its decision
+is replaced). Compile time is excluded: one warm-up call, then the median of `--repeats` calls,
+each ended by block_until_ready. Prints JSON: per fraction the bucket used (fraction b), the
+measured time ratio HAM / PGD-AT, the ideal ratio (M + (K - M) b + b) / (K + 1) from ham.md, and
+the ratio of counted example passes (forward + backward) from the ledger. The masked reference
+path (`method.bucketed=False`) is timed at one fraction to show that masking alone saves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hamjax.config import base_config
+from hamjax.methods import get_method
+from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes, ham_method_config
+from hamjax.models import build_model
+from hamjax.train.optim import make_lr_fn, make_optimizer
+from hamjax.train.state import StepContext, create_train_state
+from hamjax.train.step import make_train_step
+
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+NUM_CLASSES = 10
+
+
+def make_config(model: str, batch: int, method: ml_collections.ConfigDict):
+    config = base_config()
+    config.model.name = model
+    config.method = method
+    config.train.batch_size = batch
+    config.train.lr_schedule = "constant"
+    config.data.augment.crop_pad, config.data.augment.flip = 0, False  # time the method only
+    return ml_collections.FrozenConfigDict(config)
+
+
+def make_step(config, image_size: int):
+    """(jitted train step, initial state) for one config."""
+    shape = (image_size, image_size, 3)
+    ctx = StepContext(
+        model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
+        lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
+        class_counts=np.ones(NUM_CLASSES), steps_per_epoch=1000, image_shape=shape,
+    )
+    method = get_method(config.method.name)
+    return jax.jit(make_train_step(ctx, method)), create_train_state(ctx, method, seed=0)
+
+
+def median_seconds(step, state, batch: dict, repeats: int) -> tuple[float, dict]:
+    """Median wall time of step(state, batch) after a compiling warm-up call."""
+    _, metrics = jax.block_until_ready(step(state, batch))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(state, batch))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), {k: float(v) for k, v in metrics.items()}
+
+
+def ledger_total(step, state, batch: dict) -> float:
+    new, _ = step(state, batch)
+    return float(new.ledger.forward + new.ledger.backward)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rs = np.random.RandomState(0)
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    batch = {
+        "image": jnp.asarray(rs.rand(*shape).astype(np.float32)),
+        "label": jnp.asarray(rs.randint(0, NUM_CLASSES, args.batch).astype(np.int32)),
+        "index": jnp.arange(args.batch),
+    }
+
+    def forced(fraction: float) -> dict:
+        mask = np.zeros(args.batch, bool)
+        mask[rs.permutation(args.batch)[: max(1, round(fraction * args.batch))]] = True
+        return {**batch, FORCE_HARD_KEY: jnp.asarray(mask)}
+
+    pgd_step, pgd_state = make_step(make_config(args.model, args.batch, _pgd()), args.image_size)
+    t_pgd, _ = median_seconds(pgd_step, pgd_state, batch, args.repeats)
+    pgd_passes = ledger_total(pgd_step, pgd_state, batch)
+
+    method = ham_method_config(warmup_epochs=0, mining_step=args.mining_step)
+    config = make_config(args.model, args.batch, method)
+    steps, m = int(config.attack.steps), args.mining_step
+    ham_step, ham_state = make_step(config, args.image_size)
+    rows = []
+    for fraction in FRACTIONS:
+        hb = forced(fraction)
+        t_ham, metrics = median_seconds(ham_step, ham_state, hb, args.repeats)
+        b = metrics["bucket_fraction"]
+        rows.append({
+            "hard_fraction": metrics["hard_fraction"],
+            "bucket_fraction": b,
+            "ham_seconds": round(t_ham, 5),
+            "measured_ratio": round(t_ham / t_pgd, 3),
+            "ideal_ratio": round((m + (steps - m) * b + b) / (steps + 1), 3),
+            "ledger_ratio": round(ledger_total(ham_step, ham_state, hb) / pgd_passes, 3),
+        })
+
+    masked_config = make_config(args.model, args.batch, ham_method_config(
+        warmup_epochs=0, mining_step=m, bucketed=False))
+    masked_step, masked_state = make_step(masked_config, args.image_size)
+    t_masked, _ = median_seconds(masked_step, masked_state, forced(0.25), args.repeats)
+
+    device = jax.devices()[0]
+    return {
+        "model": args.model, "batch": args.batch, "image_size": args.image_size,
+        "K": steps, "M": m, "buckets": list(bucket_sizes(tuple(method.buckets), args.batch)),
+        "repeats": args.repeats, "device": f"{device.platform}:{device.device_kind}",
+        "pgd_at_seconds": round(t_pgd, 5),
+        "ham": rows,
+        "masked_reference_at_0.25": {
+            "seconds": round(t_masked, 5), "measured_ratio": round(t_masked / t_pgd, 3),
+        },
+    }
+
+
+def _pgd() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"name": "pgd_at"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="small_cnn", choices=["small_cnn", "preact_resnet18"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mining_step", type=int, default=3)
+    print(json.dumps(run(parser.parse_args()), indent=2))
+
+
+if __name__ == "__main__":
+    main()

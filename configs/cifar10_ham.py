@@ -1,0 +1,21 @@
+"""HAM (Lin et al. 2023) on CIFAR-10 with PreAct-ResNet-18, as the official code runs it.
+
+    python launch.py --config=configs/cifar10_ham.py --workdir=runs/cifar10_ham
+
+PGD-10 (eps 8/255, step 2/255, random start, BN in eval mode while attacking); the hard set is
+decided after M = 3 steps. HAM starts at the 50th epoch (0-based 49: the code's
+`(epoch + 1) >= begin_epoch` with `--begin_epoch 50`); the 49 epochs before are plain PGD-AT.
+SGD 0.1, momentum 0.9, weight decay 2e-4, batch 128, 120 epochs, lr x0.1 at 60 and 90, 0.0005
+from 110. Hard rows are packed into buckets of 1/8, 1/4, 1/2 or all of the batch.
+"""
+
+from hamjax.config import base_config
+from hamjax.methods.ham import ham_method_config
+
+
+def get_config():
+    config = base_config()
+    config.data.name = "cifar10"
+    config.model.name = "preact_resnet18"
+    config.method = ham_method_config(warmup_epochs=49, mining_step=3)
+    return config

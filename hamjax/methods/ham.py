@@ -1,0 +1,480 @@
+"""HAM: Hard Adversarial example Mining (Lin et al. 2023), with its saving realised under jit.
+
+After `warmup_epochs` of plain PGD-AT, every step runs M PGD steps on the whole batch, one
+forward pass at x_M to find the hard set H = {i : argmax f(x_M)_i != y_i}, and then only H
+continues: the K - M remaining steps and the training pass (mean CE over H, BatchNorm statistics
+from H alone). See `../shared/reference/ham.md`.
+
+Shapes are static under jit, so a mask alone would save nothing. The hard rows are gathered into
+the smallest of a few fixed bucket sizes (`method.buckets`, fractions of the batch) that holds
+them, chosen by `lax.switch`: each bucket is compiled once, nothing recompiles as |H| changes,
+and padded rows are masked out of the loss and of the BatchNorm statistics. `bucketed=False`
+runs the plain masked reference instead (full batch, step mask, masked loss and BN), which gives
+the same examples, loss and gradient at full cost.
+
+Gradients are taken inside the branch that ran and handed to the trainer via `attach_gradient`:
+differentiating *through* `lax.switch` would make every branch emit the residuals of all
+branches (zero-filled), paying memory for the full batch even when a small bucket runs.
+
+Ledger: M*B forward+backward (phase 1), B forward (mining), (K - M)*S + S forward+backward on the
+bucket of S rows, padding included since it is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from hamjax.attacks import pgd
+from hamjax.errors import ConfigError
+from hamjax.methods import Method, register
+from hamjax.methods.common import cross_entropy, forward, step_aux, train_attack
+from hamjax.methods.relatives import gair_weights
+from hamjax.metrics import Ledger
+
+Array = jax.Array
+Params = Any
+
+# Optional batch entry (bool[B]) that replaces the mined hard set: a hook for tests and
+# benchmarks that need a chosen hard fraction. Real batches never carry it.
+FORCE_HARD_KEY = "ham_force_hard"
+
+DEFAULTS: dict[str, Any] = {
+    # Epochs of plain PGD-AT before HAM. The official code starts HAM when
+    # (epoch + 1) >= begin_epoch with 0-based epochs, so its `--begin_epoch 50` is 49 here.
+    "warmup_epochs": 49,
+    "mining_step": 3,  # M: hard set decided after M of the K attack steps (SVHN: 5)
+    "buckets": (0.125, 0.25, 0.5, 1.0),  # static bucket sizes, fractions of the batch
+    "bucketed": True,  # False: masked full-batch reference path (same result, full cost)
+    "gair": False,  # GAIRAT kappa weights over the trained rows (official `--gair`)
+    "gair_lambda": -1.0,
+    "keep_easy_fraction": 0.0,  # share of easy rows kept, chosen at random (`keep_bili_high_conf`)
+    "hard_keep_fraction": 1.0,  # keep only this least-confident share of H (1 - `drop_bili`)
+}
+
+
+def ham_method_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """`config.method` for HAM with every field (so each can be set from the command line)."""
+    fields = {"name": "ham", **DEFAULTS}
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ConfigError(f"config.method has no HAM field(s) {sorted(unknown)}")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class HamSettings:
+    """Static HAM settings read once from the config (never traced)."""
+
+    steps: int
+    mining_step: int
+    eps: float
+    step_size: float
+    bn_mode: str
+    warmup_epochs: int
+    buckets: tuple[float, ...]
+    bucketed: bool
+    gair: bool
+    gair_lambda: float
+    keep_easy_fraction: float
+    hard_keep_fraction: float
+
+    @classmethod
+    def from_config(cls, config) -> HamSettings:
+        method = config.method
+
+        def get(name: str) -> Any:
+            value = method.get(name, None)
+            return DEFAULTS[name] if value is None else value
+
+        return cls(
+            steps=int(config.attack.steps),
+            mining_step=int(get("mining_step")),
+            eps=float(config.attack.eps),
+            step_size=float(config.attack.step_size),
+            bn_mode=str(config.attack.bn_mode),
+            warmup_epochs=int(get("warmup_epochs")),
+            buckets=tuple(float(b) for b in get("buckets")),
+            bucketed=bool(get("bucketed")),
+            gair=bool(get("gair")),
+            gair_lambda=float(get("gair_lambda")),
+            keep_easy_fraction=float(get("keep_easy_fraction")),
+            hard_keep_fraction=float(get("hard_keep_fraction")),
+        )
+
+
+@flax.struct.dataclass
+class HamOutput:
+    """Everything one HAM step computed (per-row arrays are over the whole batch B).
+
+    x_adv: final examples (trained rows after K steps; the others stay at x_M).
+    hard: misclassified at x_M. selected: rows trained on. weights: loss weights (0 elsewhere,
+    mean 1 over the selected rows). kappa: correctly classified iterates of the trained rows.
+    bucket_size: rows executed after mining (0: empty hard set; B in warm-up).
+    bucket_index: index into `method.buckets`, -1 when no bucket ran (empty or warm-up).
+    """
+
+    loss: Array
+    grads: Params
+    batch_stats: Any
+    x_adv: Array
+    hard: Array
+    selected: Array
+    weights: Array
+    kappa: Array
+    correct: Array  # trained rows classified right at the training forward pass
+    bucket_size: Array
+    bucket_index: Array
+    warmup: Array
+    ledger: Ledger
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure pieces
+
+
+def bucket_sizes(fractions: tuple[float, ...], batch: int) -> tuple[int, ...]:
+    """Static bucket row counts: ceil(f * B), at least 1, sorted and deduplicated."""
+    return tuple(sorted({max(1, math.ceil(round(f * batch, 6))) for f in fractions}))
+
+
+def choose_branch(n: Array, sizes: tuple[int, ...]) -> Array:
+    """`lax.switch` index: 0 = nothing selected, i + 1 = the smallest sizes[i] >= n."""
+    smaller = jnp.sum(jnp.asarray(sizes) < n)
+    index = jnp.minimum(1 + smaller, len(sizes))
+    return jnp.where(n == 0, 0, index).astype(jnp.int32)
+
+
+def _rank_descending(score: Array) -> Array:
+    """rank[i]: position of row i when rows are sorted by score, largest first (stable)."""
+    order = jnp.argsort(-score, stable=True)
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def select_rows(
+    hard: Array,
+    mining_loss: Array,
+    key: Array,
+    *,
+    keep_easy_fraction: float,
+    hard_keep_fraction: float,
+) -> Array:
+    """Rows that continue past step M: the hard set, optionally thinned and topped up.
+
+    hard_keep_fraction r < 1 keeps the ceil(r |H|) hard rows of lowest true-class confidence at
+    x_M (largest CE; the official `drop_bili` ranks at x_K, one extra forward pass, and keeps
+    int(r |H|) + 1). keep_easy_fraction f > 0 adds floor(f |easy|) easy rows chosen uniformly at
+    random by `key` (the official rule for `keep_bili_high_conf` is not in the released code).
+    """
+    selected = hard
+    if hard_keep_fraction < 1.0:
+        keep = jnp.ceil(hard_keep_fraction * jnp.sum(hard)).astype(jnp.int32)
+        rank = _rank_descending(jnp.where(hard, mining_loss, -jnp.inf))
+        selected = hard & (rank < keep)
+    if keep_easy_fraction > 0.0:
+        easy = ~hard
+        keep = jnp.floor(keep_easy_fraction * jnp.sum(easy)).astype(jnp.int32)
+        priority = jax.random.uniform(key, hard.shape)
+        rank = _rank_descending(jnp.where(easy, priority, -1.0))
+        selected = selected | (easy & (rank < keep))
+    return selected
+
+
+def gather_rows(selected: Array, size: int) -> tuple[Array, Array]:
+    """Indices of the selected rows packed into `size` slots (padding repeats row 0), validity."""
+    index = jnp.nonzero(selected, size=size, fill_value=0)[0]
+    valid = jnp.arange(size) < jnp.sum(selected)
+    return index, valid
+
+
+def scatter_rows(full: Array, index: Array, valid: Array, rows: Array) -> Array:
+    """Writes the valid bucket rows back into a batch-sized array (padding dropped)."""
+    target = jnp.where(valid, index, full.shape[0])
+    return full.at[target].set(rows, mode="drop")
+
+
+def _bn_mask(valid: Array | None) -> Array | None:
+    """BatchNorm row mask; an all-False mask (empty set) becomes all-True to avoid NaN stats
+    in results that are discarded anyway."""
+    if valid is None:
+        return None
+    return jnp.where(jnp.any(valid), valid, True)
+
+
+def masked_logits_fn(ctx, params: Params, batch_stats, bn_mode: str, valid: Array) -> Callable:
+    """Attack logits on a partly valid batch: padded rows stay out of the BN statistics and
+    send no gradient, so with BN in batch mode valid rows see what they would see alone."""
+    mask = _bn_mask(valid)
+
+    def logits_fn(x: Array) -> Array:
+        logits = forward(ctx, params, batch_stats, x, bn_mode=bn_mode, mask=mask)[0]
+        return jnp.where(valid[:, None], logits, jax.lax.stop_gradient(logits))
+
+    return logits_fn
+
+
+def loss_weights(kappa: Array, valid: Array, settings: HamSettings) -> Array:
+    """1 on the trained rows, or GAIRAT's kappa weights normalised to mean 1 over them."""
+    if settings.gair:
+        return gair_weights(kappa, settings.steps, settings.gair_lambda, valid)
+    return valid.astype(jnp.float32)
+
+
+def weighted_loss(params, ctx, batch_stats, x, y, weights, valid):
+    """sum_i w_i CE_i / |valid| with BN in train mode over the valid rows; aux (stats, logits)."""
+    logits, stats = forward(ctx, params, batch_stats, x, bn_mode="train", mask=_bn_mask(valid))
+    ce = cross_entropy(logits, y)
+    count = x.shape[0] if valid is None else jnp.maximum(jnp.sum(valid), 1)
+    keep = True if valid is None else valid
+    loss = jnp.sum(jnp.where(keep, ce * weights, 0.0)) / count
+    return loss, (stats, logits)
+
+
+@jax.custom_vjp
+def attach_gradient(params: Params, loss: Array, grads: Params) -> Array:
+    """Returns `loss`, whose gradient w.r.t. `params` is `grads` (computed where the branch ran)."""
+    del params, grads
+    return loss
+
+
+def _attach_fwd(params, loss, grads):
+    del params
+    return loss, grads
+
+
+def _attach_bwd(grads, g):
+    zeros = jax.tree.map(jnp.zeros_like, grads)
+    return jax.tree.map(lambda t: g * t, grads), jnp.zeros_like(g), zeros
+
+
+attach_gradient.defvjp(_attach_fwd, _attach_bwd)
+
+
+def ham_ledger(batch: int, steps: int, mining_step: int, rows: Array) -> Ledger:
+    """Executed passes of a HAM step that continued `rows` rows (padding included)."""
+    rows = jnp.asarray(rows, jnp.float32)
+    after = (steps - mining_step + 1) * rows
+    return Ledger.of(
+        forward=(mining_step + 1) * batch + after, backward=mining_step * batch + after
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def _finish(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start, valid, key):
+    """Steps M+1..K from x_start on the valid rows, then the weighted training loss and grads."""
+    logits_fn = masked_logits_fn(ctx, params, batch_stats, s.bn_mode, valid)
+    x_adv, info = pgd(
+        logits_fn, x, y, key, eps=s.eps, step_size=s.step_size,
+        steps=s.steps - s.mining_step, x_init=x_start, step_mask=valid, final_eval=False,
+    )
+    kappa = kappa_start + info.kappa
+    weights = loss_weights(kappa, valid, s)
+    grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+    (loss, (stats, logits)), grads = grad_fn(params, ctx, batch_stats, x_adv, y, weights, valid)
+    correct = jnp.sum((jnp.argmax(logits, -1) == y) & valid).astype(jnp.float32)
+    return x_adv, kappa, weights, loss, grads, stats, correct
+
+
+def _bucket_branch(ctx, s: HamSettings, size: int):
+    """Continuation + training on the selected rows gathered into `size` slots."""
+
+    def run(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
+        index, valid = gather_rows(selected, size)
+        x_b, k_b, w_b, loss, grads, stats, correct = _finish(
+            ctx, s, params, batch_stats, x[index], y[index], x_mid[index], kappa_mid[index],
+            valid, key,
+        )
+        weights = scatter_rows(jnp.zeros(x.shape[0], jnp.float32), index, valid, w_b)
+        return (
+            loss, grads, stats, scatter_rows(x_mid, index, valid, x_b),
+            scatter_rows(kappa_mid, index, valid, k_b), weights, correct,
+        )
+
+    return run
+
+
+def _empty_branch(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
+    """Nothing selected: no continuation, no training pass, zero loss and gradient."""
+    del y, selected, key
+    grads = jax.tree.map(jnp.zeros_like, params)
+    weights = jnp.zeros(x.shape[0], jnp.float32)
+    return jnp.float32(0.0), grads, batch_stats, x_mid, kappa_mid, weights, jnp.float32(0.0)
+
+
+def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
+    """M steps on the batch, mining, then the rest on the selected rows only."""
+    batch = x.shape[0]
+    x_mid, info = train_attack(
+        ctx, params, batch_stats, x, y, rng, steps=s.mining_step, final_eval=True
+    )
+    hard = info.success if force_hard is None else force_hard.astype(bool)
+    selected = select_rows(
+        hard, info.loss, jax.random.fold_in(rng, 1),
+        keep_easy_fraction=s.keep_easy_fraction, hard_keep_fraction=s.hard_keep_fraction,
+    )
+    operands = (params, batch_stats, x, y, x_mid, info.kappa, selected, rng)
+    n = jnp.sum(selected)
+    if s.bucketed:
+        sizes = bucket_sizes(s.buckets, batch)
+        branch = choose_branch(n, sizes)
+        branches = [_empty_branch] + [_bucket_branch(ctx, s, size) for size in sizes]
+        results = jax.lax.switch(branch, branches, *operands)
+        rows = jnp.asarray((0,) + sizes, jnp.int32)[branch]
+        bucket_index = jnp.asarray([-1, *range(len(sizes))], jnp.int32)[branch]
+    else:
+        x_adv, kappa, weights, loss, grads, stats, correct = _finish(
+            ctx, s, params, batch_stats, x, y, x_mid, info.kappa, selected, rng
+        )
+        results = (loss, grads, stats, x_adv, kappa, weights, correct)
+        rows = jnp.int32(batch)
+        bucket_index = jnp.int32(-1)
+    loss, grads, stats, x_adv, kappa, weights, correct = results
+    return HamOutput(
+        loss=loss, grads=grads, batch_stats=stats, x_adv=x_adv, hard=hard, selected=selected,
+        weights=weights, kappa=kappa, correct=correct, bucket_size=rows,
+        bucket_index=bucket_index, warmup=jnp.asarray(False),
+        ledger=ham_ledger(batch, s.steps, s.mining_step, rows),
+    )
+
+
+def _warmup_phase(ctx, s, params, batch_stats, x, y, rng) -> HamOutput:
+    """Plain PGD-AT (same attack key and loss as `pgd_at`)."""
+    batch = x.shape[0]
+    x_adv, info = train_attack(ctx, params, batch_stats, x, y, rng)
+    ones = jnp.ones((batch,), jnp.float32)
+    grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+    (loss, (stats, logits)), grads = grad_fn(params, ctx, batch_stats, x_adv, y, ones, None)
+    every = jnp.ones((batch,), bool)
+    passes = (s.steps + 1) * batch
+    return HamOutput(
+        loss=loss, grads=grads, batch_stats=stats, x_adv=x_adv, hard=jnp.zeros((batch,), bool),
+        selected=every, weights=ones, kappa=info.kappa,
+        correct=jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
+        bucket_size=jnp.int32(batch), bucket_index=jnp.int32(-1), warmup=jnp.asarray(True),
+        ledger=Ledger.of(forward=passes, backward=passes),
+    )
+
+
+def ham_terms(
+    ctx,
+    settings: HamSettings,
+    params: Params,
+    batch_stats,
+    x: Array,
+    y: Array,
+    rng: Array,
+    epoch: Array,
+    force_hard: Array | None = None,
+) -> HamOutput:
+    """One HAM step's loss, gradient (w.r.t. params) and bookkeeping; jittable, one compile.
+
+    The attack's random start uses `rng` itself, as `pgd_at` does, so warm-up steps reproduce
+    PGD-AT exactly; the easy-row choice uses fold_in(rng, 1).
+    """
+    params = jax.lax.stop_gradient(params)
+
+    def ham():
+        return _ham_phase(ctx, settings, params, batch_stats, x, y, rng, force_hard)
+
+    if settings.warmup_epochs <= 0:
+        return ham()
+
+    def warmup():
+        return _warmup_phase(ctx, settings, params, batch_stats, x, y, rng)
+
+    return jax.lax.cond(epoch < settings.warmup_epochs, warmup, ham)
+
+
+def ham_loss(params, state, batch, rng, ctx):
+    """The Method loss_fn: HAM's loss with its in-branch gradient attached (see module doc)."""
+    settings = HamSettings.from_config(ctx.config)
+    x, y = batch["image"], batch["label"]
+    epoch = state.step // ctx.steps_per_epoch
+    out = ham_terms(
+        ctx, settings, params, state.batch_stats, x, y, rng, epoch, batch.get(FORCE_HARD_KEY)
+    )
+    loss = attach_gradient(params, out.loss, out.grads)
+    batch_size = x.shape[0]
+    n = jnp.sum(out.selected)
+    empty = (~out.warmup) & (n == 0)
+    metrics = {
+        "warmup": out.warmup,
+        "hard_fraction": jnp.sum(out.hard) / batch_size,
+        "train_fraction": n / batch_size,
+        "bucket_size": out.bucket_size,
+        "bucket_fraction": out.bucket_size / batch_size,
+        "bucket_index": out.bucket_index,
+        "empty_batch": empty,
+        "train_robust_acc": out.correct / jnp.maximum(n, 1),
+    }
+    return loss, step_aux(out.batch_stats, out.ledger, apply_update=~empty, **metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation
+
+
+def _fail(field: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"config.method.{field}={value!r}: {fix}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(config) -> None:
+    """Rejects a bad HAM field before anything compiles, naming it and the fix."""
+    method = config.method
+    get = lambda name: DEFAULTS[name] if method.get(name, None) is None else method.get(name)
+    steps = int(config.attack.steps)
+    m = get("mining_step")
+    if not _is_int(m) or not 1 <= m < steps:
+        _fail("mining_step", m, f"needs an int with 1 <= M < attack.steps={steps}")
+    w = get("warmup_epochs")
+    if not _is_int(w) or w < 0:
+        _fail("warmup_epochs", w, "needs an int >= 0 (epochs of PGD-AT before HAM)")
+    buckets = get("buckets")
+    if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__len__") or not buckets:
+        _fail("buckets", buckets, "needs a non-empty tuple of fractions, e.g. (0.25, 0.5, 1.0)")
+    if not all(_is_number(b) and 0.0 < b <= 1.0 for b in buckets):
+        _fail("buckets", buckets, "every bucket is a fraction of the batch in (0, 1]")
+    if any(a >= b for a, b in zip(buckets[:-1], buckets[1:], strict=True)):
+        _fail("buckets", buckets, "must be strictly increasing")
+    if buckets[-1] != 1.0:
+        _fail("buckets", buckets, "the last bucket must be 1.0 (all rows hard)")
+    for flag in ("bucketed", "gair"):
+        if not isinstance(get(flag), bool):
+            _fail(flag, get(flag), "needs True or False")
+    if not _is_number(get("gair_lambda")):
+        _fail("gair_lambda", get("gair_lambda"), "needs a number (GAIRAT default -1.0)")
+    easy = get("keep_easy_fraction")
+    if not _is_number(easy) or not 0.0 <= easy <= 1.0:
+        _fail("keep_easy_fraction", easy, "needs a fraction in [0, 1] (0: drop every easy AE)")
+    hard = get("hard_keep_fraction")
+    if not _is_number(hard) or not 0.0 < hard <= 1.0:
+        _fail("hard_keep_fraction", hard, "needs a fraction in (0, 1] (1: keep every hard AE)")
+
+
+register(
+    Method(
+        "ham",
+        ham_loss,
+        validate=validate,
+        description="Hard Adversarial example Mining (Lin et al. 2023), bucketed under jit",
+    )
+)

@@ -1,0 +1,386 @@
+"""CAAT: the virtual step equals the real optax update, the meta-gradient through it matches
+finite differences, both perturbations respect per-example bounds, all-adversary routing is FRL,
+the state checkpoints, and the jitted train step fires the meta update every meta_interval."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from hamjax.attacks.losses import kl_divergence
+from hamjax.checkpoint import Checkpointer
+from hamjax.config import base_config
+from hamjax.errors import ConfigError
+from hamjax.methods import caat, get_method
+from hamjax.methods.common import cross_entropy, forward
+from hamjax.methods.frl import frl_loss
+from hamjax.metrics import PerClassCounts
+from hamjax.train.optim import make_lr_fn, make_optimizer, set_learning_rate
+from hamjax.train.state import StepContext, create_train_state
+from hamjax.train.step import make_train_step
+
+C = 3
+B = 8
+BASE_EPS = 0.05
+
+
+class TinyNet(nn.Module):
+    """conv4-BN-ReLU-dense on 4x4x1 images."""
+
+    num_classes: int = C
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mask=None):
+        del mask
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x).reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes)(x)
+
+
+def make_ctx(steps_per_epoch: int = 4, momentum: float = 0.9, **method) -> StepContext:
+    config = base_config()
+    config.data.augment.crop_pad = 0
+    config.data.augment.flip = False
+    config.data.val_size = 0
+    config.data.meta_per_class = 4
+    config.method = caat.default_method_config()
+    config.method.update(method)
+    config.attack.eps = BASE_EPS
+    config.attack.step_size = 0.03
+    config.attack.steps = 3
+    config.train.lr = 0.1
+    config.train.lr_schedule = "constant"
+    config.train.momentum = momentum
+    config.train.weight_decay = 5e-4
+    return StepContext(
+        model=TinyNet(),
+        tx=make_optimizer(config.train),
+        lr_fn=make_lr_fn(config.train, steps_per_epoch),
+        config=ml_collections.FrozenConfigDict(config),
+        num_classes=C,
+        class_counts=np.array([12, 6, 3]),
+        steps_per_epoch=steps_per_epoch,
+        image_shape=(4, 4, 1),
+    )
+
+
+def make_batch(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.uniform(0.2, 0.8, (B, 4, 4, 1)).astype(np.float32),
+        "label": (np.arange(B) % C).astype(np.int32),
+        "index": np.arange(B, dtype=np.int32),
+        "meta_image": rng.uniform(0.2, 0.8, (B, 4, 4, 1)).astype(np.float32),
+        "meta_label": ((np.arange(B) + 1) % C).astype(np.int32),
+    }
+
+
+LAMBDA2 = jnp.asarray([0.0, 0.2, 0.45], jnp.float32)  # bound multipliers 1, 1.49, 2.46
+
+
+def make_state(ctx, seed: int = 0, lambda2=LAMBDA2):
+    state = create_train_state(ctx, get_method("caat"), seed=seed)
+    lambdas = dict(state.method_state["lambdas"], lambda2=lambda2,
+                   lambda0=jnp.asarray([0.1, 0.0, 0.2], jnp.float32))
+    return state.replace(method_state=dict(state.method_state, lambdas=lambdas))
+
+
+def with_momentum(ctx, state, batch):
+    """One real SGD update so that the momentum buffer is non-zero."""
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), state.params)
+    opt_state = set_learning_rate(state.opt_state, 0.1)
+    updates, opt_state = ctx.tx.update(grads, opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+# ---------------------------------------------------------------------- virtual step
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_virtual_step_equals_real_optax_update(momentum):
+    ctx = make_ctx(momentum=momentum)
+    state = with_momentum(ctx, make_state(ctx), make_batch())
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 100))
+    grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), state.params)
+    lr = 0.037
+    updates, _ = ctx.tx.update(grads, set_learning_rate(state.opt_state, lr), state.params)
+    expected = optax.apply_updates(state.params, updates)
+    got = caat.virtual_sgd_step(state.params, grads, state.opt_state, lr,
+                                momentum=momentum, weight_decay=5e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 got, expected)
+    assert (caat.momentum_trace(state.opt_state) is None) == (momentum == 0.0)
+
+
+# ---------------------------------------------------------------------- meta-gradient
+def _meta_setup(temperature: float, lr: float = 1.0):
+    ctx = make_ctx(temperature=temperature)
+    state = with_momentum(ctx, make_state(ctx), make_batch())
+    batch = make_batch(1)
+    x, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
+    xm, ym = jnp.asarray(batch["meta_image"]), jnp.asarray(batch["meta_label"])
+    _, _, mult = caat.class_parameters(state.method_state["lambdas"], ctx.config.method)
+    key1, key2 = jax.random.split(jax.random.PRNGKey(5))
+    train_inputs = (x, y, *caat.perturbations(ctx, state.params, state.batch_stats, x, y,
+                                              BASE_EPS * mult[y], key1))
+    meta_pert = caat.perturbations(ctx, state.params, state.batch_stats, xm, ym,
+                                   BASE_EPS * mult[ym], key2)
+
+    @jax.jit
+    def objective(meta_params):
+        w_hat = caat.virtual_model(ctx, state, meta_params, train_inputs, lr)
+        return caat.meta_objective(w_hat, ctx, state.batch_stats, (xm, ym, *meta_pert),
+                                   state.method_state["lambdas"])
+
+    @jax.jit
+    def gradient(meta_params):
+        return caat.meta_gradient(ctx, state, meta_params, train_inputs, (xm, ym), key2, lr,
+                                  meta_perturbations=meta_pert)
+
+    return state.method_state["meta_params"], objective, gradient
+
+
+def _directional_fd(objective, params, direction, h):
+    plus = jax.tree.map(lambda p, d: p + h * d, params, direction)
+    minus = jax.tree.map(lambda p, d: p - h * d, params, direction)
+    return (float(objective(plus)) - float(objective(minus))) / (2 * h)
+
+
+def _dot(a, b):
+    return float(sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                     strict=True)))
+
+
+def test_meta_gradient_matches_finite_differences_smooth_temperature():
+    meta_params, objective, gradient = _meta_setup(temperature=1.0)
+    loss, grad = gradient(meta_params)
+    np.testing.assert_allclose(loss, objective(meta_params), rtol=1e-5)
+    direct = jax.jit(jax.grad(objective))(meta_params)  # end-to-end autodiff, no vjp split
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-7),
+                 grad, direct)
+    assert _dot(grad, grad) > 0
+    keys = iter(jax.random.split(jax.random.PRNGKey(7), 100))
+    for _ in range(3):
+        direction = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), meta_params)
+        norm = np.sqrt(_dot(direction, direction))
+        direction = jax.tree.map(lambda d: d / norm, direction)
+        fd = _directional_fd(objective, meta_params, direction, h=1e-2)
+        analytic = _dot(grad, direction)
+        assert abs(fd - analytic) <= 0.05 * abs(analytic) + 2e-4, (fd, analytic)
+    # along the gradient itself the directional derivative is its norm: a strong signal
+    g_norm = np.sqrt(_dot(grad, grad))
+    unit = jax.tree.map(lambda g: g / g_norm, grad)
+    fd = _directional_fd(objective, meta_params, unit, h=1e-2)
+    np.testing.assert_allclose(fd, g_norm, rtol=0.05)
+
+
+def test_meta_gradient_is_finite_and_consistent_at_official_temperature():
+    meta_params, objective, gradient = _meta_setup(temperature=1e-3)
+    loss, grad = gradient(meta_params)
+    leaves = jax.tree.leaves(grad)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    direct = jax.jit(jax.grad(objective))(meta_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6),
+                 grad, direct)
+    # Near one-hot routing: the loss is flat almost everywhere in Omega; a small FD step
+    # agrees with the (tiny, tie-driven) analytic slope.
+    g_norm = np.sqrt(_dot(grad, grad))
+    if g_norm > 0:
+        unit = jax.tree.map(lambda g: g / g_norm, grad)
+        fd = _directional_fd(objective, meta_params, unit, h=1e-5)
+        assert abs(fd - g_norm) <= 0.2 * g_norm + 5e-2, (fd, g_norm)
+
+
+# ---------------------------------------------------------------------- perturbations
+def test_adversary_and_anti_adversary_in_their_own_bounds():
+    ctx = make_ctx()
+    state = make_state(ctx)
+    batch = make_batch(2)
+    x, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
+    _, _, mult = caat.class_parameters(state.method_state["lambdas"], ctx.config.method)
+    eps = BASE_EPS * mult[y]
+    assert len(np.unique(np.round(np.asarray(eps), 6))) == C  # bounds differ across classes
+    x_adv, x_anti = caat.perturbations(ctx, state.params, state.batch_stats, x, y, eps,
+                                       jax.random.PRNGKey(0))
+    for xp in (x_adv, x_anti):
+        dist = np.max(np.abs(np.asarray(xp - x)).reshape(B, -1), axis=1)
+        assert np.all(dist <= np.asarray(eps) + 1e-6)
+    # 3 steps of 0.03 reach beyond the base bound only for classes with a larger bound
+    big = np.asarray(mult[y]) > 1.4
+    dist_adv = np.max(np.abs(np.asarray(x_adv - x)).reshape(B, -1), axis=1)
+    assert np.all(dist_adv[big] > BASE_EPS + 1e-3)
+
+    def logits(z):
+        return forward(ctx, state.params, state.batch_stats, z, bn_mode="eval")[0]
+
+    clean_logits = logits(x)
+    kl_adv = kl_divergence(logits(x_adv), y, clean_logits=clean_logits)
+    assert np.all(np.asarray(kl_adv) > 1e-4)  # KL at x itself is 0
+    ce_clean = cross_entropy(clean_logits, y)
+    ce_anti = cross_entropy(logits(x_anti), y)
+    assert np.all(np.asarray(ce_anti) < np.asarray(ce_clean))
+
+
+# ---------------------------------------------------------------------- features / routing
+def test_meta_features_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(B, C)).astype(np.float32)
+    labels = np.arange(B) % C
+    last, prop = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.3, 0.2])
+    got = np.asarray(caat.meta_features(jnp.asarray(logits), jnp.asarray(labels),
+                                        jnp.asarray(last, jnp.float32),
+                                        jnp.asarray(prop, jnp.float32)))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    onehot = np.eye(C)[labels]
+    others = np.where(onehot > 0, -np.inf, p).max(1)
+    expected = np.stack([
+        -np.log(p[np.arange(B), labels]), last[labels], np.linalg.norm(onehot - p, axis=1),
+        p[np.arange(B), labels] - others, (p * np.log(p)).sum(1), prop[labels]], axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _force_routing(state, alpha_first: bool):
+    """Meta-net output layer zero with a bias that makes softmax one-hot."""
+    params = jax.tree.map(lambda p: p, state.method_state["meta_params"])
+    out = dict(params["out"])
+    out["kernel"] = jnp.zeros_like(out["kernel"])
+    out["bias"] = jnp.asarray([1.0, 0.0] if alpha_first else [0.0, 1.0], jnp.float32)
+    params = dict(params, out=out)
+    return state.replace(method_state=dict(state.method_state, meta_params=params))
+
+
+def test_all_adversary_routing_equals_frl():
+    ctx = make_ctx(temperature=1e-3)
+    state = _force_routing(make_state(ctx), alpha_first=True)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(3).items()}
+    rng = jax.random.PRNGKey(11)
+    (caat_value, caat_aux), caat_grads = jax.value_and_grad(caat.caat_loss, has_aux=True)(
+        state.params, state, batch, rng, ctx)
+    (frl_value, _), frl_grads = jax.value_and_grad(frl_loss, has_aux=True)(
+        state.params, state, batch, rng, ctx)
+    np.testing.assert_allclose(caat_value, frl_value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 caat_grads, frl_grads)
+    assert float(caat_aux["metrics"]["adv_fraction"]) == 1.0
+    ms = caat_aux["method_state"]
+    np.testing.assert_allclose(ms["route_adv"], ms["route_total"])
+    np.testing.assert_allclose(ms["class_count"], np.bincount(batch["label"], minlength=C))
+    summary = caat.routing_summary(ms)
+    assert summary["adv_fraction"] == 1.0 and summary["per_class_adv_fraction"] == [1.0] * C
+
+
+def test_adv_weight_floor_keeps_robust_terms_for_anti_routed_examples():
+    ctx = make_ctx(adv_weight_floor=0.25)
+    state = _force_routing(make_state(ctx), alpha_first=False)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(3).items()}
+    _, aux = caat.caat_loss(state.params, state, batch, jax.random.PRNGKey(0), ctx)
+    m = aux["metrics"]
+    assert float(m["adv_fraction"]) == 0.0
+    assert float(m["adv_part"]) > 0.0  # 0 in the faithful mode (floor 0)
+    ctx0 = make_ctx()
+    _, aux0 = caat.caat_loss(state.params, state, batch, jax.random.PRNGKey(0), ctx0)
+    assert float(aux0["metrics"]["adv_part"]) == 0.0
+
+
+# ---------------------------------------------------------------------- the jitted step
+def test_train_step_fires_meta_update_every_interval():
+    ctx = make_ctx(steps_per_epoch=4, meta_interval=2, temperature=1.0)
+    method = get_method("caat")
+    state = make_state(ctx)
+    step = jax.jit(make_train_step(ctx, method))
+    updates, meta_changed, spent = [], [], []
+    for i in range(5):
+        before = state.method_state["meta_params"]
+        ledger_before = float(state.ledger.forward)
+        state, metrics = step(state, make_batch(i))
+        assert np.isfinite(float(metrics["loss"]))
+        updates.append(int(state.method_state["meta_updates"]))
+        changed = not all(np.allclose(a, b) for a, b in zip(
+            jax.tree.leaves(before), jax.tree.leaves(state.method_state["meta_params"]),
+            strict=True))
+        meta_changed.append(changed)
+        spent.append(float(state.ledger.forward) - ledger_before)
+    # in-epoch batch indices 1 and 3 (global steps 1, 3), then index 0 of epoch 2: no
+    assert updates == [0, 1, 1, 2, 2]
+    assert meta_changed == [False, True, False, True, False]
+    assert spent[1] == spent[3] > spent[0] == spent[2] == spent[4] > 0  # the meta step's cost
+    assert float(jnp.sum(state.method_state["class_count"])) == 5 * B
+    assert float(jnp.sum(state.method_state["route_total"])) == 5 * B
+
+
+def test_epoch_end_rolls_class_loss_and_refits_on_meta():
+    ctx = make_ctx()
+    method = get_method("caat")
+    state = make_state(ctx)
+    ms = dict(state.method_state, class_loss_sum=jnp.asarray([4.0, 3.0, 0.0]),
+              class_count=jnp.asarray([2.0, 3.0, 0.0]), route_adv=jnp.asarray([1.0, 2.0, 0.0]),
+              route_total=jnp.asarray([2.0, 3.0, 0.0]))
+    state = state.replace(method_state=ms, step=jnp.asarray(ctx.steps_per_epoch, jnp.int32))
+    calls = []
+
+    def evaluator(s, split):
+        calls.append(split)
+        clean = PerClassCounts(correct=jnp.asarray([9.0, 5.0, 7.0]), total=jnp.full((C,), 10.0))
+        robust = PerClassCounts(correct=jnp.asarray([5.0, 1.0, 4.0]), total=jnp.full((C,), 10.0))
+        return clean, robust
+
+    summary = method.summarize_state(state.method_state)
+    assert summary["per_class_adv_fraction"] == [0.5, pytest.approx(2 / 3), None]
+    new = method.epoch_end(state, ctx, evaluator)
+    assert calls == ["meta"]
+    nms = new.method_state
+    np.testing.assert_allclose(nms["class_loss_last"], [2.0, 1.0, 5.0])  # unseen class keeps 5
+    for key in ("class_loss_sum", "class_count", "route_adv", "route_total"):
+        np.testing.assert_array_equal(nms[key], 0.0)
+    assert not np.allclose(nms["lambdas"]["lambda1"], state.method_state["lambdas"]["lambda1"])
+    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail("moved"),
+                 nms, state.method_state)
+
+
+def test_method_state_checkpoint_round_trip(tmp_path):
+    ctx = make_ctx(steps_per_epoch=2, meta_interval=2)
+    state = make_state(ctx)
+    step = jax.jit(make_train_step(ctx, get_method("caat")))
+    state, _ = step(state, make_batch(0))
+    state, _ = step(state, make_batch(1))  # fires the meta update: non-trivial Adam state
+    assert int(state.method_state["meta_updates"]) == 1
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(int(state.step), state, {"note": "test"})
+    template = make_state(ctx, seed=1)
+    restored, meta = ckpt.restore(template)
+    ckpt.close()
+    assert meta["note"] == "test"
+    assert (jax.tree.structure(restored.method_state)
+            == jax.tree.structure(state.method_state))
+    for a, b in zip(jax.tree.leaves(restored.method_state), jax.tree.leaves(state.method_state),
+                    strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------- config
+def test_validation_and_scenarios():
+    config = base_config()
+    config.method = caat.default_method_config()
+    config.data.meta_per_class = 10
+    get_method("caat").validate(config)
+    for field, bad in (("temperature", 0.0), ("meta_bn", "eval"), ("adv_weight_floor", 2.0),
+                       ("meta_interval", 0)):
+        broken = config.copy_and_resolve_references()
+        broken.method[field] = bad
+        with pytest.raises(ConfigError, match=f"method.{field}"):
+            get_method("caat").validate(broken)
+    config.data.meta_per_class = 0
+    with pytest.raises(ConfigError, match="meta_per_class"):
+        get_method("caat").validate(config)
+    scenario = caat.apply_scenario(base_config(), "lt10+pairflip20")
+    assert scenario.data.imbalance_factor == 10.0
+    assert scenario.data.label_noise.kind == "flip2"
+    assert scenario.data.label_noise.rate == pytest.approx(0.2)
+    assert caat.apply_scenario(base_config(), "flip40").data.label_noise.kind == "flip1"
+    with pytest.raises(ConfigError, match="not understood"):
+        caat.apply_scenario(base_config(), "noise20")
