@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -49,9 +50,9 @@ from hamjax.errors import CheckpointError, ConfigError
 from hamjax.methods import get_method
 from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary, format_per_class_table
 from hamjax.models import make_logits_fn
+from hamjax.sharding import make_mesh, replicated, shard_batch
 from hamjax.train.loop import build_context
 from hamjax.train.state import create_train_state
-from hamjax.train.step import make_mesh, replicated, shard_batch
 
 Log = Callable[[str], None]
 
@@ -123,6 +124,15 @@ def _valid_name(name: str) -> bool:
     return name != "pgd" and m.group(2) != "0" and not m.group(2).startswith("0")
 
 
+def check_attack_names(attacks: Sequence[str] | str) -> list[str]:
+    """The normalised names; ConfigError naming the unknown ones and listing the valid ones."""
+    names = _split_names(attacks)
+    bad = [n for n in names if not _valid_name(n)]
+    if bad:
+        raise ConfigError(f"unknown attack name(s) {bad}; valid names: {VALID_ATTACKS_TEXT}")
+    return names
+
+
 def parse_attacks(
     attacks: Sequence[str] | str,
     *,
@@ -138,10 +148,7 @@ def parse_attacks(
     AutoAttack component (e.g. {"square": {"n_queries": 100}}: applies inside AutoAttack and to a
     standalone square). Unknown names raise ConfigError listing the valid ones.
     """
-    names = _split_names(attacks)
-    bad = [n for n in names if not _valid_name(n)]
-    if bad:
-        raise ConfigError(f"unknown attack name(s) {bad}; valid names: {VALID_ATTACKS_TEXT}")
+    names = check_attack_names(attacks)
     overrides = {k.lower(): dict(v) for k, v in (overrides or {}).items()}
     allowed = set(names) | (set(STANDARD_ATTACKS) if "autoattack" in names else set())
     unused = sorted(set(overrides) - allowed)
@@ -333,10 +340,12 @@ def run_attacks(
         return shard_batch({"image": _to_float(images[pad]), "label": labels[pad],
                             "eps": eps_all[pad], "mask": np.arange(len(pad)) < len(sel)}, mesh)
 
-    def run_stage(stage_id: str, settings: dict, population: np.ndarray, step_fn: Callable,
-                  key: jax.Array | None, on_chunk: Callable[[dict, np.ndarray, Any], int]):
-        """Runs step_fn(variables, batch[, key]) over the chunks of `population` not done yet
-        (compiled once, ahead of time, so the timings exclude compilation)."""
+    def run_stage(stage_id: str, settings: dict, population: np.ndarray,
+                  make_step: Callable[[], Callable], key: jax.Array | None,
+                  on_chunk: Callable[[dict, np.ndarray, Any], int]):
+        """Runs make_step()(variables, batch[, key]) over the chunks of `population` not done
+        yet; built and compiled only if a chunk is left, ahead of time so that the timings
+        exclude compilation."""
         rec = partial.stage(stage_id, settings, population, n)
         chunks = list(_padded_chunks(population, batch_size))
         done = set(rec["done"])
@@ -352,7 +361,7 @@ def run_attacks(
                 args.append(jax.random.fold_in(key, c))
             if compiled is None:
                 t0 = time.perf_counter()
-                compiled = jax.jit(step_fn).lower(*args).compile()
+                compiled = jax.jit(make_step()).lower(*args).compile()
                 rec["compile_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             out = jax.device_get(compiled(*args))
@@ -390,7 +399,8 @@ def run_attacks(
         extra["probabilities"] = bool(extra.get("probabilities", True)) and bool(probs)
         return int(correct.sum())
 
-    rec = run_stage("clean", {"attack": "clean"}, np.arange(n), clean_step, None, clean_chunk)
+    rec = run_stage("clean", {"attack": "clean"}, np.arange(n), lambda: clean_step, None,
+                    clean_chunk)
     clean_correct = _unbits(rec["hits"])
     clean_extra = rec["extra"]
     if "output_gap" not in clean_extra and n:
@@ -431,7 +441,7 @@ def run_attacks(
             population = np.flatnonzero(alive)
             key = jax.random.fold_in(root, a) if multi else root
             rec = run_stage(stage.stage_id, dict(stage.kwargs, kind=stage.kind), population,
-                            make_attack_step(stage), key, attack_chunk)
+                            functools.partial(make_attack_step, stage), key, attack_chunk)
             fooled = _unbits(rec["hits"]) & alive
             alive = alive & ~fooled
             fooled_by[stage.kind], invalid[stage.kind] = fooled, int(rec["invalid"])
@@ -501,7 +511,7 @@ def _read_meta(workdir: str, kind: str, step: int) -> dict:
 
     manager = ocp.CheckpointManager(
         os.path.join(workdir, kind),
-        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+        options=ocp.CheckpointManagerOptions(create=False))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as err:  # orbax raises many types; all mean the same here
@@ -621,7 +631,7 @@ def evaluate_workdir(
         raise ConfigError(f"split={split!r}: choose one of {SPLITS}")
     if num_examples < 0:
         raise ConfigError(f"num_examples={num_examples}: must be >= 0 (0: the whole split)")
-    _split_names(attacks)  # fail on an empty list before loading anything
+    check_attack_names(attacks)  # fail before loading anything
     run = load_run(workdir, checkpoint, log)
     cfg, splits = run.config, run.splits
     eps = float(cfg.eval.eps if eps is None else eps)

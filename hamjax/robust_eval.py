@@ -3,11 +3,16 @@ evaluation command share this code."""
 
 from __future__ import annotations
 
-import jax
+from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+
+from hamjax.attacks import pgd
 from hamjax.data import eval_batches, stratified_subset
-from hamjax.metrics import PerClassCounts
-from hamjax.train.step import make_eval_step, replicated, shard_batch
+from hamjax.metrics import PerClassCounts, per_class_counts
+from hamjax.models import apply_model
+from hamjax.sharding import replicated, shard_batch
 
 
 def subset(split, num_examples: int, seed: int, num_classes: int):
@@ -15,6 +20,33 @@ def subset(split, num_examples: int, seed: int, num_classes: int):
     if not num_examples or num_examples >= len(split):
         return split
     return stratified_subset(split, num_examples, seed, num_classes)
+
+
+def make_eval_step(model, num_classes: int, attack_config) -> Callable:
+    """`eval_step(variables, batch, rng) -> (clean_counts, robust_counts)` per class.
+
+    The attack is PGD with `attack_config` (eps, step_size, steps) on the model in eval mode;
+    padded rows (batch["mask"] False) count nowhere.
+    """
+
+    def eval_step(variables, batch, rng):
+        x, y, mask = batch["image"], batch["label"], batch["mask"]
+
+        def logits_fn(z):
+            return apply_model(model, variables, z, bn_mode="eval")[0]
+
+        clean_correct = jnp.argmax(logits_fn(x), -1) == y
+        x_adv, info = pgd(
+            logits_fn, x, y, rng, eps=attack_config.eps, step_size=attack_config.step_size,
+            steps=attack_config.steps, random_start=True,
+        )
+        robust_correct = ~info.success
+        return (
+            per_class_counts(clean_correct, y, num_classes, mask),
+            per_class_counts(robust_correct, y, num_classes, mask),
+        )
+
+    return eval_step
 
 
 class PGDEvaluator:

@@ -1,6 +1,18 @@
 """Pure, jittable attacks on any `logits_fn(x) -> logits` over [0, 1] NHWC images."""
 
+from hamjax.attacks.apgd import APGDInfo, apgd, apgd_checkpoints, apgd_targeted
+from hamjax.attacks.autoattack import (
+    ATTACKS,
+    STANDARD_ATTACKS,
+    AutoAttackResult,
+    autoattack,
+    run_autoattack,
+)
 from hamjax.attacks.losses import LOSSES, per_example_loss
 from hamjax.attacks.pgd import PGDInfo, fgsm, pgd, project, random_init
 
-__all__ = ["LOSSES", "PGDInfo", "fgsm", "per_example_loss", "pgd", "project", "random_init"]
+__all__ = [
+    "ATTACKS", "APGDInfo", "AutoAttackResult", "LOSSES", "PGDInfo", "STANDARD_ATTACKS", "apgd",
+    "apgd_checkpoints", "apgd_targeted", "autoattack", "fgsm", "per_example_loss", "pgd",
+    "project", "random_init", "run_autoattack",
+]

@@ -24,6 +24,7 @@ of the reference's index selection), so the result is the per-example worst case
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.struct
@@ -204,16 +205,23 @@ def _check(norm: str, loss: str, steps: int, n_runs: int) -> None:
 
 def _apgd_runs(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps, norm: str, loss: str,
                steps: int, rho: float, targets: Array | None, n_runs: int, x_init: Array | None,
-               return_trace: bool) -> tuple[Array, APGDInfo]:
-    """Runs `n_runs` APGD runs (restarts and/or targets) and keeps the per-example worst case."""
+               return_trace: bool, clean_logits: Array | None = None) -> tuple[Array, APGDInfo]:
+    """Runs `n_runs` APGD runs (restarts and/or targets) and keeps the per-example worst case.
+
+    A run is skipped (lax.cond) once every example is fooled, as the reference skips restarts
+    and targets with nothing left to attack.
+    """
     _check(norm, loss, steps, n_runs)
     batch, ndim = x.shape[0], x.ndim
-    eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (batch,))
-    x = jnp.asarray(x, jnp.float32)
-    clean_wrong = jnp.argmax(logits_fn(x), axis=-1) != y
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    eps = jnp.broadcast_to(jnp.asarray(eps, x.dtype), (batch,))  # float64 stays float64
+    if clean_logits is None:
+        clean_logits = logits_fn(x)
+    clean_wrong = jnp.argmax(clean_logits, axis=-1) != y
 
-    def run(c, xs):
-        run_key, target = xs
+    def attack(c, run_key, target):
         start = apgd_start(run_key, x, eps, norm) if x_init is None else jnp.clip(x_init, 0, 1)
         x_best, loss_best, fooled, x_best_adv, trace = _single_run(
             logits_fn, x, y, start, eps, target, norm=norm, loss=loss, steps=steps, rho=rho,
@@ -224,6 +232,18 @@ def _apgd_runs(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps, norm
         better = loss_best > loss_hi
         x_hi = jnp.where(_bcast(better, ndim), x_best, x_hi)
         return (done | fooled, x_adv, x_hi, jnp.maximum(loss_hi, loss_best)), trace
+
+    def skip(c, run_key, target):
+        del run_key, target
+        if not return_trace:
+            return c, None
+        zeros = functools.partial(jnp.zeros, (steps, batch))
+        return c, dict(step_size=zeros(eps.dtype), loss=zeros(jnp.float32), reduced=zeros(bool),
+                       cond1=zeros(bool), cond2=zeros(bool))
+
+    def run(c, xs):
+        run_key, target = xs
+        return jax.lax.cond(jnp.all(c[0]), skip, attack, c, run_key, target)
 
     keys = jax.random.split(key, n_runs)
     tgt = jnp.zeros((n_runs, batch), jnp.int32) if targets is None else targets
@@ -312,4 +332,4 @@ def apgd_targeted(
     targets = jnp.repeat(targets, n_restarts, axis=0)  # run r attacks target r // n_restarts
     return _apgd_runs(logits_fn, x, y, key, eps=eps, norm=norm, loss=loss, steps=steps, rho=rho,
                       targets=targets, n_runs=n_target_classes * n_restarts, x_init=x_init,
-                      return_trace=return_trace)
+                      return_trace=return_trace, clean_logits=clean_logits)

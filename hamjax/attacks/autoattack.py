@@ -148,9 +148,10 @@ def _config_warnings(plan, num_classes: int) -> tuple[str, ...]:
     n_targets = {name: kw["n_target_classes"] for name, _, kw in plan
                  if "n_target_classes" in kw}
     out = checks.target_class_warnings(names, num_classes, n_targets)
+    standard = max(min(9, num_classes - 1), 1)
     for name, n in n_targets.items():
-        if n < 9 and name in STANDARD_ATTACKS:
-            out.append(f"{name} uses {n} target classes (standard AutoAttack uses 9)")
+        if n < standard and name in STANDARD_ATTACKS:
+            out.append(f"{name} uses {n} target classes (standard AutoAttack uses {standard})")
     return tuple(out)
 
 
@@ -259,9 +260,9 @@ def autoattack(
     `default_attack_kwargs` (e.g. fewer steps in tests). batch_fn wraps each bound attack
     (x, y, key, eps) -> x_adv, e.g. `chunked(n)` or a sharding wrapper.
 
-    Every attack runs on the whole batch; an example keeps the point of the first attack that
-    fooled it. Skipping robust examples (the reference's saving) needs dynamic shapes: use
-    `run_autoattack` for that.
+    Every attack runs on the whole batch (skipped only once no example is left robust); an
+    example keeps the point of the first attack that fooled it. Attacking only the still-robust
+    examples (the reference's saving) needs dynamic shapes: `run_autoattack` does that.
     """
     plan = _plan(version, attacks, norm=norm, num_classes=num_classes, n_queries=n_queries,
                  attack_kwargs=attack_kwargs)
@@ -280,7 +281,10 @@ def autoattack(
         attack = functools.partial(bound, logits_fn)
         if batch_fn is not None:
             attack = batch_fn(attack)
-        x_k = attack(x, y, k, eps)
+        # Nothing left to attack (all fooled or misclassified): skip the attack's compute.
+        x_k = jax.lax.cond(jnp.any(robust),
+                           lambda a, k=k, attack=attack: attack(*a, k, eps).astype(a[0].dtype),
+                           lambda a: a[0], (x, y))
         fooled, valid = judge(logits_fn, x, y, x_k, eps, norm)
         fooled = fooled & clean_correct
         take = robust & fooled
@@ -299,7 +303,7 @@ def autoattack(
 
 
 def _padded_chunks(idx: np.ndarray, size: int):
-    """Yields (real indices, indices padded to `size` by repeating the first) so shapes are fixed."""
+    """Yields (indices, the same padded to `size` by repeating the first): fixed shapes."""
     for start in range(0, len(idx), size):
         sel = idx[start:start + size]
         yield sel, np.concatenate([sel, np.full(size - len(sel), sel[0], sel.dtype)])
@@ -383,8 +387,9 @@ def run_autoattack(
             fooled_by[name][sel] = fooled
             invalid[name] += int(np.sum(~valid))
         robust_after[name] = robust.copy()
+        now = time.time()
         log(f"{name}: fooled {int(fooled_by[name].sum())} of {len(idx)} attacked, robust accuracy "
-            f"{robust.mean():.2%} ({time.time() - t0:.1f} s, total {time.time() - start_time:.1f} s)")
+            f"{robust.mean():.2%} ({now - t0:.1f} s, total {now - start_time:.1f} s)")
 
     result = AutoAttackResult(
         clean_correct=clean_correct, robust=robust, robust_after=robust_after,

@@ -278,7 +278,7 @@ def _finish(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start
         logits_fn, x, y, key, eps=s.eps, step_size=s.step_size,
         steps=s.steps - s.mining_step, x_init=x_start, step_mask=valid, final_eval=False,
     )
-    kappa = kappa_start + info.kappa
+    kappa = kappa_start + jnp.where(valid, info.kappa, 0)  # rows that continued
     weights = loss_weights(kappa, valid, s)
     grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
     (loss, (stats, logits)), grads = grad_fn(params, ctx, batch_stats, x_adv, y, weights, valid)
@@ -336,6 +336,9 @@ def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
         x_adv, kappa, weights, loss, grads, stats, correct = _finish(
             ctx, s, params, batch_stats, x, y, x_mid, info.kappa, selected, rng
         )
+        # An empty set still ran (all-True BN mask, zero weights): keep the statistics as the
+        # bucketed path does.
+        stats = jax.tree.map(lambda new, old: jnp.where(n > 0, new, old), stats, batch_stats)
         results = (loss, grads, stats, x_adv, kappa, weights, correct)
         rows = jnp.int32(batch)
         bucket_index = jnp.int32(-1)

@@ -4,13 +4,14 @@ Notebook use: build a `StepContext` with `build_context`, a state with `create_t
 call `jax.jit(make_train_step(ctx, get_method(name)))` on your own batches.
 """
 
+from hamjax.sharding import make_mesh
 from hamjax.train.loop import Trainer, build_context, summarize, train_and_evaluate
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, TrainState, create_train_state
-from hamjax.train.step import make_eval_step, make_mesh, make_train_step
+from hamjax.train.step import make_train_step
 
 __all__ = [
     "StepContext", "TrainState", "Trainer", "build_context", "create_train_state",
-    "make_eval_step", "make_lr_fn", "make_mesh", "make_optimizer", "make_train_step",
+    "make_lr_fn", "make_mesh", "make_optimizer", "make_train_step",
     "summarize", "train_and_evaluate",
 ]

@@ -23,9 +23,10 @@ from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary, for
 from hamjax.models import build_model
 from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.runlog import RunLogger
+from hamjax.sharding import make_mesh, replicated, shard_batch
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, TrainState, create_train_state
-from hamjax.train.step import jit_train_step, make_mesh, make_train_step, replicated, shard_batch
+from hamjax.train.step import jit_train_step, make_train_step
 
 
 def build_context(config, splits) -> StepContext:

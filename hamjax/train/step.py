@@ -1,4 +1,4 @@
-"""The generic, pure train step and the evaluation step, jitted over a device mesh."""
+"""The generic, pure train step, jitted over a device mesh."""
 
 from __future__ import annotations
 
@@ -6,18 +6,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from hamjax.attacks import pgd
 from hamjax.data import augment
-from hamjax.metrics import per_class_counts
-from hamjax.models import apply_model
+from hamjax.sharding import batch_sharding, replicated
 from hamjax.train.optim import set_learning_rate
 from hamjax.train.state import StepContext, TrainState
-
-DATA_AXIS = "data"
 
 
 def _select(pred, new, old):
@@ -62,56 +57,6 @@ def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tu
         return state, metrics
 
     return train_step
-
-
-def make_eval_step(model, num_classes: int, attack_config) -> Callable:
-    """`eval_step(variables, batch, rng) -> (clean_counts, robust_counts)` per class.
-
-    The attack is PGD with `attack_config` (eps, step_size, steps) on the model in eval mode;
-    padded rows (batch["mask"] False) count nowhere.
-    """
-
-    def eval_step(variables, batch, rng):
-        x, y, mask = batch["image"], batch["label"], batch["mask"]
-
-        def logits_fn(z):
-            return apply_model(model, variables, z, bn_mode="eval")[0]
-
-        clean_correct = jnp.argmax(logits_fn(x), -1) == y
-        x_adv, info = pgd(
-            logits_fn, x, y, rng, eps=attack_config.eps, step_size=attack_config.step_size,
-            steps=attack_config.steps, random_start=True,
-        )
-        robust_correct = ~info.success
-        return (
-            per_class_counts(clean_correct, y, num_classes, mask),
-            per_class_counts(robust_correct, y, num_classes, mask),
-        )
-
-    return eval_step
-
-
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over all (global) devices."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    return Mesh(devices, (DATA_AXIS,))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the data axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host arrays (this process's rows) -> global arrays sharded over the mesh."""
-    sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
 
 
 def jit_train_step(train_step, mesh: Mesh):

@@ -1,0 +1,335 @@
+"""Evaluation throughput (images/s, compilation excluded): hamjax vs torchattacks, same machine.
+
+    python benchmarks/eval_throughput.py                      # default: a few minutes on 2 CPUs
+    python benchmarks/eval_throughput.py --aa standard --cnn_batch 64 --resnet_batch 32
+
+Models with random weights: the small CNN on 28x28x1 and PreAct-ResNet-18 on 32x32x3, each
+defined twice (hamjax's flax modules and the equivalent PyTorch modules below), in eval mode.
+Labels are each model's own clean predictions, so every example is clean-correct and attacked
+(with random labels ~90% would be skipped as already misclassified).
+
+- PGD-20: L_inf eps 8/255, step 2/255, random start; hamjax `pgd` jitted (one warm-up call,
+  then `--repeats` timed calls) vs `torchattacks.PGD` (one warm-up call, same repeats).
+- AutoAttack: APGD-CE -> APGD-T -> FAB-T -> Square, each on the examples still robust after the
+  previous ones: hamjax through `hamjax.evaluate.run_attacks` (the code `python -m
+  hamjax.evaluate` runs; its per-stage times exclude compilation) vs torchattacks' APGD, APGDT,
+  FAB(multi_targeted) and Square chained as `torchattacks.MultiAttack` chains them, with the
+  same settings and each stage timed (torchattacks' own `AutoAttack` class fixes 10 APGD/FAB
+  steps where the reference uses 100, so both sides are built explicitly).
+  AutoAttack is timed at `--aa_eps` (default 1e-5): with labels = predictions nothing is fooled
+  at that radius, so all four attacks run on every example: the cost on a fully robust model, an
+  upper bound (at eps 8/255 a random-weight model falls to APGD-CE and the other three would
+  never run). The JSON reports the robust fraction each side ended with.
+  `--aa reduced` (default, for a CPU) = 10 APGD/FAB steps, 3 targets, 100 Square queries;
+  `--aa torchattacks` = what torchattacks.AutoAttack runs (10 steps, 9 targets, 5000 queries);
+  `--aa standard` = the reference (100 steps, 9 targets, 5000 queries).
+
+Prints one JSON object: machine (platform, CPU count, load average, versions), settings and
+per model/attack the images/s of each framework and jax/torch (> 1: hamjax is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hamjax.attacks import pgd
+from hamjax.evaluate import parse_attacks, run_attacks
+from hamjax.models import build_model, init_variables, make_logits_fn
+
+NUM_CLASSES = 10
+EPS, STEP = 8 / 255, 2 / 255
+MODELS = {"small_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3)}
+AA_SETTINGS = {  # APGD-CE / APGD-T / FAB-T steps, targets of APGD-T and FAB-T, Square queries
+    "reduced": {"steps": 10, "n_target_classes": 3, "n_queries": 100},
+    "torchattacks": {"steps": 10, "n_target_classes": 9, "n_queries": 5000},
+    "standard": {"steps": 100, "n_target_classes": 9, "n_queries": 5000},
+}
+
+
+# ----------------------------------------------------------------------------- torch models
+def torch_models():
+    """The PyTorch twins of hamjax's SmallCNN and PreActResNet18 (same layers, BN eps/momentum,
+    normalisation inside forward, [0, 1] NCHW in, logits out)."""
+    import torch
+    from torch import nn
+
+    def bn(c: int) -> nn.BatchNorm2d:
+        return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
+
+    class Normalize(nn.Module):
+        def __init__(self, channels: int):
+            super().__init__()
+            self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.5))
+            self.register_buffer("std", torch.full((1, channels, 1, 1), 0.25))
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    class SmallCNN(nn.Module):
+        def __init__(self, channels: int = 1, num_classes: int = NUM_CLASSES):
+            super().__init__()
+            layers: list[nn.Module] = [Normalize(channels)]
+            for i, width in enumerate((32, 64, 128)):
+                layers += [nn.Conv2d(channels, width, 3, 1 if i == 0 else 2, 1, bias=False),
+                           bn(width), nn.ReLU()]
+                channels = width
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+        def forward(self, x):
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+    class PreActBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.bn1, self.bn2 = bn(cin), bn(cout)
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.shortcut = (nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+                             if stride != 1 or cin != cout else None)
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(x))
+            shortcut = self.shortcut(out) if self.shortcut is not None else x
+            out = self.conv1(out)
+            out = self.conv2(torch.relu(self.bn2(out)))
+            return out + shortcut
+
+    class PreActResNet18(nn.Module):
+        def __init__(self, num_classes: int = NUM_CLASSES):
+            super().__init__()
+            self.norm = Normalize(3)
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            blocks, cin = [], 64
+            for i, width in enumerate((64, 128, 256, 512)):
+                for j in range(2):
+                    blocks.append(PreActBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
+                    cin = width
+            self.blocks = nn.Sequential(*blocks)
+            self.bn = bn(512)
+            self.linear = nn.Linear(512, num_classes)
+
+        def forward(self, x):
+            out = self.blocks(self.conv1(self.norm(x)))
+            return self.linear(torch.relu(self.bn(out)).mean(dim=(2, 3)))
+
+    return {"small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
+
+
+# ----------------------------------------------------------------------------- jax side
+def jax_model(name: str, shape: tuple[int, int, int]):
+    channels = shape[-1]
+    model = build_model(ml_collections.ConfigDict({"name": name, "dtype": "float32"}),
+                        NUM_CLASSES, shape, mean=(0.5,) * channels, std=(0.25,) * channels)
+    return model, init_variables(model, jax.random.PRNGKey(0), shape)
+
+
+def jax_pgd(model, variables, x: np.ndarray, repeats: int) -> dict[str, Any]:
+    logits_fn = make_logits_fn(model, variables)
+    y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+
+    @jax.jit
+    def attack(variables, x, y, key):
+        x_adv, info = pgd(make_logits_fn(model, variables), x, y, key, eps=EPS, step_size=STEP,
+                          steps=20)
+        return x_adv, info.success
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(attack(variables, x, y, jax.random.PRNGKey(0)))
+    compile_s = time.perf_counter() - t0
+    times, fooled = [], []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        _, success = jax.block_until_ready(attack(variables, x, y, jax.random.PRNGKey(r + 1)))
+        times.append(time.perf_counter() - t0)
+        fooled.append(float(np.mean(success)))
+    sec = statistics.median(times)
+    return {"images_per_s": len(x) / sec, "seconds_per_batch": sec,
+            "first_call_seconds_incl_compile": compile_s, "fooled": statistics.mean(fooled)}
+
+
+def jax_autoattack(model, variables, x: np.ndarray, aa: dict, eps: float) -> dict[str, Any]:
+    logits_fn = make_logits_fn(model, variables)
+    y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+    comp = {"steps": aa["steps"], "n_target_classes": aa["n_target_classes"]}
+    specs = parse_attacks("autoattack", eps=eps, num_classes=NUM_CLASSES, overrides={
+        "apgd-ce": {"steps": aa["steps"]}, "apgd-t": comp, "fab-t": comp,
+        "square": {"n_queries": aa["n_queries"]}})
+    out = run_attacks(model, variables, x, y, NUM_CLASSES, specs, eps=eps, seed=0,
+                      batch_size=len(x), log=lambda s: None)
+    stages = {k: v for k, v in out.stages.items() if k.startswith("autoattack/")}
+    seconds = sum(v["seconds"] for v in stages.values())
+    return {"images_per_s": len(x) / seconds, "seconds": seconds,
+            "compile_seconds": sum(v["compile_seconds"] for v in stages.values()),
+            "robust_fraction": float(out.robust["autoattack"].mean()),
+            "attacked_per_stage": {k.split("/")[1]: v["attacked"] for k, v in stages.items()},
+            "seconds_per_stage": {k.split("/")[1]: round(v["seconds"], 3)
+                                  for k, v in stages.items()}}
+
+
+# ----------------------------------------------------------------------------- torch side
+def torch_pgd(net, x, repeats: int) -> dict[str, Any]:
+    import torch
+    import torchattacks
+
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    atk = torchattacks.PGD(net, eps=EPS, alpha=STEP, steps=20, random_start=True)
+    atk(x, y)  # warm-up
+    times, fooled = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        adv = atk(x, y)
+        times.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            fooled.append(float((net(adv).argmax(1) != y).float().mean()))
+    sec = statistics.median(times)
+    return {"images_per_s": len(x) / sec, "seconds_per_batch": sec,
+            "fooled": statistics.mean(fooled)}
+
+
+def torch_autoattack(net, x, aa: dict, eps: float) -> dict[str, Any]:
+    """torchattacks.MultiAttack's loop (each attack on the examples still classified correctly),
+    written out so that each stage is timed."""
+    import torch
+    import torchattacks as ta
+
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    steps, n_cls = aa["steps"], aa["n_target_classes"] + 1  # torchattacks: targets = n_classes-1
+    stages = {
+        "apgd-ce": ta.APGD(net, eps=eps, steps=steps, loss="ce", n_restarts=1, seed=0),
+        "apgd-t": ta.APGDT(net, eps=eps, steps=steps, n_classes=n_cls, n_restarts=1, seed=0),
+        "fab-t": ta.FAB(net, eps=eps, steps=steps, multi_targeted=True, n_classes=n_cls,
+                        n_restarts=1, seed=0),
+        "square": ta.Square(net, eps=eps, n_queries=aa["n_queries"], n_restarts=1, seed=0),
+    }
+    alive = torch.arange(len(x))
+    seconds, attacked = {}, {}
+    for name, attack in stages.items():
+        attacked[name] = len(alive)
+        if len(alive) == 0:
+            seconds[name] = 0.0
+            continue
+        t0 = time.perf_counter()
+        adv = attack(x[alive], y[alive])
+        with torch.no_grad():
+            alive = alive[net(adv).argmax(1) == y[alive]]
+        seconds[name] = time.perf_counter() - t0
+    total = sum(seconds.values())
+    return {"images_per_s": len(x) / total, "seconds": total,
+            "robust_fraction": len(alive) / len(x), "attacked_per_stage": attacked,
+            "seconds_per_stage": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+# ----------------------------------------------------------------------------- driver
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "jax": jax.__version__, "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    try:
+        import torch
+        import torchattacks
+
+        info.update(torch=torch.__version__, torchattacks=torchattacks.__version__,
+                    torch_threads=torch.get_num_threads())
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def ratio(a: dict | None, b: dict | None) -> float | None:
+    if not a or not b or "images_per_s" not in a or "images_per_s" not in b:
+        return None
+    return round(a["images_per_s"] / b["images_per_s"], 3)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    info = machine()
+    has_torch = info.get("torch") is not None
+    aa = AA_SETTINGS[args.aa]
+    result: dict[str, Any] = {
+        "benchmark": "eval_throughput", "machine": info,
+        "settings": {
+            "pgd": {"eps": EPS, "step_size": STEP, "steps": 20, "random_start": True,
+                    "repeats": args.repeats, "timing": "median over repeats after a warm-up"},
+            "autoattack": {"preset": args.aa, "eps": args.aa_eps, **aa,
+                           "components": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                           "timing": "one call; hamjax stage times exclude compilation",
+                           "regime": "labels = model's own predictions; nothing is fooled at "
+                                     "this eps, so every attack runs on every example"},
+            "weights": "random", "bn_mode": "eval"},
+        "results": {},
+    }
+    if not has_torch:
+        result["note"] = "torch/torchattacks not installed: pip install torch torchattacks"
+    nets = torch_models() if has_torch else {}
+    for name in args.models:
+        shape = MODELS[name]
+        batch = args.cnn_batch if name == "small_cnn" else args.resnet_batch
+        aa_batch = args.cnn_aa_batch if name == "small_cnn" else args.resnet_aa_batch
+        rng = np.random.default_rng(0)
+        x = rng.random((max(batch, aa_batch),) + shape, dtype=np.float32)
+        model, variables = jax_model(name, shape)
+        entry: dict[str, Any] = {"input_shape": list(shape), "pgd_batch": batch,
+                                 "autoattack_examples": aa_batch}
+        entry["pgd20"] = {"jax": jax_pgd(model, variables, x[:batch], args.repeats)}
+        if "autoattack" in args.attacks:
+            entry["autoattack"] = {"jax": jax_autoattack(model, variables, x[:aa_batch], aa,
+                                                         args.aa_eps)}
+        if has_torch:
+            import torch
+
+            torch.manual_seed(0)
+            net = nets[name](shape[-1]) if name == "small_cnn" else nets[name]()
+            net.eval()
+            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+            entry["pgd20"]["torch"] = torch_pgd(net, xt[:batch], args.repeats)
+            if "autoattack" in args.attacks:
+                entry["autoattack"]["torch"] = torch_autoattack(net, xt[:aa_batch], aa,
+                                                                args.aa_eps)
+        for attack in ("pgd20", "autoattack"):
+            if attack in entry:
+                entry[attack]["jax_over_torch"] = ratio(entry[attack]["jax"],
+                                                        entry[attack].get("torch"))
+        result["results"][name] = entry
+        print(f"# {name}: " + json.dumps({k: entry[k].get("jax_over_torch") for k in
+                                           ("pgd20", "autoattack") if k in entry}), flush=True)
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--attacks", nargs="+", default=["pgd20", "autoattack"],
+                   choices=["pgd20", "autoattack"])
+    p.add_argument("--cnn_batch", type=int, default=32, help="PGD batch, small CNN")
+    p.add_argument("--resnet_batch", type=int, default=4, help="PGD batch, PreAct-ResNet-18")
+    p.add_argument("--cnn_aa_batch", type=int, default=4, help="AutoAttack examples, small CNN")
+    p.add_argument("--resnet_aa_batch", type=int, default=2,
+                   help="AutoAttack examples, PreAct-ResNet-18")
+    p.add_argument("--repeats", type=int, default=2, help="timed PGD calls (median)")
+    p.add_argument("--aa", default="reduced", choices=sorted(AA_SETTINGS))
+    p.add_argument("--aa_eps", type=float, default=1e-5)
+    args = p.parse_args()
+    print(json.dumps(run(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Train-step throughput (images/s, compilation excluded) per model x method, random data.
+
+    python benchmarks/train_throughput.py                     # default: a few minutes on 2 CPUs
+    python benchmarks/train_throughput.py --models small_cnn preact_resnet18 wrn34_10 \
+        --methods all --batch 128 --repeats 10
+
+Each cell is the real jitted `make_train_step` (augmentation, the method's attack and loss,
+optimiser update, ledger) with the method's default config (`hamjax.config.method_config`) and
+the default training attack (PGD-10, eps 8/255, step 2/255). Timing: one warm-up call that
+compiles, then the median of `--repeats` calls on the same state and batch, each ended by
+block_until_ready. HAM runs past its PGD-AT warm-up (warmup_epochs=0); its cost depends on the
+hard fraction it mines, reported per cell (random weights and labels: most rows are hard). CAAT
+gets a meta batch of the same size. Besides images/s each cell reports the example passes
+(forward + backward) the step's ledger counted per image, a hardware-independent cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hamjax.config import base_config, method_config, validate_config
+from hamjax.methods import available_methods, get_method
+from hamjax.models import build_model
+from hamjax.train.optim import make_lr_fn, make_optimizer
+from hamjax.train.state import StepContext, create_train_state
+from hamjax.train.step import make_train_step
+
+NUM_CLASSES = 10
+SHAPES = {"small_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3), "wrn34_10": (32, 32, 3)}
+DEFAULT_METHODS = ("standard", "pgd_at", "trades", "ham", "caat")
+
+
+def make_config(model: str, method: str, batch: int) -> ml_collections.FrozenConfigDict:
+    config = base_config()
+    config.model.name = model
+    config.method = method_config(method)
+    if "warmup_epochs" in config.method:
+        config.method.warmup_epochs = 0  # time the method itself, not its PGD-AT warm-up
+    if get_method(method).needs_meta_batch:
+        config.data.meta_per_class = 10
+    config.train.batch_size = batch
+    config.train.lr_schedule = "constant"
+    validate_config(config)
+    return ml_collections.FrozenConfigDict(config)
+
+
+def make_step(config, shape: tuple[int, int, int]):
+    """(jitted train step, initial state) on a StepContext built without a dataset."""
+    ctx = StepContext(
+        model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
+        lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
+        class_counts=np.ones(NUM_CLASSES, np.int64), steps_per_epoch=1000, image_shape=shape)
+    method = get_method(config.method.name)
+    return jax.jit(make_train_step(ctx, method)), create_train_state(ctx, method, seed=0), method
+
+
+def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[str, Any]:
+    shape = SHAPES[model]
+    config = make_config(model, method_name, batch)
+    step, state, method = make_step(config, shape)
+    rs = np.random.RandomState(0)
+    data = {"image": jnp.asarray(rs.rand(batch, *shape).astype(np.float32)),
+            "label": jnp.asarray(rs.randint(0, NUM_CLASSES, batch).astype(np.int32)),
+            "index": jnp.arange(batch, dtype=jnp.int32)}
+    if method.needs_meta_batch:
+        data["meta_image"] = jnp.asarray(rs.rand(batch, *shape).astype(np.float32))
+        data["meta_label"] = jnp.asarray(rs.randint(0, NUM_CLASSES, batch).astype(np.int32))
+    t0 = time.perf_counter()
+    new_state, metrics = jax.block_until_ready(step(state, data))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(state, data))
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    passes = float(new_state.ledger.forward + new_state.ledger.backward) / batch
+    cell = {"images_per_s": round(batch / sec, 3), "seconds_per_step": round(sec, 5),
+            "first_call_seconds_incl_compile": round(compile_s, 2),
+            "example_passes_per_image": round(passes, 3)}
+    extra = {k: round(float(v), 4) for k, v in metrics.items()
+             if k in ("hard_fraction", "bucket_fraction", "update_applied")}
+    if extra:
+        cell["metrics"] = extra
+    return cell
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    registered = available_methods()
+    methods = registered if args.methods == ["all"] else [m for m in args.methods
+                                                          if m in registered]
+    skipped = [m for m in args.methods if m != "all" and m not in registered]
+    result: dict[str, Any] = {
+        "benchmark": "train_throughput",
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "jax": jax.__version__, "backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()],
+                    "load_average_at_start": list(os.getloadavg())},
+        "settings": {"training_attack": "PGD-10, eps 8/255, step 2/255 (base_config)",
+                     "data": "random images and labels", "repeats": args.repeats,
+                     "timing": "median of repeats after a compiling warm-up call",
+                     "batch": {m: args.batch or (64 if m == "small_cnn" else 8)
+                               for m in args.models}},
+        "results": {},
+    }
+    if skipped:
+        result["skipped_unregistered_methods"] = skipped
+    for model in args.models:
+        batch = args.batch or (64 if model == "small_cnn" else 8)
+        row = {}
+        for method in methods:
+            try:
+                row[method] = time_cell(model, method, batch, args.repeats)
+            except Exception as err:  # one broken method must not hide the others' numbers
+                row[method] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"# {model} {method}: {json.dumps(row[method])}", flush=True)
+        base = row.get("pgd_at", {}).get("images_per_s")
+        for cell in row.values():
+            if base and "images_per_s" in cell:
+                cell["speed_vs_pgd_at"] = round(cell["images_per_s"] / base, 3)
+        result["results"][model] = {"input_shape": list(SHAPES[model]), "batch": batch,
+                                    "methods": row}
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["small_cnn", "preact_resnet18"],
+                   choices=list(SHAPES), help="add wrn34_10 for WRN-34-10 (slow on a CPU)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="method names, or 'all' for every registered method")
+    p.add_argument("--batch", type=int, default=0,
+                   help="batch size (default: 64 small_cnn, 8 for the ResNets)")
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    print(json.dumps(run(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()

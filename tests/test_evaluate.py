@@ -1,0 +1,227 @@
+"""hamjax.evaluate on a tiny trained digits run: outputs, consistency, resume, errors.
+
+One run is trained per module (about 30 s on 2 CPU cores) and every test evaluates a few dozen
+examples with short attacks; compilation dominates the time, so each test compiles few attacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from hamjax import evaluate as ev
+from hamjax.errors import CheckpointError, ConfigError
+
+EPS = 0.1
+FAST = {"square": {"n_queries": 20}}
+
+
+def _tiny_config():
+    from hamjax.config import base_config
+
+    c = base_config()
+    c.data.name = "digits"
+    c.data.val_size = 100
+    c.data.augment.crop_pad = 0
+    c.data.augment.flip = False
+    c.model.name = "small_cnn"
+    c.method.name = "standard"
+    c.eval.eps = EPS
+    c.eval.step_size = 0.05
+    c.eval.steps = 1
+    c.eval.num_examples = 20
+    c.eval.batch_size = 20
+    c.train.epochs = 1
+    c.train.batch_size = 32
+    c.train.lr = 0.05
+    c.train.lr_boundaries = ()
+    c.train.lr_values = ()
+    c.train.log_every_steps = 1000
+    c.train.checkpoint_every_steps = 1000
+    return c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> str:
+    from hamjax.train import train_and_evaluate
+
+    path = str(tmp_path_factory.mktemp("run"))
+    train_and_evaluate(_tiny_config(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_eval(workdir):
+    """PGD-3 and a reduced AutoAttack on 40 test examples; the progress lines it printed."""
+    lines: list[str] = []
+    result = ev.evaluate_workdir(workdir, "pgd3,autoattack", "test", 40, batch_size=16,
+                                 fast=True, overrides=FAST, log=lines.append)
+    return result, lines
+
+
+def test_json_png_and_fields(workdir, first_eval):
+    result, lines = first_eval
+    path = os.path.join(workdir, "eval", "test_best.json")
+    assert result["json_path"] == path
+    with open(path) as f:
+        saved = json.load(f)
+    for key in ("checkpoint", "checkpoint_step", "seed", "num_examples", "eps", "attacks",
+                "clean", "combined", "gradient_masking_warnings", "table", "config"):
+        assert key in saved, key
+    assert saved["checkpoint"] == "best" and saved["checkpoint_step"] > 0
+    assert saved["num_examples"] == 40 and saved["eps"] == pytest.approx(EPS)
+    assert saved["seed"] == _tiny_config().seed and saved["fast"] is True
+    assert saved["config"]["model"]["name"] == "small_cnn"
+    pgd = saved["attacks"]["pgd3"]["settings"]
+    assert pgd["steps"] == 3 and pgd["step_size"] == pytest.approx(EPS / 4) and pgd["loss"] == "ce"
+    aa = saved["attacks"]["autoattack"]["settings"]
+    assert list(aa["components"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa["components"]["square"]["n_queries"] == 20
+    assert aa["matches_reference_settings"] is False
+    # reduced target counts are flagged among AutoAttack's warnings
+    assert any("target classes" in w for w in saved["gradient_masking_warnings"])
+    with open(result["chart_path"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert any("img/s" in line and line.startswith("[pgd3]") for line in lines)
+    assert any(line.startswith("[autoattack/apgd-ce]") for line in lines)
+
+
+def test_per_class_numbers_consistent(first_eval):
+    result, _ = first_eval
+    clean = np.array(result["clean"]["per_class"])
+    combined = np.array(result["combined"]["robust"]["per_class"])
+    assert result["clean"]["average"] > 0.3  # the tiny run learned something
+    for name in ("pgd3", "autoattack"):
+        robust = np.array(result["attacks"][name]["robust"]["per_class"])
+        assert np.all(robust <= clean + 1e-9)
+        assert np.all(combined <= robust + 1e-9)
+        assert result["combined"]["robust"]["average"] <= result["attacks"][name]["robust"][
+            "average"] + 1e-9
+        boundary = np.array(result["attacks"][name]["boundary_error"]["per_class"])
+        np.testing.assert_allclose(boundary, clean - robust)
+    # 40 examples, 4 per class (stratified): every per-class accuracy is a multiple of 1/4
+    np.testing.assert_allclose(clean * 4, np.round(clean * 4))
+    stages = result["attacks"]["autoattack"]["stages"]
+    attacked = [s["attacked"] for s in stages.values()]
+    assert attacked == sorted(attacked, reverse=True)  # later attacks see only the survivors
+
+
+def test_rerun_skips_completed_work(workdir, first_eval, monkeypatch):
+    result, _ = first_eval
+
+    def no_attacks(*args, **kwargs):
+        raise AssertionError("an attack was rebuilt although every chunk was done")
+
+    monkeypatch.setattr(ev, "_bound_attack", no_attacks)
+    again = ev.evaluate_workdir(workdir, "pgd3,autoattack", "test", 40, batch_size=16,
+                                fast=True, overrides=FAST, log=lambda s: None)
+    assert again["progress"]["computed_chunks"] == 0
+    assert again["progress"]["resumed_chunks"] == result["progress"]["computed_chunks"]
+    for name in ("pgd3", "autoattack"):
+        assert again["attacks"][name]["robust"] == result["attacks"][name]["robust"]
+    with open(result["partial_path"]) as f:
+        partial = json.load(f)
+    # the per-stage counters of computed chunks did not move
+    assert partial["stages"]["pgd3"]["computed_chunks"] == len(partial["stages"]["pgd3"]["done"])
+
+
+def test_interrupted_run_resumes_to_the_same_answer(workdir):
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_pgd_chunk(line: str) -> None:
+        if line.startswith("[pgd2] chunk 1/"):
+            raise Stop
+
+    kwargs = dict(batch_size=16, seed=5)
+    with pytest.raises(Stop):
+        ev.evaluate_workdir(workdir, "pgd2", "val", 48, log=stop_after_first_pgd_chunk, **kwargs)
+    resumed = ev.evaluate_workdir(workdir, "pgd2", "val", 48, log=lambda s: None, **kwargs)
+    assert resumed["progress"]["resumed_chunks"] >= 2  # the clean chunks and one pgd chunk
+    assert resumed["progress"]["computed_chunks"] >= 1
+    fresh = ev.evaluate_workdir(workdir, "pgd2", "val", 48, resume=False, write=False,
+                                log=lambda s: None, **kwargs)
+    assert fresh["progress"]["resumed_chunks"] == 0
+    assert resumed["attacks"]["pgd2"]["robust"] == fresh["attacks"]["pgd2"]["robust"]
+
+
+def test_cli_last_checkpoint(workdir, capsys):
+    status = ev.main(["--workdir", workdir, "--attacks", "fgsm", "--checkpoint", "last",
+                      "--num_examples", "20", "--override", "fgsm.step_size=0.05"])
+    assert status == 0
+    with open(os.path.join(workdir, "eval", "test_last.json")) as f:
+        saved = json.load(f)
+    assert saved["checkpoint"] == "last"
+    assert saved["attacks"]["fgsm"]["settings"]["step_size"] == pytest.approx(0.05)
+    assert "per-class accuracy" in capsys.readouterr().out
+
+
+def test_best_falls_back_to_last(workdir, tmp_path):
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(os.path.join(copy, "best"))
+    lines: list[str] = []
+    run = ev.load_run(copy, "best", log=lines.append)
+    assert run.checkpoint == "last" and run.step > 0
+    assert any("evaluating the last checkpoint instead" in line for line in lines)
+
+
+def test_unknown_attack_lists_valid_names(workdir):
+    with pytest.raises(ConfigError, match="unknown attack.*'foo'.*valid names: pgdN"):
+        ev.evaluate_workdir(workdir, "pgd20,foo")
+    for bad in ("pgd", "pgd0", "cw-5"):
+        with pytest.raises(ConfigError, match="autoattack"):
+            ev.check_attack_names(bad)
+
+
+def test_missing_checkpoint_says_where_it_looked(tmp_path, capsys):
+    empty = tmp_path / "nothing"
+    with pytest.raises(CheckpointError, match="no checkpoint found.*best.*checkpoints"):
+        ev.evaluate_workdir(str(empty), "pgd20")
+    assert not empty.exists()  # looking never creates the workdir
+    assert ev.main(["--workdir", str(empty)]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+
+
+def test_parse_attacks_settings():
+    specs = ev.parse_attacks("PGD20, cw, fgsm, apgd-t", eps=8 / 255, num_classes=10,
+                             step_size="eps/8")
+    by_name = {s.name: s for s in specs}
+    assert by_name["pgd20"].settings["step_size"] == pytest.approx(1 / 255)
+    assert by_name["cw"].settings["loss"] == "cw" and by_name["cw"].settings["steps"] == 20
+    assert by_name["fgsm"].settings["step_size"] == pytest.approx(8 / 255)
+    assert by_name["apgd-t"].settings["n_target_classes"] == 9
+    default = ev.parse_attacks("pgd10", eps=8 / 255, num_classes=10)[0]
+    assert default.settings["step_size"] == pytest.approx(2 / 255)
+    aa = ev.parse_attacks("autoattack", eps=8 / 255, num_classes=10)[0]
+    assert aa.settings["matches_reference_settings"] is True
+    assert [s.stage_id for s in aa.stages] == [
+        "autoattack/apgd-ce", "autoattack/apgd-t", "autoattack/fab-t", "autoattack/square"]
+    with pytest.raises(ConfigError, match="not run"):
+        ev.parse_attacks("pgd20", eps=0.1, num_classes=10, overrides={"square": {"n_queries": 1}})
+
+
+@pytest.mark.slow
+def test_autoattack_matches_host_driver(workdir):
+    """Same per-example answer as hamjax.attacks.autoattack.run_autoattack (same keys/chunks)."""
+    from hamjax.attacks.autoattack import STANDARD_ATTACKS, run_autoattack
+    from hamjax.data import stratified_subset
+    from hamjax.models import make_logits_fn
+
+    run = ev.load_run(workdir, "best", log=lambda s: None)
+    data = stratified_subset(run.splits.test, 32, 0, 10)
+    specs = ev.parse_attacks("autoattack", eps=EPS, num_classes=10, fast=True, overrides=FAST)
+    out = ev.run_attacks(run.model, run.variables, data.images, data.labels, 10, specs,
+                         eps=EPS, seed=0, batch_size=16, log=lambda s: None)
+    kwargs = {s.kind: s.kwargs for s in specs[0].stages}
+    assert list(kwargs) == list(STANDARD_ATTACKS)
+    _, ref = run_autoattack(make_logits_fn(run.model, run.variables),
+                            data.images.astype(np.float32) / 255, data.labels,
+                            ev.attack_key(0, "autoattack"), eps=EPS, num_classes=10,
+                            attack_kwargs=kwargs, batch_size=16, log_fn=lambda s: None)
+    np.testing.assert_array_equal(out.clean_correct, ref.clean_correct)
+    np.testing.assert_array_equal(out.robust["autoattack"], ref.robust)
