@@ -539,3 +539,20 @@ def test_augment_crop_is_a_window_of_the_padded_image(seed: int, pad: int) -> No
         windows = [padded[i, y : y + 5, x : x + 5] for y in range(2 * pad + 1)
                    for x in range(2 * pad + 1)]
         assert any(np.array_equal(out[i], w) for w in windows)
+
+
+def test_train_size_takes_a_stratified_subset_after_val_and_meta():
+    from hamjax.data import default_data_config, load_splits
+
+    cfg = default_data_config()
+    cfg.name, cfg.source, cfg.val_size, cfg.meta_per_class = "digits", "sklearn", 100, 5
+    full = load_splits(cfg, seed=3)
+    cfg.train_size = 500
+    small = load_splits(cfg, seed=3)
+    assert len(small.train) == 500
+    np.testing.assert_array_equal(small.val.source_index, full.val.source_index)
+    np.testing.assert_array_equal(small.meta.source_index, full.meta.source_index)
+    assert set(small.train.source_index) <= set(full.train.source_index)
+    counts = np.bincount(small.train.labels, minlength=10)
+    expected = np.bincount(full.train.labels, minlength=10) * 500 / len(full.train)
+    assert np.all(np.abs(counts - expected) < 1.0)  # proportional, largest remainder

@@ -28,6 +28,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.data_dir = config_dict.placeholder(str)  # extra place to look first; None: system dirs
     cfg.image_size = config_dict.placeholder(int)  # None: native size (Imagenette: 160)
     cfg.val_size = 1000  # clean, stratified, held out of the training set; 0: no val split
+    cfg.train_size = 0  # >0: a stratified subset of the training pool (quick CPU-sized runs)
     cfg.meta_per_class = 0  # CAAT meta set: clean, balanced, taken before noise and imbalance
     cfg.label_noise = ml_collections.ConfigDict({"kind": "none", "rate": 0.0})
     cfg.imbalance_factor = 1.0  # long tail: n_max / n_min; 1 = unchanged
@@ -59,7 +60,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         return node
 
     for path in (
-        "name", "source", "data_dir", "image_size", "val_size", "meta_per_class",
+        "name", "source", "data_dir", "image_size", "val_size", "train_size", "meta_per_class",
         "label_noise.kind", "label_noise.rate", "imbalance_factor", "augment.crop_pad",
         "augment.flip",
     ):  # fmt: skip
@@ -84,6 +85,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         problems.append(f"data.image_size={size!r} must be None (native size) or an int >= 4")
     if not _is_int(cfg.val_size) or cfg.val_size < 0:
         problems.append(f"data.val_size={cfg.val_size!r} must be an int >= 0 (0: no val split)")
+    if not _is_int(cfg.train_size) or cfg.train_size < 0:
+        problems.append(f"data.train_size={cfg.train_size!r} must be an int >= 0 (0: all)")
     if not _is_int(cfg.meta_per_class) or cfg.meta_per_class < 0:
         problems.append(
             f"data.meta_per_class={cfg.meta_per_class!r} must be an int >= 0 (0: no meta set)"

@@ -23,6 +23,7 @@ from hamjax.errors import ConfigError
 
 # Independent random streams: np.random.default_rng([seed, STREAM]).
 _VAL_STREAM, _META_STREAM, _LONG_TAIL_STREAM, _NOISE_STREAM = 1, 2, 3, 4
+_TRAIN_SUBSET_STREAM = 5
 
 
 @dataclasses.dataclass
@@ -241,6 +242,14 @@ def make_splits(raw: RawDataset, data_config: ml_collections.ConfigDict, seed: i
                               np.random.default_rng([seed, _META_STREAM]), num_classes)
         meta = full.take(pool[pos])
         pool = np.delete(pool, pos)
+
+    if data_config.train_size > 0:
+        if data_config.train_size > len(pool):
+            raise ConfigError(f"data.train_size={data_config.train_size} exceeds the "
+                              f"{len(pool)} training examples left; lower it (0: all)")
+        pos = stratified_sample(full.labels[pool], data_config.train_size,
+                                np.random.default_rng([seed, _TRAIN_SUBSET_STREAM]), num_classes)
+        pool = np.sort(pool[pos])
 
     pos, class_order = long_tail_sample(
         full.labels[pool], float(data_config.imbalance_factor),
