@@ -42,3 +42,39 @@ def test_robust_accuracy_falls_monotonically_with_eps(fashion_mnist_models):
     print("PGD-10 accuracy by eps", accs)
     assert all(a >= b for a, b in zip(accs, accs[1:], strict=False)), accs
     assert accs[0] > accs[-1] + 0.2
+
+
+AA_EXAMPLES = 100
+
+
+@pytest.mark.slow
+def test_autoattack_is_no_weaker_than_pgd20_and_square_alone_is_weaker_than_apgd(
+    fashion_mnist_models,
+):
+    """On the PGD-AT model: AutoAttack standard (Square cut to 1000 queries on this CPU) robust
+    accuracy <= PGD-20's on the same examples; black-box Square alone is weaker than APGD-CE."""
+    from hamjax.attacks import pgd
+    from hamjax.attacks.autoattack import run_autoattack
+
+    models = fashion_mnist_models
+    split = subset(models.splits.test, AA_EXAMPLES, 1, models.splits.num_classes)
+    x = split.images.astype("float32") / 255.0
+    y = split.labels
+    logits_fn = models.logits_fn("pgd_at")
+    key = jax.random.PRNGKey(0)
+    _, info = jax.jit(lambda x, y: pgd(logits_fn, x, y, key, eps=EPS, step_size=EPS / 4,
+                                       steps=20))(x, y)
+    pgd20 = 1.0 - float(info.success.mean())
+    _, aa = run_autoattack(logits_fn, x, y, key, eps=EPS, num_classes=10, n_queries=1000,
+                           batch_size=AA_EXAMPLES)
+    _, apgd_only = run_autoattack(logits_fn, x, y, key, eps=EPS, num_classes=10,
+                                  version="custom", attacks=["apgd-ce"], batch_size=AA_EXAMPLES)
+    _, square_only = run_autoattack(logits_fn, x, y, key, eps=EPS, num_classes=10,
+                                    version="custom", attacks=["square"], n_queries=1000,
+                                    batch_size=AA_EXAMPLES)
+    print(f"PGD-20 {pgd20:.3f} AutoAttack {aa.robust_accuracy:.3f} APGD-CE "
+          f"{apgd_only.robust_accuracy:.3f} Square {square_only.robust_accuracy:.3f}; "
+          f"warnings: {aa.warnings}")
+    assert aa.robust_accuracy <= pgd20
+    assert square_only.robust_accuracy > apgd_only.robust_accuracy
+    assert 0.0 < aa.robust_accuracy

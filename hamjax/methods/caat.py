@@ -548,7 +548,10 @@ def caat_init_state(ctx, rng) -> dict:
     variables = net.init(rng, jnp.zeros((2, NUM_FEATURES), jnp.float32),
                          use_running_average=False)
     meta_params = variables["params"]
-    zeros = jnp.zeros((c,), jnp.float32)
+
+    def zeros():  # a fresh buffer per leaf: the jitted step donates the state
+        return jnp.zeros((c,), jnp.float32)
+
     return {
         "lambdas": init_lambdas(c),
         "margin_bounds": margin_bounds(mcfg),
@@ -558,10 +561,10 @@ def caat_init_state(ctx, rng) -> dict:
         "meta_updates": jnp.zeros((), jnp.int32),
         "meta_loss": jnp.zeros((), jnp.float32),
         "class_loss_last": jnp.full((c,), float(mcfg.initial_class_loss), jnp.float32),
-        "class_loss_sum": zeros,
-        "class_count": zeros,
-        "route_adv": zeros,
-        "route_total": zeros,
+        "class_loss_sum": zeros(),
+        "class_count": zeros(),
+        "route_adv": zeros(),
+        "route_total": zeros(),
     }
 
 

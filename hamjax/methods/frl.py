@@ -122,9 +122,11 @@ def validate_frl_fields(config) -> None:
 
 # ------------------------------------------------------------------------------ pure maths
 def init_lambdas(num_classes: int) -> Lambdas:
-    """All multipliers zero: uniform weights 1/C, one bound (exp(0) = 1 inside the clamp)."""
-    zeros = jnp.zeros((num_classes,), jnp.float32)
-    return {"lambda0": zeros, "lambda1": zeros, "lambda2": zeros}
+    """All multipliers zero: uniform weights 1/C, one bound (exp(0) = 1 inside the clamp).
+
+    Three distinct buffers: the jitted step donates the state, and one buffer twice is an error.
+    """
+    return {k: jnp.zeros((num_classes,), jnp.float32) for k in ("lambda0", "lambda1", "lambda2")}
 
 
 def normalize_lambda(lam: Array, lim: float) -> Array:
