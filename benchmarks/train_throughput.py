@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row[method] = time_cell(model, method, batch, args.repeats)
             except Exception as err:  # one broken method must not hide the others' numbers
                 row[method] = {"error": f"{type(err).__name__}: {err}"}
-            print(f"# {model} {method}: {json.dumps(row[method])}", flush=True)
+            print(f"# {model} {method}: {json.dumps(row[method])}", file=sys.stderr,
+                  flush=True)
         base = row.get("pgd_at", {}).get("images_per_s")
         for cell in row.values():
             if base and "images_per_s" in cell:

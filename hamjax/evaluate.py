@@ -625,7 +625,8 @@ def evaluate_workdir(
     seed = config.seed; step_size (pgdN, cwN) = eps / 4 (a number or "eps/K"). num_examples: a
     seeded class-stratified subset (0: the whole split). fast: fewer steps/queries for smoke
     tests (recorded; not comparable with published numbers). resume: reuse the chunks finished
-    by an earlier call with the same settings.
+    by an earlier call with the same settings. Files are named after the checkpoint actually
+    evaluated (`<split>_last.*` when "best" fell back to the last checkpoint).
     """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: choose one of {SPLITS}")
@@ -813,6 +814,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished chunks are saved; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -18,6 +18,19 @@ feature is rolled over each epoch, and the meta batch uses its own class bounds 
 
 Everything the run needs to resume (multipliers, meta-net weights and Adam state, running class
 losses, routing counts) lives in `method_state`.
+
+Notes from testing (tests/test_caat.py and tiny end-to-end runs):
+- At T = 0.001 the routing is one-hot and dL_meta/dOmega is exactly 0 unless an example sits
+  within ~T of a tie (then it is ~1/T); `meta_grad_norm` is logged. In a fresh run the router
+  therefore stays close to its random initialisation, which can route most of the batch (or
+  whole classes, since two features are class-level) to the anti-adversary branch; those
+  examples get no clean or KL term and robust accuracy collapses (seen on 8x8 digits: PGD
+  accuracy 0.10 with the faithful loss vs 0.77 with `adv_weight_floor = 0.5`). Watch
+  `routing_summary` / the per-class robust accuracy; `adv_weight_floor` is the documented
+  remedy, off by default.
+- softmax(z / T) is computed as (sigma(d), sigma(-d)) with an exact derivative: the plain
+  float32 softmax derivative is ~ulp(1) / T ~ 1e-4 per example where it should be ~0, and that
+  round-off alone dominated the meta-gradient at T = 0.001.
 """
 
 from __future__ import annotations
@@ -199,6 +212,10 @@ class MetaNet(nn.Module):
     """BatchNorm(6) -> Dense(hidden) -> ReLU -> Dense(2) -> softmax(z / T): (alpha, beta).
 
     PyTorch's BatchNorm1d / Linear defaults (momentum 0.1, eps 1e-5, kaiming-uniform(sqrt 5)).
+    The official code never switches it to eval mode, so its BatchNorm always standardises the
+    features with the current batch's statistics: routing depends on where an example stands
+    within its batch, not on the raw scales (losses ~1-2, proportions ~0.1), which running
+    statistics would pass through early on. `method.meta_bn` chooses ("batch" = official).
     """
 
     hidden: int = 100
@@ -450,6 +467,7 @@ def meta_update(state, batch: dict, rng, ctx) -> dict:
         meta_opt_state=opt_state,
         meta_updates=ms["meta_updates"] + 1,
         meta_loss=loss.astype(jnp.float32),
+        meta_grad_norm=optax.tree.norm(grad).astype(jnp.float32),
     )
 
 
@@ -534,6 +552,7 @@ def caat_loss(params, state, batch, rng, ctx):
         mean_eps=jnp.mean(eps),
         meta_updates=ms["meta_updates"],
         meta_loss=ms["meta_loss"],
+        meta_grad_norm=ms["meta_grad_norm"],
     )
     aux["method_state"] = new_ms
     return loss, aux
@@ -560,6 +579,8 @@ def caat_init_state(ctx, rng) -> dict:
         "meta_opt_state": meta_optimizer(mcfg).init(meta_params),
         "meta_updates": jnp.zeros((), jnp.int32),
         "meta_loss": jnp.zeros((), jnp.float32),
+        # |dL_meta/dOmega| of the last meta step: ~0 at T = 0.001 unless an example is near a tie
+        "meta_grad_norm": jnp.zeros((), jnp.float32),
         "class_loss_last": jnp.full((c,), float(mcfg.initial_class_loss), jnp.float32),
         "class_loss_sum": zeros(),
         "class_count": zeros(),
@@ -615,6 +636,7 @@ def caat_summarize_state(method_state) -> dict:
     out["class_avg_loss"] = [float(s / c) if c > 0 else None
                              for s, c in zip(loss_sum, count, strict=True)]
     out["meta_loss_last"] = float(ms["meta_loss"])
+    out["meta_grad_norm_last"] = float(ms["meta_grad_norm"])
     return out
 
 

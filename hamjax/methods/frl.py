@@ -305,8 +305,8 @@ def summarize_lambdas(lambdas: Lambdas, bounds=(0.98, 2.5)) -> dict:
     """JSON-able multipliers, class weights and bound multipliers."""
     margin_min, margin_max = (float(b) for b in np.asarray(jax.device_get(bounds)))
     lam = {k: np.asarray(jax.device_get(v), np.float64) for k, v in lambdas.items()}
-    w0 = np.asarray(class_weights(jnp.asarray(lam["lambda0"])))
-    w1 = np.asarray(class_weights(jnp.asarray(lam["lambda1"])))
+    w0 = np.asarray(class_weights(jnp.asarray(lam["lambda0"])), np.float64)
+    w1 = np.asarray(class_weights(jnp.asarray(lam["lambda1"])), np.float64)
     mult = np.clip(np.exp(2.0 * lam["lambda2"]), margin_min, margin_max)
     out = {k: v.round(6).tolist() for k, v in lam.items()}
     out.update(w0=w0.round(6).tolist(), w1=w1.round(6).tolist(),
