@@ -50,6 +50,13 @@ class Method:
     description: str = ""
 
 
+def method_fields(method_config) -> dict:
+    """A method's config block as plain `defaults` (everything but its name)."""
+    fields = method_config.to_dict() if hasattr(method_config, "to_dict") else dict(method_config)
+    fields.pop("name", None)
+    return fields
+
+
 _REGISTRY: dict[str, Method] = {}
 # Modules that register methods on import; imported lazily so `get_method` sees them all.
 _METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat")

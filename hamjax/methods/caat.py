@@ -47,7 +47,7 @@ import optax
 
 from hamjax.attacks.losses import kl_divergence
 from hamjax.errors import ConfigError
-from hamjax.methods import Method, register
+from hamjax.methods import Method, method_fields, register
 from hamjax.methods.baselines import trades_adversary
 from hamjax.methods.common import (
     accuracy,
@@ -649,5 +649,6 @@ register(Method(
     validate=validate_caat,
     summarize_state=caat_summarize_state,
     needs_meta_batch=True,
+    defaults=method_fields(default_method_config()),
     description="CAAT: adversaries + anti-adversaries routed by a meta-net (Zhou et al. 2023)",
 ))

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.errors import ConfigError
-from hamjax.methods import Method, register
+from hamjax.methods import Method, method_fields, register
 from hamjax.methods.baselines import trades_adversary, trades_terms
 from hamjax.methods.common import accuracy, attack_ledger, step_aux, training_ledger
 
@@ -334,6 +334,7 @@ def _register() -> None:
             epoch_end=make_frl_epoch_end(moves),
             validate=_validate_frl,
             summarize_state=frl_summarize_state,
+            defaults=method_fields(default_method_config(name)),
             description=f"FRL {label} (Xu et al. 2021)",
         ))
 

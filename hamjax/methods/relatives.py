@@ -140,13 +140,13 @@ def _validate_fat(config) -> None:
 
 register(
     Method(
-        "gairat", gairat_loss, validate=_validate_gairat,
+        "gairat", gairat_loss, validate=_validate_gairat, defaults=dict(GAIRAT_DEFAULTS),
         description="GAIRAT: geometry-aware instance-reweighted AT (Zhang et al. 2021)",
     )
 )
 register(
     Method(
-        "fat", fat_loss, validate=_validate_fat,
+        "fat", fat_loss, validate=_validate_fat, defaults=dict(FAT_DEFAULTS),
         description="FAT: friendly adversarial training, early-stopped PGD (Zhang et al. 2020)",
     )
 )

@@ -153,6 +153,10 @@ class Trainer:
             return state, meta
         if self.config.train.init_from:
             state = _load_init_weights(state, self.config.train.init_from)
+            if self.method.epoch_end is not None:
+                # FRL/CAAT scripts refit their class multipliers before every epoch, the first
+                # included, from the hot-start model; from scratch that refit would read noise.
+                state = self.method.epoch_end(state, self.ctx, self.evaluate)
         return state, {"best_score": None, "best_step": None, "epochs": []}
 
     def _check_compatible(self, meta: dict) -> None:

@@ -48,7 +48,7 @@ def create_train_state(ctx: StepContext, method, seed: int) -> TrainState:
     init_rng, method_rng, step_rng = jax.random.split(root, 3)
     variables = init_variables(ctx.model, init_rng, ctx.image_shape)
     params = variables["params"]
-    return TrainState(
+    state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
@@ -57,3 +57,6 @@ def create_train_state(ctx: StepContext, method, seed: int) -> TrainState:
         method_state=method.init_state(ctx, method_rng),
         ledger=Ledger.zeros(),
     )
+    # One buffer per leaf: the jitted step donates the state, and a leaf shared by two fields
+    # (e.g. one zeros array reused) cannot be donated twice.
+    return jax.tree.map(jnp.copy, state)
