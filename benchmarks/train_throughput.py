@@ -12,7 +12,9 @@ block_until_ready. HAM runs past its PGD-AT warm-up (warmup_epochs=0); its cost 
 hard fraction it mines, reported per cell (random weights and labels: most rows are hard, so
 this is close to HAM's worst case). CAAT gets a meta batch of the same size and its official
 hyperparameters. Besides images/s each cell reports the example passes
-(forward + backward) the step's ledger counted per image, a hardware-independent cost.
+(forward + backward) the step's ledger counted per image, a hardware-independent cost. Every
+timed call is step 0 of the same state, so step-dependent work is what step 0 does (CAAT's meta
+update every `meta_interval` steps is not in it).
 """
 
 from __future__ import annotations
