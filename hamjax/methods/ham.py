@@ -18,6 +18,11 @@ branches (zero-filled), paying memory for the full batch even when a small bucke
 
 Ledger: M*B forward+backward (phase 1), B forward (mining), (K - M)*S + S forward+backward on the
 bucket of S rows, padding included since it is executed.
+
+XLA:CPU caveat: backward convolutions inside `lax.switch` branches (and `while` bodies) miss the
+CPU compiler's layout canonicalisation (jax-ml/jax#12868) and run far slower, which on CPU eats
+the bucket saving unless the model's convs have a canonical-layout VJP (see
+`benchmarks/ham_cost.py --canonical_conv_vjp`). GPUs are not affected.
 """
 
 from __future__ import annotations
