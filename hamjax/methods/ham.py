@@ -483,6 +483,7 @@ register(
         "ham",
         ham_loss,
         validate=validate,
+        defaults=dict(DEFAULTS),
         description="Hard Adversarial example Mining (Lin et al. 2023), bucketed under jit",
     )
 )

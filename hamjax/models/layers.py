@@ -6,6 +6,7 @@ BN hyper-parameters and weight initialisers follow PyTorch defaults to keep resu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,3 +113,76 @@ def classifier_head(
         bias_init=bias_init if bias_init is not None else torch_default_bias_init(fan_in),
         name="fc",
     )(features)
+
+
+# --------------------------------------------------------------------------- conv backward on CPU
+# XLA:CPU canonicalises conv layouts only in the entry computation: the backward convs autodiff
+# emits (transposed kernel, batch-as-feature weight gradient) run on a naive path ~30x slower once
+# they sit inside a `while` body (every PGD loop) or a `lax.switch` branch (HAM's buckets); see
+# jax-ml/jax#12868. `canonical_conv` has the same value and gradients but writes its VJP with
+# plain NHWC/HWIO convs, which stay fast everywhere. Used on CPU only; GPU/TPU keep XLA's own VJP.
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _dilated(size: int, dilation: int) -> int:
+    return 0 if size == 0 else 1 + dilation * (size - 1)
+
+
+def _vjp_paddings(in_hw, k_hw, strides, out_hw, padding):
+    """Paddings of the input- and weight-gradient convs (as in jax's conv transpose rules)."""
+    lhs, rhs = [], []
+    for n, k, s, o, (lo, _) in zip(in_hw, k_hw, strides, out_hw, padding, strict=True):
+        out_dilated = _dilated(o, s)
+        before = k - lo - 1
+        lhs.append((before, n + k - 1 - out_dilated - before))
+        rhs.append((lo, (out_dilated - n) + (k - lo - 1)))
+    return lhs, rhs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _canonical_conv(x, w, strides, padding):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
+
+
+def _canonical_conv_fwd(x, w, strides, padding):
+    return _canonical_conv(x, w, strides, padding), (x, w)
+
+
+def _canonical_conv_bwd(strides, padding, res, g):
+    x, w = res
+    lhs_pad, rhs_pad = _vjp_paddings(x.shape[1:3], w.shape[:2], strides, g.shape[1:3], padding)
+    w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
+    dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), lhs_pad, lhs_dilation=strides,
+                                      dimension_numbers=_DN)
+    dw = jax.lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)),
+                                      jnp.transpose(g, (1, 2, 0, 3)), (1, 1), rhs_pad,
+                                      rhs_dilation=strides, dimension_numbers=_DN)
+    return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
+
+
+_canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+
+
+def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, **kwargs):
+    """`lax.conv_general_dilated` for flax's nn.Conv with a layout-canonical VJP (plain 2-D
+    NHWC/HWIO convs with explicit padding; anything else falls through unchanged)."""
+    plain = (
+        lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
+        and set(lhs_dilation or (1,)) == {1} and set(rhs_dilation or (1,)) == {1}
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+        and not kwargs.get("batch_group_count", 1) != 1
+    )
+    if plain:
+        strides = tuple(int(s) for s in window_strides)
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return _canonical_conv(lhs, rhs, strides, pads)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
+
+
+def conv_impl() -> Any:
+    """The conv primitive models use: the canonical-VJP conv on CPU, XLA's own elsewhere."""
+    return canonical_conv if jax.default_backend() == "cpu" else jax.lax.conv_general_dilated

@@ -13,6 +13,7 @@ from hamjax.models.layers import (
     batch_norm,
     classifier_head,
     compute_dtype,
+    conv_impl,
     normalize,
     torch_default_bias_init,
     torch_default_kernel_init,
@@ -49,6 +50,7 @@ class SmallCNN(nn.Module):
                 use_bias=False,  # followed by BN
                 dtype=dtype,
                 param_dtype=jnp.float32,
+                conv_general_dilated=conv_impl(),
                 kernel_init=torch_default_kernel_init,
                 name=f"conv{i + 1}",
             )(x)

@@ -13,6 +13,7 @@ from hamjax.models.layers import (
     batch_norm,
     classifier_head,
     compute_dtype,
+    conv_impl,
     normalize,
     wrn_conv_init,
 )
@@ -29,6 +30,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
         use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=conv_impl(),
         kernel_init=wrn_conv_init,
         name=name,
     )
