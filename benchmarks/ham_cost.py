@@ -11,19 +11,14 @@ measured time ratio HAM / PGD-AT, the ideal ratio (M + (K - M) b + b) / (K + 1) 
 the ratio of counted example passes (forward + backward) from the ledger. The masked reference
 path (`method.bucketed=False`) is timed at one fraction to show that masking alone saves nothing.
 
-XLA:CPU caveat (jax 0.10 here; jax-ml/jax#12868): convolutions whose dimension layout is not
-channels-last canonical are only canonicalised in the entry computation, so the backward convs
-that autodiff emits (kernel "01oi", weight gradient "f01b_i01o->01bf") run on a naive path, 30x
-slower, once they sit inside `lax.switch` / `while` bodies: HAM's buckets, and also every PGD
-loop. `--canonical_conv_vjp` swaps in a conv whose VJP is written with canonical NHWC/HWIO convs
-(same gradients) to show the saving HAM gets once the models use such a conv. GPUs are not
-affected (cuDNN convs are formed in every computation).
+XLA:CPU note: backward convs inside `lax.switch` / `while` bodies are slow on XLA:CPU
+(jax-ml/jax#12868); the models therefore use `hamjax.models.layers.canonical_conv` on CPU, whose
+VJP is written with canonical NHWC/HWIO convs. These timings include that conv.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
@@ -38,61 +33,13 @@ from hamjax.config import base_config
 from hamjax.methods import get_method
 from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes, ham_method_config
 from hamjax.models import build_model
+from hamjax.models.layers import conv_impl
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 NUM_CLASSES = 10
-
-
-def use_canonical_conv_vjp() -> None:
-    """Replaces lax.conv_general_dilated, for plain 2-D NHWC/HWIO convs, by one whose backward
-    convs are channels-last canonical (see the module docstring). Benchmark diagnostic only."""
-    from jax import lax
-    from jax._src.lax.convolution import (
-        _conv_general_vjp_lhs_padding,
-        _conv_general_vjp_rhs_padding,
-    )
-
-    original = lax.conv_general_dilated
-    dn = ("NHWC", "HWIO", "NHWC")
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-    def conv(x, w, strides, padding):
-        return original(x, w, strides, padding, dimension_numbers=dn)
-
-    def conv_fwd(x, w, strides, padding):
-        return conv(x, w, strides, padding), (x, w)
-
-    def conv_bwd(strides, padding, res, g):
-        x, w = res
-        shapes = (x.shape[1:3], w.shape[:2], strides, g.shape[1:3], padding, (1, 1), (1, 1))
-        w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
-        dx = original(g, w_t, (1, 1), _conv_general_vjp_lhs_padding(*shapes),
-                      lhs_dilation=strides, dimension_numbers=dn)
-        dw = original(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (1, 1),
-                      _conv_general_vjp_rhs_padding(*shapes), rhs_dilation=strides,
-                      dimension_numbers=dn)
-        return dx, jnp.transpose(dw, (1, 2, 0, 3))
-
-    conv.defvjp(conv_fwd, conv_bwd)
-
-    def patched(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                dimension_numbers=None, feature_group_count=1, **kwargs):
-        plain = (
-            lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
-            and set(lhs_dilation or (1,)) == {1} and set(rhs_dilation or (1,)) == {1}
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
-        )
-        if plain:
-            return conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
-        return original(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                        feature_group_count=feature_group_count, **kwargs)
-
-    lax.conv_general_dilated = patched
 
 
 def make_config(model: str, batch: int, method: ml_collections.ConfigDict):
@@ -179,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "batch": args.batch, "image_size": args.image_size,
         "K": steps, "M": m, "buckets": list(bucket_sizes(tuple(method.buckets), args.batch)),
         "repeats": args.repeats, "device": f"{device.platform}:{device.device_kind}",
-        "canonical_conv_vjp": args.canonical_conv_vjp,
+        "conv": "hamjax.models.layers.conv_impl() = " + conv_impl().__name__,
         "pgd_at_seconds": round(t_pgd, 5),
         "ham": rows,
         "masked_reference_at_0.25": {
@@ -199,11 +146,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mining_step", type=int, default=3)
-    parser.add_argument("--canonical_conv_vjp", action="store_true",
-                        help="XLA:CPU diagnostic: canonical-layout backward convs (see doc)")
     args = parser.parse_args()
-    if args.canonical_conv_vjp:
-        use_canonical_conv_vjp()
     print(json.dumps(run(args), indent=2))
 
 
