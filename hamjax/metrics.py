@@ -22,7 +22,8 @@ class Ledger:
 
     forward: example forward passes; backward: example backward passes (one PGD step on a batch
     of B rows = B forward + B backward; the weight update's loss = B forward + B backward). Counts
-    are float32 (exact for integers up to 2**24 per addition step; fractional costs allowed).
+    are float32, exact for integer totals up to 2**24: the trainer's ledger covers one epoch and is
+    zeroed at each epoch's end, and run totals are summed on the host.
     """
 
     forward: jax.Array

@@ -8,10 +8,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from toy_models import toy_data, train_mlp
 
 from hamjax.attacks import fgsm, per_example_loss, pgd, random_init
 
@@ -197,40 +197,9 @@ def test_early_stop_tau(tau):
     np.testing.assert_array_equal(info.active, CROSS + tau >= STEPS)
 
 
-def _toy_data(n=256, classes=4, seed=0):
-    rng = np.random.default_rng(seed)
-    templates = rng.normal(size=(classes, 8, 8, 1))
-    y = rng.integers(0, classes, n)
-    x = np.clip(0.5 + 0.05 * templates[y] + 0.1 * rng.normal(size=(n, 8, 8, 1)), 0, 1)
-    return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-
-
-def _train_mlp(x, y, classes=4, steps=200, seed=0):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    params = {"w1": jax.random.normal(k1, (64, 32)) / 8, "b1": jnp.zeros(32),
-              "w2": jax.random.normal(k2, (32, classes)) / 6, "b2": jnp.zeros(classes)}
-
-    def apply(p, xb):
-        h = jax.nn.relu(xb.reshape(xb.shape[0], -1) @ p["w1"] + p["b1"])
-        return h @ p["w2"] + p["b2"]
-
-    tx = optax.adam(1e-2)
-
-    @jax.jit
-    def step(p, s):
-        g = jax.grad(lambda q: per_example_loss("ce", apply(q, x), y).mean())(p)
-        u, s = tx.update(g, s)
-        return optax.apply_updates(p, u), s
-
-    state = tx.init(params)
-    for _ in range(steps):
-        params, state = step(params, state)
-    return functools.partial(apply, params)
-
-
 def test_pgd_lowers_accuracy_of_trained_model():
-    x, y = _toy_data()
-    logits_fn = _train_mlp(x, y)
+    x, y = map(jnp.asarray, toy_data())
+    logits_fn = train_mlp(x, y)
     clean = float(jnp.mean(jnp.argmax(logits_fn(x), -1) == y))
     assert clean > 0.9
     x_adv, info = jax.jit(lambda x, y, k: pgd(logits_fn, x, y, k, eps=0.03, step_size=0.0075,

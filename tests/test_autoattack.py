@@ -9,10 +9,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from toy_models import toy_data, train_mlp
 
-from hamjax.attacks import per_example_loss, pgd
+from hamjax.attacks import pgd
 from hamjax.attacks.autoattack import (
     STANDARD_ATTACKS,
     autoattack,
@@ -240,42 +240,11 @@ def test_checks_flag_square_beating_white_box():
 
 # ---------------------------------------------------------------- the real ensemble
 
-def _toy_data(n=128, classes=4, seed=0):
-    rng = np.random.default_rng(seed)
-    templates = rng.normal(size=(classes, 8, 8, 1))
-    y = rng.integers(0, classes, n)
-    x = np.clip(0.5 + 0.05 * templates[y] + 0.1 * rng.normal(size=(n, 8, 8, 1)), 0, 1)
-    return x.astype(np.float32), y.astype(np.int32)
-
-
-def _train_mlp(x, y, classes=4, steps=200, seed=0):
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    params = {"w1": jax.random.normal(k1, (64, 32)) / 8, "b1": jnp.zeros(32),
-              "w2": jax.random.normal(k2, (32, classes)) / 6, "b2": jnp.zeros(classes)}
-
-    def apply(p, xb):
-        h = jax.nn.relu(xb.reshape(xb.shape[0], -1) @ p["w1"] + p["b1"])
-        return h @ p["w2"] + p["b2"]
-
-    tx = optax.adam(1e-2)
-
-    @jax.jit
-    def step(p, s):
-        g = jax.grad(lambda q: per_example_loss("ce", apply(q, x), y).mean())(p)
-        u, s = tx.update(g, s)
-        return optax.apply_updates(p, u), s
-
-    state = tx.init(params)
-    for _ in range(steps):
-        params, state = step(params, state)
-    return functools.partial(apply, params)
-
 
 @pytest.fixture(scope="module")
 def toy():
-    x, y = _toy_data()
-    return _train_mlp(x, y), x, y
+    x, y = toy_data(n=128)
+    return train_mlp(x, y), x, y
 
 
 def test_standard_autoattack_beats_pgd20(toy):

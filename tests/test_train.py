@@ -146,11 +146,11 @@ RESUME_CONFIG = textwrap.dedent(
         c.method.name = "pgd_at"
         c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 3
         c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.03, 3
-        c.eval.num_examples = 100
-        c.train.epochs = 3
-        c.train.batch_size = 16
+        c.eval.num_examples = 50
+        c.train.epochs = 2
+        c.train.batch_size = 32
         c.train.lr = 0.05
-        c.train.lr_boundaries = (2,)
+        c.train.lr_boundaries = (1,)
         c.train.lr_values = (0.005,)
         c.train.checkpoint_every_steps = 7
         c.train.log_every_steps = 1000
@@ -159,11 +159,16 @@ RESUME_CONFIG = textwrap.dedent(
 )
 
 
-def _launch(config_path: str, workdir: str) -> subprocess.Popen:
+def _launch(config_path: str, workdir: str, cache_dir: str | None = None) -> subprocess.Popen:
+    """launch.py in a child; a shared persistent compilation cache spares the reruns compiling
+    the same train and eval steps again."""
+    env = dict(os.environ)
+    if cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, "launch.py"), f"--config={config_path}",
          f"--workdir={workdir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -181,7 +186,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     config_path.write_text(RESUME_CONFIG)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
 
-    proc = _launch(str(config_path), killed)
+    cache = str(tmp_path / "jax_cache")
+    proc = _launch(str(config_path), killed, cache)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if any(s >= 7 for s in _saved_steps(killed)):
@@ -193,7 +199,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert not os.path.exists(os.path.join(killed, "report.json"))
 
     for workdir in (killed, straight):
-        proc = _launch(str(config_path), workdir)
+        proc = _launch(str(config_path), workdir, cache)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
 

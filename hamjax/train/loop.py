@@ -19,7 +19,13 @@ from hamjax.config import config_to_json, validate_config
 from hamjax.data import DATASET_STATS, iterate_batches, load_splits, meta_batch, num_batches
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.methods import get_method
-from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary, format_per_class_table
+from hamjax.metrics import (
+    Ledger,
+    PerClassCounts,
+    boundary_error,
+    fairness_summary,
+    format_per_class_table,
+)
 from hamjax.models import build_model
 from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.runlog import RunLogger
@@ -263,13 +269,13 @@ class Trainer:
 
     def _end_epoch(self, state, meta, epoch, epoch_record):
         cfg = self.config
+        # The state's ledger holds this epoch's passes only and is zeroed here, so its float32
+        # counts stay exact integers (< 2**24 per epoch) however long the run; totals are summed
+        # on the host in float64 from the per-epoch records.
         ledger = jax.device_get(state.ledger)
+        state = state.replace(ledger=jax.device_put(Ledger.zeros(), replicated(self.mesh)))
         examples = self.ctx.steps_per_epoch * cfg.train.batch_size
-        cost = {
-            "forward": float(ledger.forward) - sum(e["ledger"]["forward"] for e in meta["epochs"]),
-            "backward": float(ledger.backward)
-            - sum(e["ledger"]["backward"] for e in meta["epochs"]),
-        }
+        cost = {"forward": float(ledger.forward), "backward": float(ledger.backward)}
         cost["relative_to_pgd_at"] = (cost["forward"] + cost["backward"]) / _pgd_at_cost(
             cfg, examples)
         record = {"epoch": epoch + 1, "train_seconds": epoch_record["seconds"], "ledger": cost}

@@ -1,0 +1,107 @@
+"""Data parallelism over a device mesh: the same jitted step on 4 (fake CPU) devices equals the
+one-device step, for each family of method (plain PGD, HAM's bucketed switch, CAAT's bi-level
+meta step), and the sharded evaluator gives the one-device counts.
+
+JAX fixes its device count at start-up, so the check runs in a child process started with
+XLA_FLAGS=--xla_force_host_platform_device_count=4.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import jax
+    import numpy as np
+
+    from hamjax.config import base_config, method_config, validate_config
+    from hamjax.data import iterate_batches, load_splits, meta_batch
+    from hamjax.methods import get_method
+    from hamjax.robust_eval import PGDEvaluator, subset
+    from hamjax.sharding import make_mesh, replicated, shard_batch
+    from hamjax.train import build_context, create_train_state, make_train_step
+    from hamjax.train.step import jit_train_step
+
+    assert jax.device_count() == 4, jax.devices()
+    BATCH = 16
+
+    def config_for(name):
+        c = base_config()
+        c.data.name = "digits"
+        c.data.val_size = 40
+        c.model.name = "small_cnn"
+        c.method = method_config(name)
+        c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 3
+        c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.03, 3
+        c.train.batch_size = BATCH
+        if name == "ham":
+            c.method.mining_step = 1
+            c.method.warmup_epochs = 0
+        if name == "caat":
+            c.data.meta_per_class = 2
+            c.method.meta_interval = 1
+        validate_config(c)
+        return c
+
+    def run_steps(name, mesh, splits, steps=2):
+        config = config_for(name)
+        method = get_method(name)
+        ctx = build_context(config, splits)
+        state = jax.device_put(create_train_state(ctx, method, seed=0), replicated(mesh))
+        step = jit_train_step(make_train_step(ctx, method), mesh)
+        for i, batch in enumerate(iterate_batches(splits.train, BATCH, seed=0, epoch=0)):
+            if i == steps:
+                break
+            if method.needs_meta_batch:
+                batch.update(meta_batch(splits.meta, BATCH, seed=0, step=i))
+            state, metrics = step(state, shard_batch(batch, mesh))
+        return jax.device_get(state), jax.device_get(metrics)
+
+    one, four = make_mesh(jax.devices()[:1]), make_mesh()
+    for name in sys.argv[1:]:
+        splits = load_splits(config_for(name).data, seed=0)
+        (s1, m1), (s4, m4) = run_steps(name, one, splits), run_steps(name, four, splits)
+        assert int(s1.step) == int(s4.step) == 2
+        for key in m1:
+            np.testing.assert_allclose(m4[key], m1[key], rtol=2e-4, atol=2e-5, err_msg=key)
+        for tree in ("params", "batch_stats", "opt_state", "method_state", "ledger"):
+            for a, b in zip(jax.tree.leaves(getattr(s1, tree)), jax.tree.leaves(getattr(s4, tree)),
+                            strict=True):
+                np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5, err_msg=f"{name} {tree}")
+        print(name, "ok", flush=True)
+
+    config = config_for("pgd_at")
+    splits = load_splits(config.data, seed=0)
+    ctx = build_context(config, splits)
+    state = create_train_state(ctx, get_method("pgd_at"), seed=0)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    val = subset(splits.val, 40, seed=0, num_classes=splits.num_classes)
+    counts = []
+    for mesh in (one, four):
+        evaluator = PGDEvaluator(ctx.model, ctx.num_classes, config.eval, mesh, batch_size=20)
+        clean, robust = evaluator(variables, val, jax.random.key(0))
+        counts.append((np.asarray(clean.correct), np.asarray(robust.correct)))
+    np.testing.assert_array_equal(counts[0][0], counts[1][0])
+    np.testing.assert_array_equal(counts[0][1], counts[1][1])
+    print("evaluator ok", flush=True)
+    """
+)
+
+
+def test_four_device_steps_and_evaluation_equal_one_device(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(script), "pgd_at", "ham", "caat"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for name in ("pgd_at", "ham", "caat", "evaluator"):
+        assert f"{name} ok" in proc.stdout
