@@ -291,8 +291,11 @@ def _finish(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start
     return x_adv, kappa, weights, loss, grads, stats, correct
 
 
-def _bucket_branch(ctx, s: HamSettings, size: int):
+def _bucket_branch(ctx, s: HamSettings, size: int, batch: int):
     """Continuation + training on the selected rows gathered into `size` slots."""
+
+    if size == batch:
+        return _full_branch(ctx, s)
 
     def run(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
         index, valid = gather_rows(selected, size)
@@ -305,6 +308,19 @@ def _bucket_branch(ctx, s: HamSettings, size: int):
             loss, grads, stats, scatter_rows(x_mid, index, valid, x_b),
             scatter_rows(kappa_mid, index, valid, k_b), weights, correct,
         )
+
+    return run
+
+
+def _full_branch(ctx, s: HamSettings):
+    """The batch-sized bucket needs no packing: the selection mask alone keeps the other rows
+    still and out of the loss and BN statistics (same results, no gather/scatter copies)."""
+
+    def run(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
+        x_b, k_b, w_b, loss, grads, stats, correct = _finish(
+            ctx, s, params, batch_stats, x, y, x_mid, kappa_mid, selected, key
+        )
+        return loss, grads, stats, x_b, k_b, w_b, correct
 
     return run
 
@@ -333,7 +349,7 @@ def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
     if s.bucketed:
         sizes = bucket_sizes(s.buckets, batch)
         branch = choose_branch(n, sizes)
-        branches = [_empty_branch] + [_bucket_branch(ctx, s, size) for size in sizes]
+        branches = [_empty_branch] + [_bucket_branch(ctx, s, size, batch) for size in sizes]
         results = jax.lax.switch(branch, branches, *operands)
         rows = jnp.asarray((0,) + sizes, jnp.int32)[branch]
         bucket_index = jnp.asarray([-1, *range(len(sizes))], jnp.int32)[branch]
