@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def common(config, *, epochs: int, train_size: int, noise: str | None, steps: int) -> None:
+def common(config, *, epochs: int, train_size: int, noise: str | None, steps: int,
+           seed: int) -> None:
     """The shared budget: same data, model, attack strength, schedule and evaluation."""
-    config.seed = 0
+    config.seed = seed  # also draws the validation split and the training subset
     config.data.name = "fashion_mnist"
     config.data.train_size = train_size
     config.data.val_size = 1000
@@ -72,7 +73,7 @@ def suite_runs(suite: str) -> dict[str, dict]:
     raise SystemExit(f"--suite={suite!r}: choose ham or noisy")
 
 
-def build_config(suite: str, run: dict, epochs: int, train_size: int):
+def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int = 0):
     from hamjax.config import base_config, method_config
 
     config = base_config()
@@ -80,13 +81,15 @@ def build_config(suite: str, run: dict, epochs: int, train_size: int):
     # HAM's saving depends on K, so its suite keeps the paper's K = 10; the noisy suite uses
     # K = 5 (CAAT runs two attacks per step) to fit 2 CPU cores.
     common(config, epochs=epochs, train_size=train_size,
-           noise="flip2" if suite == "noisy" else None, steps=10 if suite == "ham" else 5)
+           noise="flip2" if suite == "noisy" else None, steps=10 if suite == "ham" else 5,
+           seed=seed)
     return config
 
 
-def run_one(suite: str, name: str, epochs: int, train_size: int, root: str) -> dict:
+def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed: int) -> dict:
     """Trains one run in a subprocess (isolates XLA memory; resumable) and reads its report."""
-    workdir = os.path.join(root, suite, name)
+    workdir = os.path.join(root, suite, name) if seed == 0 else os.path.join(
+        root, suite, f"seed{seed}", name)
     report_path = os.path.join(workdir, "report.json")
     if not os.path.exists(report_path):
         bench_dir = os.path.join(REPO, "benchmarks")
@@ -95,7 +98,7 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str) -> d
             "from fashion_mnist_compare import build_config, suite_runs\n"
             "from hamjax.train import train_and_evaluate\n"
             f"run = suite_runs({suite!r})[{name!r}]\n"
-            f"train_and_evaluate(build_config({suite!r}, run, {epochs}, {train_size}), "
+            f"train_and_evaluate(build_config({suite!r}, run, {epochs}, {train_size}, {seed}), "
             f"{workdir!r})\n"
         )
         os.makedirs(workdir, exist_ok=True)
@@ -106,9 +109,9 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str) -> d
         return json.load(f)
 
 
-def row(name: str, report: dict) -> dict:
+def row(name: str, seed: int, report: dict) -> dict:
     """The headline numbers of one run (test split, clean labels)."""
-    out = {"run": name}
+    out = {"run": name, "seed": seed}
     for key in ("last", "best_on_val"):
         res = report["results"].get(key)
         if res is None:
@@ -130,19 +133,38 @@ def row(name: str, report: dict) -> dict:
     return out
 
 
+HEADLINE = ("clean_avg", "clean_worst", "robust_avg", "robust_worst")
+
+
+def table_line(label: str, m: dict, cost: float, seconds: float) -> str:
+    cells = " | ".join(f"{100 * m[k]:.1f}" for k in HEADLINE)
+    return f"| {label} | {cells} | {cost:.2f} | {seconds:.0f} |"
+
+
+def mean_rows(rows: list[dict]) -> list[str]:
+    """Per run, the mean over seeds of the validation-selected checkpoint's numbers."""
+    lines = []
+    for name in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == name and "best_on_val" in r]
+        if len(mine) < 2:
+            continue
+        m = {k: sum(r["best_on_val"][k] for r in mine) / len(mine) for k in HEADLINE}
+        lines.append(table_line(
+            f"{name} (best_on_val, mean of {len(mine)} seeds)", m,
+            sum(r["cost_vs_pgd_at"] for r in mine) / len(mine),
+            sum(r["train_seconds"] for r in mine) / len(mine)))
+    return lines
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| run | clean avg | clean worst | PGD-20 avg | PGD-20 worst | cost vs PGD-AT "
              "| train s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         for key in ("last", "best_on_val"):
-            if key not in r:
-                continue
-            m = r[key]
-            lines.append(
-                f"| {r['run']} ({key}) | {100 * m['clean_avg']:.1f} | {100 * m['clean_worst']:.1f}"
-                f" | {100 * m['robust_avg']:.1f} | {100 * m['robust_worst']:.1f} | "
-                f"{r['cost_vs_pgd_at']:.2f} | {r['train_seconds']:.0f} |")
-    return "\n".join(lines)
+            if key in r:
+                lines.append(table_line(f"{r['run']} seed {r['seed']} ({key})", r[key],
+                                        r["cost_vs_pgd_at"], r["train_seconds"]))
+    return "\n".join(lines + mean_rows(rows))
 
 
 def main() -> None:
@@ -150,18 +172,21 @@ def main() -> None:
     parser.add_argument("--suite", default="ham")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train_size", type=int, default=10000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one run per method and seed (seed 0 keeps the original workdirs)")
     parser.add_argument("--root", default=os.path.join(REPO, "runs", "fmnist_compare"))
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args()
-    runs = suite_runs(args.suite)
+    jobs = [(name, seed) for seed in args.seeds for name in suite_runs(args.suite)]
     with ThreadPoolExecutor(args.parallel) as pool:
-        reports = dict(zip(runs, pool.map(
-            lambda n: run_one(args.suite, n, args.epochs, args.train_size, args.root), runs),
-            strict=True))
-    rows = [row(n, r) for n, r in reports.items()]
+        reports = list(pool.map(
+            lambda job: run_one(args.suite, job[0], args.epochs, args.train_size, args.root,
+                                job[1]), jobs))
+    rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)]
     print(json.dumps({"suite": args.suite, "machine": {"platform": platform.platform(),
                                                         "cpus": os.cpu_count()},
-                      "epochs": args.epochs, "train_size": args.train_size, "rows": rows},
+                      "epochs": args.epochs, "train_size": args.train_size, "seeds": args.seeds,
+                      "rows": rows},
                      indent=1))
     print(markdown(rows))
 

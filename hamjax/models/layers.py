@@ -186,3 +186,24 @@ def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
 def conv_impl() -> Any:
     """The conv primitive models use: the canonical-VJP conv on CPU, XLA's own elsewhere."""
     return canonical_conv if jax.default_backend() == "cpu" else jax.lax.conv_general_dilated
+
+
+def torch_padded_conv(
+    features: int, kernel: int, stride: int, dtype: Any, name: str,
+    kernel_init: nn.initializers.Initializer,
+) -> nn.Conv:
+    """Bias-free square conv with PyTorch padding (k//2 each side; 'SAME' differs at stride 2),
+    float32 parameters and the backend's conv primitive (`conv_impl`)."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        conv_general_dilated=conv_impl(),
+        kernel_init=kernel_init,
+        name=name,
+    )

@@ -13,26 +13,16 @@ from hamjax.models.layers import (
     batch_norm,
     classifier_head,
     compute_dtype,
-    conv_impl,
     normalize,
     torch_default_kernel_init,
+    torch_padded_conv,
 )
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-    """Bias-free conv with PyTorch padding (k//2 each side; 'SAME' differs at stride 2)."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        conv_general_dilated=conv_impl(),
-        kernel_init=torch_default_kernel_init,
-        name=name,
+    """Bias-free conv with PyTorch padding and PyTorch's default init."""
+    return torch_padded_conv(
+        features, kernel, stride, dtype, name, kernel_init=torch_default_kernel_init
     )
 
 

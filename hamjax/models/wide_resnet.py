@@ -13,27 +13,15 @@ from hamjax.models.layers import (
     batch_norm,
     classifier_head,
     compute_dtype,
-    conv_impl,
     normalize,
+    torch_padded_conv,
     wrn_conv_init,
 )
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
     """Bias-free conv, PyTorch padding, TRADES init N(0, sqrt(2 / (k*k*out)))."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        conv_general_dilated=conv_impl(),
-        kernel_init=wrn_conv_init,
-        name=name,
-    )
+    return torch_padded_conv(features, kernel, stride, dtype, name, kernel_init=wrn_conv_init)
 
 
 class WideBasicBlock(nn.Module):
