@@ -291,11 +291,8 @@ def _finish(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start
     return x_adv, kappa, weights, loss, grads, stats, correct
 
 
-def _bucket_branch(ctx, s: HamSettings, size: int, batch: int):
+def _bucket_branch(ctx, s: HamSettings, size: int):
     """Continuation + training on the selected rows gathered into `size` slots."""
-
-    if size == batch:
-        return _full_branch(ctx, s)
 
     def run(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
         index, valid = gather_rows(selected, size)
@@ -349,7 +346,10 @@ def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
     if s.bucketed:
         sizes = bucket_sizes(s.buckets, batch)
         branch = choose_branch(n, sizes)
-        branches = [_empty_branch] + [_bucket_branch(ctx, s, size, batch) for size in sizes]
+        branches = [_empty_branch] + [
+            _full_branch(ctx, s) if size == batch else _bucket_branch(ctx, s, size)
+            for size in sizes
+        ]
         results = jax.lax.switch(branch, branches, *operands)
         rows = jnp.asarray((0,) + sizes, jnp.int32)[branch]
         bucket_index = jnp.asarray([-1, *range(len(sizes))], jnp.int32)[branch]
