@@ -1,6 +1,8 @@
+# ruff: noqa: E402  (jax is imported after --devices has set XLA_FLAGS)
 """Wall time of one jitted HAM train step against one PGD-AT step, per hard fraction.
 
     python benchmarks/ham_cost.py --model small_cnn --batch 128 --image_size 32 --repeats 5
+    python benchmarks/ham_cost.py --devices 8    # a data-parallel mesh of 8 (fake CPU) devices
 
 Both are the real `make_train_step` (attack, training pass, optimiser) on the same model, batch
 and state. The hard set is forced to a chosen fraction through the batch hook
@@ -11,6 +13,12 @@ measured time ratio HAM / PGD-AT, the ideal ratio (M + (K - M) b + b) / (K + 1) 
 the ratio of counted example passes (forward + backward) from the ledger. The masked reference
 path (`method.bucketed=False`) is timed at one fraction to show that masking alone saves nothing.
 
+`--devices N` jits both steps over a mesh of N devices (N fake CPU devices when the backend is the
+CPU) with the global batch split over them, as the trainer does. HAM then packs each device's
+hard rows into a local bucket; the forced hard rows are spread evenly over the devices' blocks
+(ceil(f * B/N) per device), so every device holds the same count. Every device does the same work,
+so the wall-time ratio is the per-device ratio (on fake CPU devices the N devices share the cores).
+
 XLA:CPU note: backward convs inside `lax.switch` / `while` bodies are slow on XLA:CPU
 (jax-ml/jax#12868); the models therefore use `hamjax.models.layers.canonical_conv` on CPU, whose
 VJP is written with canonical NHWC/HWIO convs. These timings include that conv.
@@ -20,9 +28,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from typing import Any
+
+
+def _fake_cpu_devices(argv: list[str]) -> None:
+    """--devices N on the CPU: N host devices, set before jax starts its backend."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--devices=") else (
+            argv[i + 1] if arg == "--devices" and i + 1 < len(argv) else None)
+        if value is not None and int(value) > 1:
+            flag = f"--xla_force_host_platform_device_count={int(value)}"
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+if __name__ == "__main__":
+    _fake_cpu_devices(sys.argv[1:])
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +58,10 @@ from hamjax.methods import get_method
 from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes, ham_method_config
 from hamjax.models import build_model
 from hamjax.models.layers import conv_impl
+from hamjax.sharding import make_mesh, put_replicated, shard_batch
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, create_train_state
-from hamjax.train.step import make_train_step
+from hamjax.train.step import jit_train_step, make_train_step
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 NUM_CLASSES = 10
@@ -52,56 +77,74 @@ def make_config(model: str, batch: int, method: ml_collections.ConfigDict):
     return ml_collections.FrozenConfigDict(config)
 
 
-def make_step(config, image_size: int):
-    """(jitted train step, initial state) for one config."""
+def make_step(config, image_size: int, mesh):
+    """(train step jitted over the mesh, initial state placed on it) for one config."""
     shape = (image_size, image_size, 3)
     ctx = StepContext(
         model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
         lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
-        class_counts=np.ones(NUM_CLASSES), steps_per_epoch=1000, image_shape=shape,
+        class_counts=np.ones(NUM_CLASSES), steps_per_epoch=1000, image_shape=shape, mesh=mesh,
     )
     method = get_method(config.method.name)
-    return jax.jit(make_train_step(ctx, method)), create_train_state(ctx, method, seed=0)
+    step = jit_train_step(make_train_step(ctx, method), mesh)
+    return step, put_replicated(create_train_state(ctx, method, seed=0), mesh)
 
 
 def median_seconds(step, state, batch: dict, repeats: int) -> tuple[float, dict]:
-    """Median wall time of step(state, batch) after a compiling warm-up call."""
-    _, metrics = jax.block_until_ready(step(state, batch))
+    """Median wall time of step(state, batch) after a compiling warm-up call (the step donates
+    its state, so each call gets a fresh copy, made outside the timed region)."""
+    copy = lambda: jax.tree.map(jnp.copy, state)
+    _, metrics = jax.block_until_ready(step(copy(), batch))
     times = []
     for _ in range(repeats):
+        fresh = jax.block_until_ready(copy())
         start = time.perf_counter()
-        jax.block_until_ready(step(state, batch))
+        jax.block_until_ready(step(fresh, batch))
         times.append(time.perf_counter() - start)
     return statistics.median(times), {k: float(v) for k, v in metrics.items()}
 
 
 def ledger_total(step, state, batch: dict) -> float:
-    new, _ = step(state, batch)
+    new, _ = step(jax.tree.map(jnp.copy, state), batch)
     return float(new.ledger.forward + new.ledger.backward)
+
+
+def forced_hard(batch: int, devices: int, fraction: float, rs: np.random.RandomState):
+    """bool[batch]: ceil(fraction * B/N) random rows in each of the N devices' blocks."""
+    local = batch // devices
+    mask = np.zeros((devices, local), bool)
+    for block in mask:
+        block[rs.permutation(local)[: max(1, int(np.ceil(round(fraction * local, 6))))]] = True
+    return mask.reshape(batch)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rs = np.random.RandomState(0)
+    mesh = make_mesh(jax.devices()[: args.devices])
+    devices = mesh.devices.size
+    if args.batch % devices:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the {devices} devices")
     shape = (args.batch, args.image_size, args.image_size, 3)
-    batch = {
-        "image": jnp.asarray(rs.rand(*shape).astype(np.float32)),
-        "label": jnp.asarray(rs.randint(0, NUM_CLASSES, args.batch).astype(np.int32)),
-        "index": jnp.arange(args.batch),
+    host_batch = {
+        "image": rs.rand(*shape).astype(np.float32),
+        "label": rs.randint(0, NUM_CLASSES, args.batch).astype(np.int32),
+        "index": np.arange(args.batch, dtype=np.int32),
     }
+    batch = shard_batch(host_batch, mesh)
 
     def forced(fraction: float) -> dict:
-        mask = np.zeros(args.batch, bool)
-        mask[rs.permutation(args.batch)[: max(1, round(fraction * args.batch))]] = True
-        return {**batch, FORCE_HARD_KEY: jnp.asarray(mask)}
+        hard = forced_hard(args.batch, devices, fraction, rs)
+        return shard_batch({**host_batch, FORCE_HARD_KEY: hard}, mesh)
 
-    pgd_step, pgd_state = make_step(make_config(args.model, args.batch, _pgd()), args.image_size)
+    pgd_step, pgd_state = make_step(make_config(args.model, args.batch, _pgd()), args.image_size,
+                                    mesh)
     t_pgd, _ = median_seconds(pgd_step, pgd_state, batch, args.repeats)
     pgd_passes = ledger_total(pgd_step, pgd_state, batch)
 
     method = ham_method_config(warmup_epochs=0, mining_step=args.mining_step)
     config = make_config(args.model, args.batch, method)
     steps, m = int(config.attack.steps), args.mining_step
-    ham_step, ham_state = make_step(config, args.image_size)
+    ham_step, ham_state = make_step(config, args.image_size, mesh)
     rows = []
     for fraction in FRACTIONS:
         hb = forced(fraction)
@@ -118,13 +161,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     masked_config = make_config(args.model, args.batch, ham_method_config(
         warmup_epochs=0, mining_step=m, bucketed=False))
-    masked_step, masked_state = make_step(masked_config, args.image_size)
+    masked_step, masked_state = make_step(masked_config, args.image_size, mesh)
     t_masked, _ = median_seconds(masked_step, masked_state, forced(0.25), args.repeats)
 
     device = jax.devices()[0]
     return {
         "model": args.model, "batch": args.batch, "image_size": args.image_size,
-        "K": steps, "M": m, "buckets": list(bucket_sizes(tuple(method.buckets), args.batch)),
+        "K": steps, "M": m, "devices": devices,
+        "buckets_per_device": list(bucket_sizes(tuple(method.buckets), args.batch // devices)),
         "repeats": args.repeats, "device": f"{device.platform}:{device.device_kind}",
         "conv": "hamjax.models.layers.conv_impl() = " + conv_impl().__name__,
         "pgd_at_seconds": round(t_pgd, 5),
@@ -146,7 +190,11 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mining_step", type=int, default=3)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="mesh size; on the CPU that many fake host devices (XLA_FLAGS)")
     args = parser.parse_args()
+    if jax.device_count() < args.devices:
+        raise SystemExit(f"--devices {args.devices}: only {jax.device_count()} device(s) here")
     print(json.dumps(run(args), indent=2))
 
 

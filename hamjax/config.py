@@ -13,6 +13,7 @@ import ml_collections
 from hamjax.errors import ConfigError
 
 BN_MODES_FOR_ATTACK = ("eval", "batch")
+DTYPES = ("float32", "bfloat16")  # model.dtype and eval.dtype (compute; params stay float32)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -60,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_examples = 0  # 0: the whole split
     c.eval.select_on = "robust_worst"  # robust_average | robust_worst | clean_average
     c.eval.final_splits = ("test",)
+    # Evaluation attacks' compute dtype, independent of model.dtype: a bfloat16-trained model is
+    # attacked in float32 unless asked, so margins (CW, DLR, FAB) are not bfloat16-rounded.
+    c.eval.dtype = "float32"
     return c
 
 
@@ -94,6 +98,13 @@ def _validate_attack(prefix: str, attack) -> None:
     _require(int(attack.steps) >= 1, f"{prefix}.steps", attack.steps, "must be >= 1")
 
 
+def _validate_dtype(field: str, value) -> None:
+    """float32 or bfloat16 only: float16 would need loss scaling, which hamjax does not do."""
+    _require(value != "float16", field, value,
+             "float16 without loss scaling is unsupported (gradients underflow); use 'bfloat16'")
+    _require(value in DTYPES, field, value, f"choose one of {DTYPES}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Rejects a bad value before anything is compiled, naming the field and the fix."""
     from hamjax.data import validate_data_config
@@ -104,11 +115,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     validate_data_config(config.data)
     _require(config.model.name in model_names(), "model.name", config.model.name,
              f"choose one of {sorted(model_names())}")
+    _validate_dtype("model.dtype", config.model.dtype)
     method = get_method(config.method.name)
     _validate_attack("attack", config.attack)
     _require(config.attack.bn_mode in BN_MODES_FOR_ATTACK, "attack.bn_mode",
              config.attack.bn_mode, f"choose one of {BN_MODES_FOR_ATTACK}")
     _validate_attack("eval", config.eval)
+    _validate_dtype("eval.dtype", config.eval.dtype)
 
     train = config.train
     _require(int(train.epochs) >= 1, "train.epochs", train.epochs, "must be >= 1")

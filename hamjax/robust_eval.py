@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from hamjax.attacks import pgd
-from hamjax.data import eval_batches, stratified_subset
+from hamjax.data import eval_batches, images_to_float, stratified_subset
 from hamjax.metrics import PerClassCounts, per_class_counts
 from hamjax.models import apply_model
-from hamjax.sharding import replicated, shard_batch
+from hamjax.sharding import process_rows, replicated, shard_batch
 
 
 def subset(split, num_examples: int, seed: int, num_classes: int):
@@ -30,7 +30,7 @@ def make_eval_step(model, num_classes: int, attack_config) -> Callable:
     """
 
     def eval_step(variables, batch, rng):
-        x, y, mask = batch["image"], batch["label"], batch["mask"]
+        x, y, mask = images_to_float(batch["image"]), batch["label"], batch["mask"]
 
         def logits_fn(z):
             return apply_model(model, variables, z, bn_mode="eval")[0]
@@ -56,16 +56,20 @@ class PGDEvaluator:
         self.num_classes = num_classes
         self.mesh = mesh
         self.batch_size = batch_size
+        # Counts come back replicated: every process reads the global totals.
         self._step = jax.jit(
             make_eval_step(model, num_classes, attack_config),
             in_shardings=(replicated(mesh), None, replicated(mesh)),
+            out_shardings=replicated(mesh),
         )
 
     def __call__(self, variables, split, rng) -> tuple[PerClassCounts, PerClassCounts]:
-        """(clean, robust) per-class counts; every example counted once (padding masked)."""
+        """(clean, robust) per-class counts; every example counted once (padding masked), each
+        process feeding only its rows of every batch."""
         clean = PerClassCounts.zeros(self.num_classes)
         robust = PerClassCounts.zeros(self.num_classes)
-        for i, batch in enumerate(eval_batches(split, self.batch_size)):
+        rows = process_rows(self.mesh, self.batch_size)
+        for i, batch in enumerate(eval_batches(split, self.batch_size, rows)):
             batch = shard_batch(batch, self.mesh)
             c, r = self._step(variables, batch, jax.random.fold_in(rng, i))
             clean, robust = clean.merge(c), robust.merge(r)

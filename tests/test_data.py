@@ -476,10 +476,55 @@ def test_resume_from_step_gives_the_same_batches() -> None:
         for key in ("image", "label", "index"):
             np.testing.assert_array_equal(a[key], b[key])
     batch = full[0]
-    assert batch["image"].dtype == np.float32 and batch["image"].shape == (5, 4, 4, 3)
+    # uint8 to the device (a quarter of float32's transfer), scaled there
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (5, 4, 4, 3)
     assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
-    np.testing.assert_allclose(batch["image"], split.images[batch["index"]] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(batch["image"], split.images[batch["index"]])
     np.testing.assert_array_equal(batch["label"], split.labels[batch["index"]])
+    scaled = np.asarray(jax.jit(data.images_to_float)(batch["image"]))
+    assert scaled.dtype == np.float32
+    np.testing.assert_array_equal(scaled, split.images[batch["index"]].astype(np.float32)
+                                  * np.float32(1.0 / 255.0))
+    floats = jnp.asarray(scaled)
+    assert data.images_to_float(floats) is floats  # float images pass through untouched
+
+
+def test_each_process_gathers_only_its_rows_of_every_batch() -> None:
+    split, meta = small_split(), small_split(20)
+    halves = (slice(0, 3), slice(3, 6))
+    full = list(data.iterate_batches(split, 6, seed=7, epoch=1))
+    parts = [list(data.iterate_batches(split, 6, seed=7, epoch=1, rows=r)) for r in halves]
+    for whole, first, second in zip(full, *parts, strict=True):
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
+    evals = [list(data.eval_batches(split, 10, rows=r)) for r in (slice(0, 5), slice(5, 10))]
+    seen = np.concatenate([b["index"][b["mask"]] for pair in zip(*evals, strict=True)
+                           for b in pair])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(23))  # each example once
+    whole = data.meta_batch(meta, 8, seed=0, step=3)
+    halves_meta = [data.meta_batch(meta, 8, seed=0, step=3, rows=r)
+                   for r in (slice(0, 4), slice(4, 8))]
+    for key in whole:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves_meta]), whole[key])
+
+
+def test_prefetch_yields_everything_in_order_and_reraises() -> None:
+    from hamjax.data.prefetch import prefetch
+
+    assert list(prefetch(iter(range(50)), size=2)) == list(range(50))
+    assert list(prefetch(iter(range(5)), size=0)) == list(range(5))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    stream = prefetch(failing(), size=2)
+    assert next(stream) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(stream)
+    endless = prefetch(iter(int, 1), size=1)  # never ends: closing must stop the producer
+    assert next(endless) == 0
+    endless.close()
 
 
 def test_eval_batches_cover_every_example_once_with_static_shapes() -> None:

@@ -56,11 +56,18 @@ CHILD = textwrap.dedent(
         validate_config(c)
         return c
 
+    # HAM packs hard rows per device on a mesh: the bucket executed (and so the ledger, which
+    # counts executed rows) follows the largest local count, not the global one. Same hard set,
+    # same update; tests/test_ham_sharded.py checks the ledger where the two buckets coincide.
+    BUCKET_KEYS = {"bucket_index", "bucket_size", "bucket_fraction"}
+
     def compare(name, a, b):
-        for key in a[1]:
+        executed = BUCKET_KEYS if name == "ham" else set()
+        for key in set(a[1]) - executed:
             np.testing.assert_allclose(b[1][key], a[1][key], rtol=RTOL, atol=ATOL,
                                        err_msg=f"{name} {key}")
-        for tree in ("params", "batch_stats", "opt_state", "method_state", "ledger"):
+        trees = ("params", "batch_stats", "opt_state", "method_state")
+        for tree in trees + (() if executed else ("ledger",)):
             for x, y in zip(jax.tree.leaves(getattr(a[0], tree)),
                             jax.tree.leaves(getattr(b[0], tree)), strict=True):
                 np.testing.assert_allclose(y, x, rtol=RTOL, atol=ATOL, err_msg=f"{name} {tree}")
@@ -70,10 +77,11 @@ CHILD = textwrap.dedent(
         config = config_for(name)
         splits = load_splits(config.data, seed=0)
         method = get_method(name)
-        ctx = build_context(config, splits)
-        step_fn = make_train_step(ctx, method)
-        steps_by_mesh = [(mesh, jit_train_step(step_fn, mesh)) for mesh in (one, four)]
-        state = jax.device_get(create_train_state(ctx, method, seed=0))  # host copy: steps donate
+        # Each mesh its own context: per-example compaction (HAM) packs rows per device on it.
+        ctxs = [build_context(config, splits, mesh) for mesh in (one, four)]
+        steps_by_mesh = [(mesh, jit_train_step(make_train_step(ctx, method), mesh))
+                         for mesh, ctx in zip((one, four), ctxs, strict=True)]
+        state = jax.device_get(create_train_state(ctxs[0], method, seed=0))  # host copy
         for i, batch in enumerate(iterate_batches(splits.train, BATCH, seed=0, epoch=0)):
             if i == steps:
                 break

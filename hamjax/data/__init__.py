@@ -1,10 +1,10 @@
 """hamjax.data: datasets by name, held-out splits, noise/long-tail transforms, batches, augment.
 
-Arrays at the edge are numpy uint8 NHWC images and int32 labels; batches are dicts of float32
-[0, 1] images; augmentation is a jittable function. See docs/DESIGN.md.
+Arrays at the edge are numpy uint8 NHWC images and int32 labels; batches are dicts of uint8
+images scaled to [0, 1] on the device; augmentation is a jittable function. See docs/DESIGN.md.
 """
 
-from hamjax.data.augment import augment
+from hamjax.data.augment import augment, images_to_float
 from hamjax.data.batching import (
     epoch_batch_indices,
     eval_batches,
@@ -47,6 +47,7 @@ __all__ = [
     "dataset_names",
     "default_data_config",
     "epoch_batch_indices",
+    "images_to_float",
     "eval_batches",
     "iterate_batches",
     "load_raw",

@@ -5,6 +5,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+_INV_255 = 1.0 / 255.0
+
+
+def images_to_float(images: jax.Array) -> jax.Array:
+    """uint8 images (as batches leave the host) -> float32 in [0, 1]; float images pass through.
+
+    The same float32 multiply the host used to do, so results are bit-identical to scaling first.
+    """
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) * jnp.float32(_INV_255)
+    return images
+
 
 def augment(rng: jax.Array, images: jax.Array, *, crop_pad: int, flip: bool) -> jax.Array:
     """Random crop with zero padding and optional horizontal flip, independently per example.

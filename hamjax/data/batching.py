@@ -3,6 +3,10 @@
 The order of epoch e is a pure function of (seed, e), so a run resumed at (epoch, step) replays
 exactly the batches an uninterrupted run would have seen. Training batches drop the remainder
 and eval batches pad with a mask, so every shape under jit is static.
+
+Images leave the host as uint8 (a quarter of float32's transfer) and are scaled to [0, 1] on the
+device (`hamjax.data.augment.images_to_float`). `rows` selects one process's share of each
+global batch, so a host gathers only the rows it feeds (see `hamjax.sharding.process_rows`).
 """
 
 from __future__ import annotations
@@ -42,29 +46,38 @@ def epoch_batch_indices(n: int, batch_size: int, seed: int, epoch: int) -> np.nd
 
 def _to_batch(split: ArraySplit, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {
-        "image": split.images[idx].astype(np.float32) * np.float32(1.0 / 255.0),
+        "image": np.asarray(split.images[idx], np.uint8),
         "label": split.labels[idx].astype(np.int32),
         "index": idx.astype(np.int32),
     }
 
 
 def iterate_batches(
-    split: ArraySplit, batch_size: int, seed: int, epoch: int, start_step: int = 0
+    split: ArraySplit,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    rows: slice = slice(None),
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield this epoch's training batches from start_step on: {"image": f32 [0,1] NHWC,
-    "label": i32 (the possibly noisy label), "index": i32 position in the split}."""
+    """Yield this epoch's training batches from start_step on: {"image": uint8 NHWC,
+    "label": i32 (the possibly noisy label), "index": i32 position in the split}, each holding
+    only `rows` of the global batch."""
     order = epoch_batch_indices(len(split), batch_size, seed, epoch)
     if not 0 <= start_step <= len(order):
         raise ValueError(f"start_step={start_step} outside [0, {len(order)}] for this epoch")
     for idx in order[start_step:]:
-        yield _to_batch(split, idx)
+        yield _to_batch(split, idx[rows])
 
 
-def eval_batches(split: ArraySplit, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    split: ArraySplit, batch_size: int, rows: slice = slice(None)
+) -> Iterator[dict[str, np.ndarray]]:
     """Yield the split in order, every example once; the last batch is padded to batch_size.
 
     Padding rows repeat real examples of the same batch (valid images, no degenerate inputs)
-    and carry "mask" False, so metrics and batch statistics can exclude them.
+    and carry "mask" False, so metrics and batch statistics can exclude them. `rows`: this
+    process's share of each (global) batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -72,21 +85,24 @@ def eval_batches(split: ArraySplit, batch_size: int) -> Iterator[dict[str, np.nd
     for start in range(0, n, batch_size):
         real = np.arange(start, min(start + batch_size, n), dtype=np.int32)
         idx = np.resize(real, batch_size)  # wraps the real positions into the padding
-        batch = _to_batch(split, idx)
-        batch["mask"] = np.arange(batch_size) < len(real)
+        batch = _to_batch(split, idx[rows])
+        batch["mask"] = (np.arange(batch_size) < len(real))[rows]
         yield batch
 
 
-def meta_batch(meta: ArraySplit, batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
+def meta_batch(
+    meta: ArraySplit, batch_size: int, seed: int, step: int, rows: slice = slice(None)
+) -> dict[str, np.ndarray]:
     """The clean meta batch for meta step `step` (CAAT): {"meta_image", "meta_label"}.
 
     A pure function of (seed, step): the meta set is walked epoch by epoch in a seeded order
-    independent of the training order, so a resumed run draws the same meta batches.
+    independent of the training order, so a resumed run draws the same meta batches. `rows`:
+    this process's share of the batch.
     """
     steps = num_batches(len(meta), batch_size)
     epoch, row = divmod(step, steps)
     order = _permutation_batches(
         len(meta), batch_size, np.random.default_rng([seed, _META_STREAM, epoch])
     )
-    batch = _to_batch(meta, order[row])
+    batch = _to_batch(meta, order[row][rows])
     return {"meta_image": batch["image"], "meta_label": batch["label"]}

@@ -31,6 +31,7 @@ from hamjax.errors import ConfigError
 from hamjax.methods import Method, method_fields, register
 from hamjax.methods.baselines import trades_adversary, trades_terms
 from hamjax.methods.common import accuracy, attack_ledger, step_aux, training_ledger
+from hamjax.sharding import place_like
 
 Array = jax.Array
 Lambdas = dict[str, Array]
@@ -265,13 +266,7 @@ def _to_numpy(counts) -> tuple[np.ndarray, np.ndarray]:
 
 def match_placement(new: Any, old: Any) -> Any:
     """`new` with each leaf's dtype and device placement taken from `old` (no recompiles)."""
-
-    def place(n, o):
-        n = jnp.asarray(n, dtype=o.dtype)
-        sharding = getattr(o, "sharding", None)
-        return jax.device_put(n, sharding) if sharding is not None else n
-
-    return jax.tree.map(place, new, old)
+    return place_like(new, old)
 
 
 def refit_lambdas(lambdas: Lambdas, state, ctx, evaluator, moves) -> Lambdas:

@@ -12,6 +12,13 @@ and padded rows are masked out of the loss and of the BatchNorm statistics. `buc
 runs the plain masked reference instead (full batch, step mask, masked loss and BN), which gives
 the same examples, loss and gradient at full cost.
 
+Under a device mesh (`ctx.mesh`) the packing is per device: each device packs its own selected
+rows into a local bucket (`jax.shard_map` over the data axis), the bucket size is chosen from the
+largest local count (one `pmax` on a scalar), and the continuation and training pass then run
+under the ordinary sharded jit on S/n rows per device. BatchNorm statistics and the loss are
+masked sums over the global bucket, so they equal the one-device step's; no image moves between
+devices. The ledger counts executed rows, n times the local bucket, padding included.
+
 Gradients are taken inside the branch that ran and handed to the trainer via `attach_gradient`:
 differentiating *through* `lax.switch` would make every branch emit the residuals of all
 branches (zero-filled), paying memory for the full batch even when a small bucket runs.
@@ -43,6 +50,7 @@ from hamjax.methods import Method, register
 from hamjax.methods.common import cross_entropy, forward, step_aux, train_attack
 from hamjax.methods.relatives import gair_weights
 from hamjax.metrics import Ledger
+from hamjax.sharding import max_local_count, mesh_size, per_device
 
 Array = jax.Array
 Params = Any
@@ -292,19 +300,27 @@ def _finish(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start
 
 
 def _bucket_branch(ctx, s: HamSettings, size: int):
-    """Continuation + training on the selected rows gathered into `size` slots."""
+    """Continuation + training on the selected rows, each device packing its own into `size`
+    local slots (the bucket is `size` x devices rows, sharded like the batch)."""
+
+    def pack(selected, x, y, x_mid, kappa_mid):
+        index, valid = gather_rows(selected, size)
+        return index, valid, x[index], y[index], x_mid[index], kappa_mid[index]
+
+    def unpack(index, valid, x_mid, x_b, kappa_mid, k_b, w_b):
+        weights = scatter_rows(jnp.zeros(x_mid.shape[0], jnp.float32), index, valid, w_b)
+        return (scatter_rows(x_mid, index, valid, x_b), scatter_rows(kappa_mid, index, valid, k_b),
+                weights)
 
     def run(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
-        index, valid = gather_rows(selected, size)
+        index, valid, x_p, y_p, x_mid_p, kappa_p = per_device(ctx.mesh, pack)(
+            selected, x, y, x_mid, kappa_mid)
         x_b, k_b, w_b, loss, grads, stats, correct = _finish(
-            ctx, s, params, batch_stats, x[index], y[index], x_mid[index], kappa_mid[index],
-            valid, key,
+            ctx, s, params, batch_stats, x_p, y_p, x_mid_p, kappa_p, valid, key
         )
-        weights = scatter_rows(jnp.zeros(x.shape[0], jnp.float32), index, valid, w_b)
-        return (
-            loss, grads, stats, scatter_rows(x_mid, index, valid, x_b),
-            scatter_rows(kappa_mid, index, valid, k_b), weights, correct,
-        )
+        x_adv, kappa, weights = per_device(ctx.mesh, unpack)(
+            index, valid, x_mid, x_b, kappa_mid, k_b, w_b)
+        return loss, grads, stats, x_adv, kappa, weights, correct
 
     return run
 
@@ -344,14 +360,16 @@ def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
     operands = (params, batch_stats, x, y, x_mid, info.kappa, selected, rng)
     n = jnp.sum(selected)
     if s.bucketed:
-        sizes = bucket_sizes(s.buckets, batch)
-        branch = choose_branch(n, sizes)
+        devices = mesh_size(ctx.mesh)
+        local_batch = batch // devices
+        sizes = bucket_sizes(s.buckets, local_batch)  # per device
+        branch = choose_branch(max_local_count(ctx.mesh, selected), sizes)
         branches = [_empty_branch] + [
-            _full_branch(ctx, s) if size == batch else _bucket_branch(ctx, s, size)
+            _full_branch(ctx, s) if size == local_batch else _bucket_branch(ctx, s, size)
             for size in sizes
         ]
         results = jax.lax.switch(branch, branches, *operands)
-        rows = jnp.asarray((0,) + sizes, jnp.int32)[branch]
+        rows = devices * jnp.asarray((0,) + sizes, jnp.int32)[branch]
         bucket_index = jnp.asarray([-1, *range(len(sizes))], jnp.int32)[branch]
     else:
         x_adv, kappa, weights, loss, grads, stats, correct = _finish(

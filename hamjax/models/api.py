@@ -128,6 +128,21 @@ def build_model(
     return _REGISTRY[name](model_config, int(num_classes), mean_t, std_t, dtype)
 
 
+def eval_model(model: nn.Module, dtype_name: Any = "float32") -> nn.Module:
+    """The same model computing in `dtype_name` (config.eval.dtype), for evaluation attacks.
+
+    Attacks follow tiny logit differences (CW, DLR margins; FAB's boundary search), so a model
+    trained in bfloat16 is still attacked in float32 by default: the reported robustness is then
+    the model's, not bfloat16 rounding's. Parameters are float32 either way, so the variables
+    fit both. A module without a `dtype` field (a user model ignoring model.dtype) is returned
+    unchanged.
+    """
+    dtype = compute_dtype(dtype_name, field="eval.dtype")
+    if not hasattr(model, "dtype") or jnp.dtype(model.dtype) == dtype:
+        return model
+    return model.clone(dtype=dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _init(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> Variables:
     # jitted and cached on (model, shape): eager init of a deep net dispatches thousands of ops

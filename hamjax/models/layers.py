@@ -37,14 +37,27 @@ def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def compute_dtype(dtype: Any) -> jnp.dtype:
-    """Accepts a jnp dtype or its name ("float32", "bfloat16") as configs store strings."""
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(dtype: Any, field: str = "model.dtype") -> jnp.dtype:
+    """Accepts a jnp dtype or its name ("float32", "bfloat16") as configs store strings.
+
+    float16 is refused: its 5-bit exponent underflows gradients unless the loss is scaled, and
+    hamjax has no loss scaling; bfloat16 keeps float32's range and needs none. `field` names the
+    config field in the error.
+    """
     try:
         dt = jnp.dtype(dtype)
     except TypeError as e:
-        raise ConfigError(f"model.dtype={dtype!r} is not a dtype; use 'float32'/'bfloat16'") from e
-    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ConfigError(f"model.dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+        raise ConfigError(f"{field}={dtype!r} is not a dtype; use 'float32' or 'bfloat16'") from e
+    if dt == jnp.dtype(jnp.float16):
+        raise ConfigError(
+            f"{field}={dtype!r}: float16 without loss scaling is unsupported (gradients "
+            "underflow); use 'bfloat16' (same range as float32) or 'float32'"
+        )
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ConfigError(f"{field}={dtype!r}: use 'float32' or 'bfloat16'")
     return dt
 
 

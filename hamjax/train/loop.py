@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 import operator
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.config import config_to_json, validate_config
 from hamjax.data import DATASET_STATS, iterate_batches, load_splits, meta_batch, num_batches
+from hamjax.data.prefetch import prefetch
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.methods import get_method
 from hamjax.metrics import (
@@ -26,17 +27,18 @@ from hamjax.metrics import (
     fairness_summary,
     format_per_class_table,
 )
-from hamjax.models import build_model
+from hamjax.models import build_model, eval_model
 from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.runlog import RunLogger
-from hamjax.sharding import make_mesh, replicated, shard_batch
+from hamjax.sharding import make_mesh, process_rows, put_replicated, shard_batch
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, TrainState, create_train_state
 from hamjax.train.step import jit_train_step, make_train_step
 
 
-def build_context(config, splits) -> StepContext:
-    """Everything static a step needs, from the config and the loaded data."""
+def build_context(config, splits, mesh=None) -> StepContext:
+    """Everything static a step needs, from the config, the loaded data and the device mesh
+    the step will be jitted over (None: one device)."""
     name = config.data.name
     mean, std = DATASET_STATS.get(name, (None, None))
     model = build_model(config.model, splits.num_classes, splits.image_shape, mean=mean, std=std)
@@ -55,6 +57,7 @@ def build_context(config, splits) -> StepContext:
         class_counts=splits.train.class_counts(splits.num_classes),
         steps_per_epoch=steps_per_epoch,
         image_shape=tuple(splits.image_shape),
+        mesh=mesh,
     )
 
 
@@ -132,25 +135,30 @@ class Trainer:
                 "> 0 (CAAT: 300 for CIFAR-10)"
             )
         self.val = self.splits.val if self.splits.val is not None else None
-        self.ctx = build_context(config, self.splits)
         self.mesh = make_mesh()
+        self.ctx = build_context(config, self.splits, self.mesh)
         n_dev = self.mesh.devices.size
-        if config.train.batch_size % n_dev:
-            raise ConfigError(
-                f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-                f"{n_dev} devices of the mesh"
-            )
+        for field in ("train", "eval"):
+            if config[field].batch_size % n_dev:
+                raise ConfigError(
+                    f"config.{field}.batch_size={config[field].batch_size} must be divisible by "
+                    f"the {n_dev} devices of the mesh (it is the global batch of all hosts)"
+                )
+        self.rows = process_rows(self.mesh, config.train.batch_size)  # this host's share
         self.checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
         self.train_step = jit_train_step(make_train_step(self.ctx, self.method), self.mesh)
-        self.evaluator = PGDEvaluator(self.ctx.model, self.splits.num_classes, config.eval,
+        self.evaluator = PGDEvaluator(eval_model(self.ctx.model, config.eval.dtype),
+                                      self.splits.num_classes, config.eval,
                                       self.mesh, config.eval.batch_size)
         self._eval_cache: dict = {}
 
     # ----------------------------------------------------------------------------- state
     def initial_state(self) -> tuple[TrainState, dict]:
         """A fresh state, the latest checkpoint's, or fine-tuning weights; plus run metadata."""
-        state = create_train_state(self.ctx, self.method, self.config.seed)
-        state = jax.device_put(state, replicated(self.mesh))
+        # From host arrays onto every device of every process (not a device_put of a
+        # single-device array onto a cross-process sharding, which orbax cannot save).
+        state = put_replicated(create_train_state(self.ctx, self.method, self.config.seed),
+                               self.mesh)
         restored = self.checkpointer.restore(state)
         if restored is not None:
             state, meta = restored
@@ -193,17 +201,18 @@ class Trainer:
         return self._eval_cache[key]
 
     # ----------------------------------------------------------------------------- train
-    def _batch(self, batch: dict, step: int) -> dict:
-        if self.method.needs_meta_batch:
-            batch.update(meta_batch(self.splits.meta, self.config.train.batch_size,
-                                    self.config.seed, step))
-        return shard_batch(batch, self.mesh)
-
-    def _process_rows(self, batch: dict) -> dict:
-        """This host's share of the global batch (all of it on one host)."""
-        n, i = jax.process_count(), jax.process_index()
-        rows = self.config.train.batch_size // n
-        return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+    def _device_batches(self, epoch: int, start: int):
+        """This epoch's global batches from step `start` on, as sharded device arrays: this
+        host gathers only its rows of the training batch (and of CAAT's meta batch)."""
+        cfg = self.config
+        batches = iterate_batches(self.splits.train, cfg.train.batch_size, cfg.seed, epoch, start,
+                                  rows=self.rows)
+        for i, batch in enumerate(batches, start=start):
+            if self.method.needs_meta_batch:
+                step = epoch * self.ctx.steps_per_epoch + i
+                batch.update(meta_batch(self.splits.meta, cfg.train.batch_size, cfg.seed, step,
+                                        rows=self.rows))
+            yield shard_batch(batch, self.mesh)
 
     def _save(self, state: TrainState, meta: dict) -> None:
         meta = dict(meta, config=config_to_json(self.config))
@@ -218,8 +227,7 @@ class Trainer:
         self.log.write("run", int(state.step), config=config_to_json(cfg),
                        data=self.splits.info, devices=[str(d) for d in jax.devices()],
                        **_attack_record(cfg))
-        sample = self._batch(next(iterate_batches(self.splits.train, cfg.train.batch_size,
-                                                  cfg.seed, 0, 0)), 0)
+        sample = next(self._device_batches(0, 0))
         t0 = time.perf_counter()
         compiled = self.train_step.lower(state, sample).compile()
         meta.setdefault("compile_seconds", []).append(time.perf_counter() - t0)
@@ -239,10 +247,10 @@ class Trainer:
         epoch_record = meta.pop("partial_epoch", None) or {"seconds": 0.0, "skipped": 0.0,
                                                            "metric_sums": {}, "steps": 0}
         t_last, images, sums, counted_from = time.perf_counter(), 0, None, start
-        batches = iterate_batches(self.splits.train, cfg.train.batch_size, cfg.seed, epoch, start)
+        batches = prefetch(self._device_batches(epoch, start), size=2)
         for i, batch in enumerate(batches, start=start):
             step = epoch * spe + i
-            state, metrics = compiled(state, self._batch(self._process_rows(batch), step))
+            state, metrics = compiled(state, batch)
             images += cfg.train.batch_size
             sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
             last_in_epoch = i + 1 == spe
@@ -273,7 +281,7 @@ class Trainer:
         # counts stay exact integers (< 2**24 per epoch) however long the run; totals are summed
         # on the host in float64 from the per-epoch records.
         ledger = jax.device_get(state.ledger)
-        state = state.replace(ledger=jax.device_put(Ledger.zeros(), replicated(self.mesh)))
+        state = state.replace(ledger=put_replicated(Ledger.zeros(), self.mesh))
         examples = self.ctx.steps_per_epoch * cfg.train.batch_size
         cost = {"forward": float(ledger.forward), "backward": float(ledger.backward)}
         cost["relative_to_pgd_at"] = (cost["forward"] + cost["backward"]) / _pgd_at_cost(
@@ -334,8 +342,7 @@ class Trainer:
             "epochs": epochs,
         }
         if self.is_main:
-            with open(os.path.join(self.workdir, "report.json"), "w") as f:
-                json.dump(report, f, indent=1)
+            (epath.Path(self.workdir) / "report.json").write_text(json.dumps(report, indent=1))
             for name, res in results.items():
                 self.log.print(f"\n{name} checkpoint, test split ({res['num_examples']} examples,"
                                f" PGD-{cfg.eval.steps} eps {cfg.eval.eps:.4f}):")

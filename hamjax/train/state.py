@@ -40,6 +40,9 @@ class StepContext:
     class_counts: np.ndarray
     steps_per_epoch: int
     image_shape: tuple[int, ...]
+    # The device mesh the step is jitted over; per-example compaction (HAM's buckets) packs
+    # rows per device on it. None: one device, or plain GSPMD with global packing.
+    mesh: Any = None
 
 
 def create_train_state(ctx: StepContext, method, seed: int) -> TrainState:

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from hamjax.data import augment
+from hamjax.data import augment, images_to_float
 from hamjax.sharding import batch_sharding, replicated
 from hamjax.train.optim import set_learning_rate
 from hamjax.train.state import StepContext, TrainState
+
+IMAGE_KEYS = ("image", "meta_image")  # batch entries that arrive as uint8 and are scaled here
 
 
 def _select(pred, new, old):
@@ -31,7 +33,7 @@ def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tu
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, pre_rng, loss_rng = jax.random.split(rng, 3)
-        batch = dict(batch)
+        batch = {k: images_to_float(v) if k in IMAGE_KEYS else v for k, v in batch.items()}
         batch["image"] = augment(
             aug_rng, batch["image"], crop_pad=augment_config.crop_pad, flip=augment_config.flip
         )

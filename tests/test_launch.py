@@ -1,0 +1,42 @@
+"""launch.py's multi-process arguments: flags win over the environment, nothing set means a
+single-process run, --multihost alone leaves everything to cluster auto-detection."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def launch():
+    spec = importlib.util.spec_from_file_location("launch", os.path.join(REPO, "launch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_single_process_when_nothing_is_set(launch):
+    assert launch.distributed_args({"multihost": False}, {}) is None
+
+
+def test_multihost_alone_auto_detects(launch):
+    assert launch.distributed_args({"multihost": True}, {}) == {}
+
+
+def test_flags_win_over_environment(launch):
+    flags = {"multihost": False, "coordinator_address": "10.0.0.2:1234", "num_processes": 4,
+             "process_id": None}
+    env = {"JAX_COORDINATOR_ADDRESS": "other:1", "JAX_PROCESS_ID": "3"}
+    assert launch.distributed_args(flags, env) == {
+        "coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3}
+
+
+def test_environment_alone_starts_a_multi_process_run(launch):
+    env = {"JAX_COORDINATOR_ADDRESS": "localhost:9", "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": "1"}
+    assert launch.distributed_args({"multihost": False}, env) == {
+        "coordinator_address": "localhost:9", "num_processes": 2, "process_id": 1}
