@@ -11,9 +11,9 @@ import json
 import ml_collections
 
 from hamjax.errors import ConfigError
+from hamjax.models.layers import compute_dtype
 
 BN_MODES_FOR_ATTACK = ("eval", "batch")
-DTYPES = ("float32", "bfloat16")  # model.dtype and eval.dtype (compute; params stay float32)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,13 +98,6 @@ def _validate_attack(prefix: str, attack) -> None:
     _require(int(attack.steps) >= 1, f"{prefix}.steps", attack.steps, "must be >= 1")
 
 
-def _validate_dtype(field: str, value) -> None:
-    """float32 or bfloat16 only: float16 would need loss scaling, which hamjax does not do."""
-    _require(value != "float16", field, value,
-             "float16 without loss scaling is unsupported (gradients underflow); use 'bfloat16'")
-    _require(value in DTYPES, field, value, f"choose one of {DTYPES}")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Rejects a bad value before anything is compiled, naming the field and the fix."""
     from hamjax.data import validate_data_config
@@ -115,13 +108,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     validate_data_config(config.data)
     _require(config.model.name in model_names(), "model.name", config.model.name,
              f"choose one of {sorted(model_names())}")
-    _validate_dtype("model.dtype", config.model.dtype)
+    compute_dtype(config.model.dtype, field="config.model.dtype")  # float16 refused with the fix
     method = get_method(config.method.name)
     _validate_attack("attack", config.attack)
     _require(config.attack.bn_mode in BN_MODES_FOR_ATTACK, "attack.bn_mode",
              config.attack.bn_mode, f"choose one of {BN_MODES_FOR_ATTACK}")
     _validate_attack("eval", config.eval)
-    _validate_dtype("eval.dtype", config.eval.dtype)
+    compute_dtype(config.eval.dtype, field="config.eval.dtype")
 
     train = config.train
     _require(int(train.epochs) >= 1, "train.epochs", train.epochs, "must be >= 1")

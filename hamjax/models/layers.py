@@ -37,9 +37,6 @@ def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-SUPPORTED_DTYPES = ("float32", "bfloat16")
-
-
 def compute_dtype(dtype: Any, field: str = "model.dtype") -> jnp.dtype:
     """Accepts a jnp dtype or its name ("float32", "bfloat16") as configs store strings.
 
