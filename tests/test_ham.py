@@ -218,6 +218,33 @@ def test_natural_hard_set_matches_official(state):
     close(grad(state.params, state, batch, jax.random.PRNGKey(3)), ref["grads"])
 
 
+def test_public_mining_function_matches_the_training_step(state):
+    """`hamjax.attacks.ham_mine` on a plain logits_fn: the step's hard set and examples."""
+    from hamjax.attacks import ham_mine
+    from hamjax.models import make_logits_fn
+
+    batch = marker_batch(0, seed=1, markers=False)
+    rng = jax.random.PRNGKey(3)
+    ctx, out = run_ham(state, batch, rng)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits_fn = make_logits_fn(ctx.model, variables, bn_mode="eval")
+    mined = jax.jit(lambda x, y, k: ham_mine(logits_fn, x, y, k, eps=EPS, step_size=ALPHA,
+                                             steps=K, mining_step=M))(
+        batch["image"], batch["label"], rng)
+    assert 0 < int(mined.hard.sum()) < B
+    np.testing.assert_array_equal(np.asarray(mined.hard), np.asarray(out.hard))
+    close(mined.x_adv, out.x_adv, 1e-6)  # hard rows after K steps, easy rows at x_M
+    hard = np.asarray(out.selected)
+    np.testing.assert_array_equal(np.asarray(mined.kappa)[hard], np.asarray(out.kappa)[hard])
+    # An explicit start point: continuing from x_M with M more steps moves only from there.
+    again = ham_mine(logits_fn, batch["image"], batch["label"], rng, eps=EPS, step_size=ALPHA,
+                     steps=K, mining_step=M, x_init=mined.x_mined)
+    assert float(jnp.max(jnp.abs(again.x_mined - batch["image"]))) <= EPS + 1e-6
+    with pytest.raises(ValueError, match="mining_step"):
+        ham_mine(logits_fn, batch["image"], batch["label"], rng, eps=EPS, step_size=ALPHA,
+                 steps=K, mining_step=K)
+
+
 def test_marker_hard_set_matches_official_with_padding(state):
     out, ref = check_against_official(state, marker_batch(5), jax.random.PRNGKey(4))
     assert ref["hard"].sum() == 5

@@ -9,10 +9,12 @@ from hamjax.attacks.autoattack import (
     run_autoattack,
 )
 from hamjax.attacks.losses import LOSSES, per_example_loss
+from hamjax.attacks.mining import MiningResult, ham_mine, mine_hard
 from hamjax.attacks.pgd import PGDInfo, fgsm, pgd, project, random_init
 
 __all__ = [
-    "ATTACKS", "APGDInfo", "AutoAttackResult", "LOSSES", "PGDInfo", "STANDARD_ATTACKS", "apgd",
-    "apgd_checkpoints", "apgd_targeted", "autoattack", "fgsm", "per_example_loss", "pgd",
-    "project", "random_init", "run_autoattack",
+    "ATTACKS", "APGDInfo", "AutoAttackResult", "LOSSES", "MiningResult", "PGDInfo",
+    "STANDARD_ATTACKS", "apgd", "apgd_checkpoints", "apgd_targeted", "autoattack", "fgsm",
+    "ham_mine", "mine_hard", "per_example_loss", "pgd", "project", "random_init",
+    "run_autoattack",
 ]

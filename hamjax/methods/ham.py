@@ -44,10 +44,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from hamjax.attacks import pgd
+from hamjax.attacks import mine_hard, pgd
 from hamjax.errors import ConfigError
 from hamjax.methods import Method, register
-from hamjax.methods.common import cross_entropy, forward, step_aux, train_attack
+from hamjax.methods.common import (
+    attack_logits_fn,
+    cross_entropy,
+    forward,
+    step_aux,
+    train_attack,
+)
 from hamjax.methods.relatives import gair_weights
 from hamjax.metrics import Ledger
 from hamjax.sharding import max_local_count, mesh_size, per_device
@@ -349,10 +355,12 @@ def _empty_branch(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
 def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
     """M steps on the batch, mining, then the rest on the selected rows only."""
     batch = x.shape[0]
-    x_mid, info = train_attack(
-        ctx, params, batch_stats, x, y, rng, steps=s.mining_step, final_eval=True
+    x_mid, mined, info = mine_hard(
+        attack_logits_fn(ctx, params, batch_stats), x, y, rng, eps=s.eps,
+        step_size=s.step_size, mining_step=s.mining_step,
+        random_start=bool(ctx.config.attack.random_start),
     )
-    hard = info.success if force_hard is None else force_hard.astype(bool)
+    hard = mined if force_hard is None else force_hard.astype(bool)
     selected = select_rows(
         hard, info.loss, jax.random.fold_in(rng, 1),
         keep_easy_fraction=s.keep_easy_fraction, hard_keep_fraction=s.hard_keep_fraction,
