@@ -793,6 +793,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def require_single_host(process_count: int) -> None:
+    """ConfigError on a multi-process run: the CLI shards chunks over local devices only, so on
+    N hosts each would redo (and rewrite) the whole evaluation."""
+    if process_count > 1:
+        raise ConfigError(
+            f"python -m hamjax.evaluate runs on one host, but jax sees {process_count} processes;"
+            " run it on a single host (the trainer's own final report is multi-host)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: parses flags, calls evaluate_workdir; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -803,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     try:
+        require_single_host(jax.process_count())
         overrides: dict[str, dict[str, Any]] = {}
         for text in args.override:
             name, field, value = _parse_override(text)

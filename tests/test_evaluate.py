@@ -187,6 +187,16 @@ def test_missing_checkpoint_says_where_it_looked(tmp_path, capsys):
     assert "no checkpoint found" in capsys.readouterr().err
 
 
+def test_cli_refuses_to_run_on_several_processes(tmp_path, capsys, monkeypatch):
+    """On N hosts every process would redo and rewrite the whole evaluation."""
+    monkeypatch.setattr(ev.jax, "process_count", lambda: 2)
+    assert ev.main(["--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: python -m hamjax.evaluate runs on one host")
+    assert "2 processes" in err and "single host" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_parse_attacks_settings():
     specs = ev.parse_attacks("PGD20, cw, fgsm, apgd-t", eps=8 / 255, num_classes=10,
                              step_size="eps/8")
