@@ -8,7 +8,8 @@ Both are the real `make_train_step` (attack, training pass, optimiser) on the sa
 and state. The hard set is forced to a chosen fraction through the batch hook
 `hamjax.methods.ham.FORCE_HARD_KEY` (the mining pass still runs and is timed; only its decision
 is replaced). Compile time is excluded: one warm-up call, then the median of `--repeats` calls,
-each ended by block_until_ready. Prints JSON: per fraction the bucket used (fraction b), the
+each ended by block_until_ready, the steps timed in turn within each repeat (ratios are
+medians of per-repeat ratios). Prints JSON: per fraction the bucket used (fraction b), the
 measured time ratio HAM / PGD-AT, the ideal ratio (M + (K - M) b + b) / (K + 1) from ham.md, and
 the ratio of counted example passes (forward + backward) from the ledger. The masked reference
 path (`method.bucketed=False`) is timed at one fraction to show that masking alone saves nothing.
@@ -90,18 +91,29 @@ def make_step(config, image_size: int, mesh):
     return step, put_replicated(create_train_state(ctx, method, seed=0), mesh)
 
 
-def median_seconds(step, state, batch: dict, repeats: int) -> tuple[float, dict]:
-    """Median wall time of step(state, batch) after a compiling warm-up call (the step donates
-    its state, so each call gets a fresh copy, made outside the timed region)."""
-    copy = lambda: jax.tree.map(jnp.copy, state)
-    _, metrics = jax.block_until_ready(step(copy(), batch))
-    times = []
+def interleaved_seconds(cases: dict, repeats: int) -> tuple[dict, dict]:
+    """Per case (step, state, batch): the wall times of `repeats` calls, the cases taken in turn
+    within each repeat so that load on a shared machine hits them alike; plus each case's
+    metrics from its compiling warm-up call. The step donates its state, so every call gets a
+    fresh copy, made outside the timed region."""
+    fresh = lambda state: jax.block_until_ready(jax.tree.map(jnp.copy, state))
+    metrics = {}
+    for name, (step, state, batch) in cases.items():
+        _, out = jax.block_until_ready(step(fresh(state), batch))
+        metrics[name] = {k: float(v) for k, v in out.items()}
+    times: dict = {name: [] for name in cases}
     for _ in range(repeats):
-        fresh = jax.block_until_ready(copy())
-        start = time.perf_counter()
-        jax.block_until_ready(step(fresh, batch))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), {k: float(v) for k, v in metrics.items()}
+        for name, (step, state, batch) in cases.items():
+            copy = fresh(state)
+            start = time.perf_counter()
+            jax.block_until_ready(step(copy, batch))
+            times[name].append(time.perf_counter() - start)
+    return times, metrics
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over repeats of the per-repeat ratio (each against the reference timed beside it)."""
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 def ledger_total(step, state, batch: dict) -> float:
@@ -138,31 +150,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     pgd_step, pgd_state = make_step(make_config(args.model, args.batch, _pgd()), args.image_size,
                                     mesh)
-    t_pgd, _ = median_seconds(pgd_step, pgd_state, batch, args.repeats)
     pgd_passes = ledger_total(pgd_step, pgd_state, batch)
-
     method = ham_method_config(warmup_epochs=0, mining_step=args.mining_step)
     config = make_config(args.model, args.batch, method)
     steps, m = int(config.attack.steps), args.mining_step
     ham_step, ham_state = make_step(config, args.image_size, mesh)
-    rows = []
-    for fraction in FRACTIONS:
-        hb = forced(fraction)
-        t_ham, metrics = median_seconds(ham_step, ham_state, hb, args.repeats)
-        b = metrics["bucket_fraction"]
-        rows.append({
-            "hard_fraction": metrics["hard_fraction"],
-            "bucket_fraction": b,
-            "ham_seconds": round(t_ham, 5),
-            "measured_ratio": round(t_ham / t_pgd, 3),
-            "ideal_ratio": round((m + (steps - m) * b + b) / (steps + 1), 3),
-            "ledger_ratio": round(ledger_total(ham_step, ham_state, hb) / pgd_passes, 3),
-        })
-
     masked_config = make_config(args.model, args.batch, ham_method_config(
         warmup_epochs=0, mining_step=m, bucketed=False))
     masked_step, masked_state = make_step(masked_config, args.image_size, mesh)
-    t_masked, _ = median_seconds(masked_step, masked_state, forced(0.25), args.repeats)
+
+    cases = {"pgd_at": (pgd_step, pgd_state, batch)}
+    cases.update({f"ham@{f}": (ham_step, ham_state, forced(f)) for f in FRACTIONS})
+    cases["masked@0.25"] = (masked_step, masked_state, forced(0.25))
+    times, metrics = interleaved_seconds(cases, args.repeats)
+    t_pgd = times["pgd_at"]
+
+    rows = []
+    for fraction in FRACTIONS:
+        name = f"ham@{fraction}"
+        b = metrics[name]["bucket_fraction"]
+        rows.append({
+            "hard_fraction": metrics[name]["hard_fraction"],
+            "bucket_fraction": b,
+            "ham_seconds": round(statistics.median(times[name]), 5),
+            "measured_ratio": round(median_ratio(times[name], t_pgd), 3),
+            "ideal_ratio": round((m + (steps - m) * b + b) / (steps + 1), 3),
+            "ledger_ratio": round(ledger_total(ham_step, ham_state, cases[name][2]) / pgd_passes,
+                                  3),
+        })
 
     device = jax.devices()[0]
     return {
@@ -171,10 +186,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "buckets_per_device": list(bucket_sizes(tuple(method.buckets), args.batch // devices)),
         "repeats": args.repeats, "device": f"{device.platform}:{device.device_kind}",
         "conv": "hamjax.models.layers.conv_impl() = " + conv_impl().__name__,
-        "pgd_at_seconds": round(t_pgd, 5),
+        "pgd_at_seconds": round(statistics.median(t_pgd), 5),
         "ham": rows,
         "masked_reference_at_0.25": {
-            "seconds": round(t_masked, 5), "measured_ratio": round(t_masked / t_pgd, 3),
+            "seconds": round(statistics.median(times["masked@0.25"]), 5),
+            "measured_ratio": round(median_ratio(times["masked@0.25"], t_pgd), 3),
         },
     }
 
