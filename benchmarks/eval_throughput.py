@@ -11,11 +11,11 @@ Labels are each model's own clean predictions, so every example is clean-correct
 - PGD-20: L_inf eps 8/255, step 2/255, random start; hamjax `pgd` jitted (one warm-up call,
   then `--repeats` timed calls) vs `torchattacks.PGD` (one warm-up call, same repeats).
 - AutoAttack: APGD-CE -> APGD-T -> FAB-T -> Square, each on the examples still robust after the
-  previous ones: hamjax through `hamjax.evaluate.run_attacks` (the code `python -m
-  hamjax.evaluate` runs; its per-stage times exclude compilation) vs torchattacks' APGD, APGDT,
-  FAB(multi_targeted) and Square chained as `torchattacks.MultiAttack` chains them, with the
-  same settings and each stage timed (torchattacks' own `AutoAttack` class fixes 10 APGD/FAB
-  steps where the reference uses 100, so both sides are built explicitly).
+  previous ones: hamjax through `hamjax.evaluation.runner.run_attacks` (the code
+  `python -m hamjax.evaluate` runs; its per-stage times exclude compilation) vs torchattacks'
+  APGD, APGDT, FAB(multi_targeted) and Square chained as `torchattacks.MultiAttack` chains them,
+  with the same settings and each stage timed (torchattacks' own `AutoAttack` class fixes 10
+  APGD/FAB steps where the reference uses 100, so both sides are built explicitly).
   AutoAttack is timed at `--aa_eps` (default 1e-5): with labels = predictions nothing is fooled
   at that radius, so all four attacks run on every example: the cost on a fully robust model, an
   upper bound (at eps 8/255 a random-weight model falls to APGD-CE and the other three would
@@ -45,7 +45,8 @@ import ml_collections
 import numpy as np
 
 from hamjax.attacks import pgd
-from hamjax.evaluate import parse_attacks, run_attacks
+from hamjax.evaluation.runner import run_attacks
+from hamjax.evaluation.specs import parse_attacks
 from hamjax.models import build_model, init_variables, make_logits_fn
 
 NUM_CLASSES = 10

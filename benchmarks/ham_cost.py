@@ -54,9 +54,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hamjax.config import base_config
+from hamjax.config import base_config, method_config
 from hamjax.methods import get_method
-from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes, ham_method_config
+from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes
 from hamjax.models import build_model
 from hamjax.models.layers import conv_impl
 from hamjax.sharding import make_mesh, put_replicated, shard_batch
@@ -151,12 +151,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pgd_step, pgd_state = make_step(make_config(args.model, args.batch, _pgd()), args.image_size,
                                     mesh)
     pgd_passes = ledger_total(pgd_step, pgd_state, batch)
-    method = ham_method_config(warmup_epochs=0, mining_step=args.mining_step)
+    method = method_config("ham", warmup_epochs=0, mining_step=args.mining_step)
     config = make_config(args.model, args.batch, method)
     steps, m = int(config.attack.steps), args.mining_step
     ham_step, ham_state = make_step(config, args.image_size, mesh)
-    masked_config = make_config(args.model, args.batch, ham_method_config(
-        warmup_epochs=0, mining_step=m, bucketed=False))
+    masked_config = make_config(args.model, args.batch, method_config(
+        "ham", warmup_epochs=0, mining_step=m, bucketed=False))
     masked_step, masked_state = make_step(masked_config, args.image_size, mesh)
 
     cases = {"pgd_at": (pgd_step, pgd_state, batch)}

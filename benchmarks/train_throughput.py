@@ -20,7 +20,6 @@ update every `meta_interval` steps is not in it).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -47,25 +46,10 @@ DEFAULT_METHODS = ("standard", "pgd_at", "trades", "ham", "caat")
 
 
 def method_block(name: str) -> ml_collections.ConfigDict:
-    """`config.method` with every field: `method_config(name)`, completed from the method
-    module's own builder (`ham_method_config`, `default_method_config`) for methods whose
-    registry entry does not list its defaults yet; HAM's warm-up is switched off so that HAM
-    itself is timed (in warm-up it is PGD-AT)."""
+    """`config.method` with every field (`method_config(name)`, from the method's registered
+    defaults); HAM's warm-up is switched off so that HAM itself is timed (in warm-up it is
+    PGD-AT)."""
     block = method_config(name)
-    module = importlib.import_module(get_method(name).loss_fn.__module__)
-    for builder in ("ham_method_config", "default_method_config"):
-        fn = getattr(module, builder, None)
-        if fn is None:
-            continue
-        try:
-            full = fn(name)
-        except TypeError:
-            full = fn()
-        if full.get("name") == name:
-            for key, value in full.items():
-                if key not in block:
-                    block[key] = value
-        break
     if "warmup_epochs" in block:
         block.warmup_epochs = 0
     return block

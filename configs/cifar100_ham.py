@@ -7,13 +7,12 @@ epoch (`--begin_epoch 60`: 59 PGD-AT epochs) and 30% of the easy AEs are kept
 (`--keep_bili_high_conf 0.3`, chosen at random here: the released code lacks the rule).
 """
 
-from hamjax.config import base_config
-from hamjax.methods.ham import ham_method_config
+from hamjax.config import base_config, method_config
 
 
 def get_config():
     config = base_config()
     config.data.name = "cifar100"
     config.model.name = "preact_resnet18"
-    config.method = ham_method_config(warmup_epochs=59, mining_step=3, keep_easy_fraction=0.3)
+    config.method = method_config("ham", warmup_epochs=59, mining_step=3, keep_easy_fraction=0.3)
     return config

@@ -19,8 +19,8 @@ method.meta_feature_grad=False, method.adv_weight_floor > 0 (keeps the robust te
 routed to the anti-adversary branch).
 """
 
-from hamjax.config import base_config
-from hamjax.methods.caat import apply_scenario, default_method_config
+from hamjax.config import base_config, method_config
+from hamjax.methods.caat import apply_scenario
 
 
 def get_config(variant: str = ""):
@@ -30,7 +30,7 @@ def get_config(variant: str = ""):
     config.data.val_size = 0
     config.data.meta_per_class = 300
     config.model.name = "preact_resnet18"
-    config.method = default_method_config()  # beta 1.5, T 0.001, meta every 50 its, FRL 0.07...
+    config.method = method_config("caat")  # beta 1.5, T 0.001, meta every 50 its, FRL 0.07...
     # Training bound: base 10/255 times the class's ReMargin multiplier, 10 steps of 2/255.
     config.attack.eps = 10 / 255
     config.attack.step_size = 2 / 255

@@ -13,10 +13,9 @@ Deviation kept from the scripts: their loss normalises jointly, sum(w0 CE + beta
 sum(w0 + w1) (`method.normalise = "joint"`); CAAT's formula normalises each term ("separate").
 """
 
-from hamjax.config import base_config
+from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
 from hamjax.methods.caat import apply_scenario
-from hamjax.methods.frl import default_method_config
 
 _FLAVOURS = {"rw": "frl_rw", "rm": "frl_rm", "rwrm": "frl_rwrm"}
 
@@ -33,7 +32,7 @@ def get_config(variant: str = ""):
     config.data.name = "cifar10"
     config.data.val_size = 3000  # 300 per class (stratified), as in the FRL loader
     config.model.name = "preact_resnet18"
-    config.method = default_method_config(name)
+    config.method = method_config(name)
     config.method.beta = 1.0
     config.method.delta0 = 0.1
     config.method.delta1 = 0.1

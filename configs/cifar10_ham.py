@@ -9,13 +9,12 @@ SGD 0.1, momentum 0.9, weight decay 2e-4, batch 128, 120 epochs, lr x0.1 at 60 a
 from 110. Hard rows are packed into buckets of 1/8, 1/4, 1/2 or all of the batch.
 """
 
-from hamjax.config import base_config
-from hamjax.methods.ham import ham_method_config
+from hamjax.config import base_config, method_config
 
 
 def get_config():
     config = base_config()
     config.data.name = "cifar10"
     config.model.name = "preact_resnet18"
-    config.method = ham_method_config(warmup_epochs=49, mining_step=3)
+    config.method = method_config("ham", warmup_epochs=49, mining_step=3)
     return config

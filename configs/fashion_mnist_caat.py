@@ -12,8 +12,8 @@ the adversary and the anti-adversary, 4 epochs, PGD-20 at 0.1 on 1000 examples f
 FRL evaluation and the test report. Variant tokens as in configs/cifar10_caat.py.
 """
 
-from hamjax.config import base_config
-from hamjax.methods.caat import apply_scenario, default_method_config
+from hamjax.config import base_config, method_config
+from hamjax.methods.caat import apply_scenario
 
 
 def get_config(variant: str = ""):
@@ -25,7 +25,7 @@ def get_config(variant: str = ""):
     config.data.augment.crop_pad = 2
     config.data.augment.flip = False
     config.model.name = "small_cnn"
-    config.method = default_method_config()
+    config.method = method_config("caat")
     config.attack.eps = 0.1
     config.attack.step_size = 0.025
     config.attack.steps = 5

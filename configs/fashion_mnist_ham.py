@@ -6,8 +6,7 @@ Same budget as configs/fashion_mnist_pgdat.py (eps 0.1, PGD-10 with step 0.025, 
 two compare directly: 3 epochs of PGD-AT (about HAM's 50/120 share), then HAM with M = 3.
 """
 
-from hamjax.config import base_config
-from hamjax.methods.ham import ham_method_config
+from hamjax.config import base_config, method_config
 
 
 def get_config():
@@ -17,7 +16,7 @@ def get_config():
     config.data.augment.crop_pad = 2
     config.data.augment.flip = False
     config.model.name = "small_cnn"
-    config.method = ham_method_config(warmup_epochs=3, mining_step=3)
+    config.method = method_config("ham", warmup_epochs=3, mining_step=3)
     config.attack.eps = 0.1
     config.attack.step_size = 0.025
     config.attack.steps = 10

@@ -5,8 +5,7 @@
 As CIFAR-10: PGD-10 at eps 8/255, M = 3, HAM from the 50th epoch, SGD 0.1 for 120 epochs.
 """
 
-from hamjax.config import base_config
-from hamjax.methods.ham import ham_method_config
+from hamjax.config import base_config, method_config
 
 
 def get_config():
@@ -14,5 +13,5 @@ def get_config():
     config.data.name = "imagenette"
     config.data.image_size = 32
     config.model.name = "preact_resnet18"
-    config.method = ham_method_config(warmup_epochs=49, mining_step=3)
+    config.method = method_config("ham", warmup_epochs=49, mining_step=3)
     return config

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from hamjax.errors import CheckpointError
@@ -33,10 +34,12 @@ def _abstract(tree: Any) -> Any:
 class Checkpointer:
     """Saves and restores (state, meta) pairs in one workdir."""
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 2):
+    def __init__(self, workdir: str | os.PathLike, keep: int = 2, read_only: bool = False):
+        """read_only: only look and restore (evaluation): nothing is created or written."""
         self.workdir = resolve(workdir)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=True,
+            read_only=read_only,
         )
         self._managers = {
             kind: ocp.CheckpointManager(self.workdir / kind, options=options)
@@ -75,33 +78,55 @@ class Checkpointer:
         for kind in self._managers:
             self._settled(kind)
 
+    def _restore(self, kind: str, step: int | None, **items: Any) -> dict | None:
+        """The named items of the checkpoint `step` of `kind` (default: the latest); None when
+        nothing was saved. An existing checkpoint that cannot be read raises CheckpointError."""
+        manager = self._settled(kind)
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return None
+        try:
+            return dict(manager.restore(step, args=ocp.args.Composite(**items)))
+        except Exception as err:  # orbax raises many types; all mean the same to a user
+            raise CheckpointError(
+                f"cannot restore the checkpoint at {self.workdir / kind / str(step)}: "
+                f"{type(err).__name__}: {err}\n"
+                "It is corrupt or was written by a different config (model, method or data). "
+                "Fix: rerun with the config that wrote it, or move that directory away to start "
+                "over (the run will not overwrite it silently)."
+            ) from err
+
+    def read_meta(self, kind: str = LAST, step: int | None = None) -> dict | None:
+        """The JSON metadata of a checkpoint (the latest of `kind` by default) without its state,
+        e.g. to rebuild the config that shapes the state; None when nothing was saved."""
+        restored = self._restore(kind, step, meta=ocp.args.JsonRestore())
+        return None if restored is None else dict(restored["meta"])
+
     def restore(self, like_state: Any, kind: str = LAST, step: int | None = None):
         """Restores (state, meta) shaped like `like_state`; None when nothing was saved yet.
 
         A checkpoint that exists but cannot be read raises CheckpointError: a run never restarts
         silently from scratch over a user's saved work.
         """
-        manager = self._settled(kind)
-        step = manager.latest_step() if step is None else step
+        restored = self._restore(kind, step, state=ocp.args.StandardRestore(_abstract(like_state)),
+                                 meta=ocp.args.JsonRestore())
+        if restored is None:
+            return None
+        return restored["state"], dict(restored["meta"])
+
+    def restore_host(self, kind: str = LAST, step: int | None = None) -> Any:
+        """The saved state of `kind` at `step` (default: latest) as a nested dict of NumPy
+        arrays, whatever devices saved it (a notebook or a one-device process reading a
+        multi-device run's weights); None when nothing was saved."""
+        step = self.latest_step(kind) if step is None else step
         if step is None:
             return None
-        path = self.workdir / kind / str(step)
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_abstract(like_state)),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
-        except Exception as err:  # orbax raises many types; all mean the same to a user
-            raise CheckpointError(
-                f"cannot restore the checkpoint at {path}: {type(err).__name__}: {err}\n"
-                "It is corrupt or was written by a different config (model, method or data). "
-                "Fix: rerun with the config that wrote it, or move that directory away to start "
-                "over (the run will not overwrite it silently)."
-            ) from err
-        return restored["state"], dict(restored["meta"])
+        path = self.workdir / kind / str(step) / "state"
+        reader = ocp.PyTreeCheckpointer()
+        tree = reader.metadata(path)
+        tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
     def close(self) -> None:
         """Finishes pending saves (orbax's close waits for them) and releases the managers."""

@@ -82,6 +82,11 @@ class PerClassCounts:
     def __add__(self, other: PerClassCounts) -> PerClassCounts:
         return self.merge(other)
 
+    def to_json(self) -> dict[str, list[int]]:
+        """Exact integer counts, so two evaluations can be compared count for count."""
+        return {"correct": [int(v) for v in np.asarray(jax.device_get(self.correct))],
+                "total": [int(v) for v in np.asarray(jax.device_get(self.total))]}
+
 
 def per_class_counts(
     predictions_correct: jax.Array,

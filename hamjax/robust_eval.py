@@ -1,18 +1,29 @@
-"""Per-class clean and PGD accuracy over a whole split: the trainer's validation and the
-evaluation command share this code."""
+"""The trainer's per-class clean and PGD accuracy over a split: the evaluation driver configured
+with a clean pass and the CLI's pgdN stage, so `report.json` and `python -m hamjax.evaluate
+--attacks pgdN` on the same checkpoint give the same per-class counts.
+
+Robust means classified correctly clean and after the attack (RobustBench's convention); only
+the clean-correct examples are attacked. Multi-host: every process feeds its rows of each chunk
+and reads every example's result (`hamjax.evaluation.driver`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-from hamjax.attacks import pgd
-from hamjax.data import eval_batches, images_to_float, stratified_subset
-from hamjax.metrics import PerClassCounts, per_class_counts
-from hamjax.models import apply_model
-from hamjax.sharding import process_rows, replicated, shard_batch
+from hamjax.data import stratified_subset
+from hamjax.evaluation.driver import Driver, class_counts
+from hamjax.evaluation.specs import attack_key, bound_attack, parse_attacks
+from hamjax.evaluation.stages import (
+    ROBUST_DEFINITION,
+    ChainStage,
+    attack_fn,
+    clean_fn,
+    model_logits,
+    run_chain,
+)
+from hamjax.metrics import PerClassCounts
 
 
 def subset(split, num_examples: int, seed: int, num_classes: int):
@@ -22,55 +33,37 @@ def subset(split, num_examples: int, seed: int, num_classes: int):
     return stratified_subset(split, num_examples, seed, num_classes)
 
 
-def make_eval_step(model, num_classes: int, attack_config) -> Callable:
-    """`eval_step(variables, batch, rng) -> (clean_counts, robust_counts)` per class.
-
-    The attack is PGD with `attack_config` (eps, step_size, steps) on the model in eval mode;
-    padded rows (batch["mask"] False) count nowhere.
-    """
-
-    def eval_step(variables, batch, rng):
-        x, y, mask = images_to_float(batch["image"]), batch["label"], batch["mask"]
-
-        def logits_fn(z):
-            return apply_model(model, variables, z, bn_mode="eval")[0]
-
-        clean_correct = jnp.argmax(logits_fn(x), -1) == y
-        x_adv, info = pgd(
-            logits_fn, x, y, rng, eps=attack_config.eps, step_size=attack_config.step_size,
-            steps=attack_config.steps, random_start=True,
-        )
-        robust_correct = ~info.success
-        return (
-            per_class_counts(clean_correct, y, num_classes, mask),
-            per_class_counts(robust_correct, y, num_classes, mask),
-        )
-
-    return eval_step
-
-
 class PGDEvaluator:
-    """Compiles the per-class evaluation once and runs it over any split."""
+    """Compiles the clean pass and PGD (`attack_config`: eps, step_size, steps) once and runs
+    them over any split, on the model in eval mode."""
+
+    robust_definition = ROBUST_DEFINITION
 
     def __init__(self, model, num_classes: int, attack_config, mesh, batch_size: int):
         self.num_classes = num_classes
-        self.mesh = mesh
-        self.batch_size = batch_size
-        # Counts come back replicated: every process reads the global totals.
-        self._step = jax.jit(
-            make_eval_step(model, num_classes, attack_config),
-            in_shardings=(replicated(mesh), None, replicated(mesh)),
-            out_shardings=replicated(mesh),
-        )
+        self.eps = float(attack_config.eps)
+        spec = parse_attacks(f"pgd{int(attack_config.steps)}", eps=self.eps,
+                             num_classes=num_classes, step_size=float(attack_config.step_size))[0]
+        self.name = spec.name
+        logits_of = model_logits(model)
+        self._driver = Driver(mesh, batch_size)
+        self._clean = clean_fn(logits_of, checks=False)
+        self._stages = [ChainStage(s.stage_id, attack_fn(logits_of, bound_attack(s, num_classes)))
+                        for s in spec.stages]
+
+    def attack_key(self, seed: int) -> jax.Array:
+        """The key `python -m hamjax.evaluate --attacks pgdN --seed seed` uses."""
+        return attack_key(seed, self.name)
 
     def __call__(self, variables, split, rng) -> tuple[PerClassCounts, PerClassCounts]:
-        """(clean, robust) per-class counts; every example counted once (padding masked), each
-        process feeding only its rows of every batch."""
-        clean = PerClassCounts.zeros(self.num_classes)
-        robust = PerClassCounts.zeros(self.num_classes)
-        rows = process_rows(self.mesh, self.batch_size)
-        for i, batch in enumerate(eval_batches(split, self.batch_size, rows)):
-            batch = shard_batch(batch, self.mesh)
-            c, r = self._step(variables, batch, jax.random.fold_in(rng, i))
-            clean, robust = clean.merge(c), robust.merge(r)
-        return jax.device_get(clean), jax.device_get(robust)
+        """(clean, robust) per-class counts of every example of `split`; `rng` is the attack's
+        root key (`attack_key`)."""
+        labels = np.asarray(split.labels, np.int32)
+        n = len(labels)
+        arrays = {"image": split.images, "label": labels,
+                  "eps": np.full(n, self.eps, np.float32)}
+        clean = self._driver.run(self._clean, variables, arrays, np.arange(n), rng)
+        correct = clean.output("correct")
+        chain = run_chain(self._driver, variables, arrays, correct, self._stages, rng)
+        return (class_counts(correct, labels, self.num_classes),
+                class_counts(chain.robust, labels, self.num_classes))

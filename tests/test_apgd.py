@@ -1,4 +1,4 @@
-"""hamjax.attacks.apgd: the published checkpoint schedule, the step-size rule (unit cases, a
+"""hamjax.attacks.apgd_attack: the published checkpoint schedule, the step-size rule (unit cases, a
 predictable linear case, and step-for-step agreement with a numpy transcription of the reference
 loop), threat-model invariants with per-example eps, targets, and strength against PGD."""
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from toy_models import toy_data, train_mlp
 
 from hamjax.attacks import per_example_loss, pgd
-from hamjax.attacks.apgd import (
+from hamjax.attacks.apgd_attack import (
     apgd,
     apgd_checkpoints,
     apgd_start,

@@ -1,5 +1,6 @@
-"""hamjax.attacks.pgd/fgsm: threat-model invariants (hypothesis), closed-form optima on linear
-models, kappa / cross_step / early-stop semantics on a constructed case, and a real attack."""
+"""hamjax.attacks.pgd_attack (pgd, fgsm): threat-model invariants (hypothesis), closed-form
+optima on linear models, kappa / cross_step / early-stop semantics on a constructed case, and a
+real attack."""
 
 from __future__ import annotations
 

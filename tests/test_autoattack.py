@@ -1,6 +1,7 @@
-"""hamjax.attacks.autoattack / checks: per-example worst case over attacks (fake attacks with
-known outcomes), the host driver re-attacking only robust examples in fixed-size chunks, the
-gradient-masking checks, and the real ensemble against PGD on a tiny trained model."""
+"""hamjax.attacks.autoattack_ensemble / checks and run_autoattack: per-example worst case over
+attacks (fake attacks with known outcomes), the host driver re-attacking only robust examples in
+fixed-size chunks, results independent of the batch size, the gradient-masking checks, the
+public names, and the real ensemble against PGD on a tiny trained model."""
 
 from __future__ import annotations
 
@@ -12,13 +13,7 @@ import numpy as np
 import pytest
 from toy_models import toy_data, train_mlp
 
-from hamjax.attacks import pgd
-from hamjax.attacks.autoattack import (
-    STANDARD_ATTACKS,
-    autoattack,
-    chunked,
-    run_autoattack,
-)
+from hamjax.attacks import STANDARD_ATTACKS, autoattack, chunked, pgd, run_autoattack
 from hamjax.attacks.checks import output_gap
 
 N, C, EPS = 48, 4, 0.15
@@ -301,3 +296,36 @@ def test_jitted_skips_attacks_once_nothing_is_robust():
         jax.effects_barrier()
         assert bool(calls) == expect_call
         assert np.asarray(res.robust).all() == expect_call
+
+
+def test_driver_results_do_not_depend_on_the_batch_size(toy):
+    """Each example draws from its own key (its index folded in): batches of 32 and 128 give
+    the same per-example outcome of every attack and the same adversarial points."""
+    logits_fn, x, y = toy
+    fast = {"apgd-ce": dict(steps=10), "apgd-t": dict(steps=10), "fab-t": dict(steps=10),
+            "square": dict(n_queries=100)}
+    runs = [run_autoattack(logits_fn, x, y, jax.random.PRNGKey(3), eps=0.03, num_classes=C,
+                           attack_kwargs=fast, batch_size=b, log_fn=None, progress=False)
+            for b in (32, 128)]
+    (x32, r32), (x128, r128) = runs
+    np.testing.assert_array_equal(r32.clean_correct, r128.clean_correct)
+    for name in STANDARD_ATTACKS:
+        np.testing.assert_array_equal(r32.fooled_by[name], r128.fooled_by[name], err_msg=name)
+        np.testing.assert_array_equal(r32.robust_after[name], r128.robust_after[name])
+    np.testing.assert_array_equal(x32, x128)
+    assert r32.robust_accuracy < r32.clean_accuracy  # the attacks did something
+
+
+def test_attacks_are_importable_by_their_names():
+    """The README's names are the functions; every module imports as itself."""
+    import importlib
+
+    import hamjax.attacks as attacks
+
+    for name in ("pgd", "fgsm", "apgd", "apgd_targeted", "fab", "fab_targeted", "square",
+                 "autoattack", "run_autoattack", "ham_mine", "mine_hard"):
+        assert callable(getattr(attacks, name)), name
+    for module in ("pgd_attack", "apgd_attack", "fab_attack", "square_attack",
+                   "autoattack_ensemble", "checks", "losses", "mining", "rng"):
+        loaded = importlib.import_module(f"hamjax.attacks.{module}")
+        assert loaded.__name__ == f"hamjax.attacks.{module}"

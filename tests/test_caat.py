@@ -14,7 +14,7 @@ import pytest
 
 from hamjax.attacks.losses import kl_divergence
 from hamjax.checkpoint import Checkpointer
-from hamjax.config import base_config
+from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
 from hamjax.methods import caat, get_method
 from hamjax.methods.common import cross_entropy, forward
@@ -52,7 +52,7 @@ def make_ctx(steps_per_epoch: int = 4, momentum: float = 0.9, smooth: bool = Fal
     config.data.augment.flip = False
     config.data.val_size = 0
     config.data.meta_per_class = 4
-    config.method = caat.default_method_config()
+    config.method = method_config("caat")
     config.method.update(method)
     config.attack.eps = BASE_EPS
     config.attack.step_size = 0.03
@@ -394,7 +394,7 @@ def test_method_state_checkpoint_round_trip(tmp_path):
 # ---------------------------------------------------------------------- config
 def test_validation_and_scenarios():
     config = base_config()
-    config.method = caat.default_method_config()
+    config.method = method_config("caat")
     config.data.meta_per_class = 10
     get_method("caat").validate(config)
     for field, bad in (("temperature", 0.0), ("meta_bn", "eval"), ("adv_weight_floor", 2.0),

@@ -1,4 +1,5 @@
-"""hamjax.evaluate on a tiny trained digits run: outputs, consistency, resume, errors.
+"""hamjax.evaluate on a tiny trained digits run: outputs, consistency with the trainer's own
+evaluation, one definition of robust accuracy, independence of the batch size, resume, errors.
 
 One run is trained per module (about 30 s on 2 CPU cores) and every test evaluates a few dozen
 examples with short attacks; compilation dominates the time, so each test compiles few attacks.
@@ -15,6 +16,8 @@ import pytest
 
 from hamjax import evaluate as ev
 from hamjax.errors import CheckpointError, ConfigError
+from hamjax.evaluation import cli, driver, report
+from hamjax.evaluation.specs import attack_key
 
 EPS = 0.1
 FAST = {"square": {"n_queries": 20}}
@@ -32,7 +35,7 @@ def _tiny_config():
     c.method.name = "standard"
     c.eval.eps = EPS
     c.eval.step_size = 0.05
-    c.eval.steps = 1
+    c.eval.steps = 20  # the trainer's PGD-20, compared with the CLI's
     c.eval.num_examples = 20
     c.eval.batch_size = 20
     c.train.epochs = 1
@@ -77,7 +80,8 @@ def test_json_png_and_fields(workdir, first_eval):
     assert saved["seed"] == _tiny_config().seed and saved["fast"] is True
     assert saved["config"]["model"]["name"] == "small_cnn"
     pgd = saved["attacks"]["pgd3"]["settings"]
-    assert pgd["steps"] == 3 and pgd["step_size"] == pytest.approx(EPS / 4) and pgd["loss"] == "ce"
+    # the default step is the run's own (config.eval.step_size at this eps)
+    assert pgd["steps"] == 3 and pgd["step_size"] == pytest.approx(0.05) and pgd["loss"] == "ce"
     aa = saved["attacks"]["autoattack"]["settings"]
     assert list(aa["components"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert aa["components"]["square"]["n_queries"] == 20
@@ -86,6 +90,8 @@ def test_json_png_and_fields(workdir, first_eval):
     assert any("target classes" in w for w in saved["gradient_masking_warnings"])
     with open(result["chart_path"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"epoch {saved['checkpoint_epoch']}," in report.chart_title(saved)
+    assert saved["checkpoint_epoch"] == 1
     assert any("img/s" in line and line.startswith("[pgd3]") for line in lines)
     assert any(line.startswith("[autoattack/apgd-ce]") for line in lines)
 
@@ -113,20 +119,22 @@ def test_per_class_numbers_consistent(first_eval):
 def test_rerun_skips_completed_work(workdir, first_eval, monkeypatch):
     result, _ = first_eval
 
-    def no_attacks(*args, **kwargs):
-        raise AssertionError("an attack was rebuilt although every chunk was done")
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a stage was compiled although every example was done")
 
-    monkeypatch.setattr(ev, "_bound_attack", no_attacks)
+    monkeypatch.setattr(driver.Driver, "_compile", no_compile)
     again = ev.evaluate_workdir(workdir, "pgd3,autoattack", "test", 40, batch_size=16,
                                 fast=True, overrides=FAST, log=lambda s: None)
     assert again["progress"]["computed_chunks"] == 0
-    assert again["progress"]["resumed_chunks"] == result["progress"]["computed_chunks"]
+    attacked = sum(s["attacked"] for a in result["attacks"].values() for s in a["stages"].values())
+    assert again["progress"]["resumed_examples"] == 40 + attacked  # clean pass + every attack
     for name in ("pgd3", "autoattack"):
         assert again["attacks"][name]["robust"] == result["attacks"][name]["robust"]
     with open(result["partial_path"]) as f:
         partial = json.load(f)
     # the per-stage counters of computed chunks did not move
-    assert partial["stages"]["pgd3"]["computed_chunks"] == len(partial["stages"]["pgd3"]["done"])
+    assert partial["stages"]["pgd3"]["computed_chunks"] == -(-partial["stages"]["pgd3"][
+        "images"] // 16)
 
 
 def test_interrupted_run_resumes_to_the_same_answer(workdir):
@@ -141,11 +149,11 @@ def test_interrupted_run_resumes_to_the_same_answer(workdir):
     with pytest.raises(Stop):
         ev.evaluate_workdir(workdir, "pgd2", "val", 48, log=stop_after_first_pgd_chunk, **kwargs)
     resumed = ev.evaluate_workdir(workdir, "pgd2", "val", 48, log=lambda s: None, **kwargs)
-    assert resumed["progress"]["resumed_chunks"] >= 2  # the clean chunks and one pgd chunk
+    assert resumed["progress"]["resumed_examples"] >= 48 + 1  # the clean pass, one pgd chunk
     assert resumed["progress"]["computed_chunks"] >= 1
     fresh = ev.evaluate_workdir(workdir, "pgd2", "val", 48, resume=False, write=False,
                                 log=lambda s: None, **kwargs)
-    assert fresh["progress"]["resumed_chunks"] == 0
+    assert fresh["progress"]["resumed_examples"] == 0
     assert resumed["attacks"]["pgd2"]["robust"] == fresh["attacks"]["pgd2"]["robust"]
 
 
@@ -189,7 +197,7 @@ def test_missing_checkpoint_says_where_it_looked(tmp_path, capsys):
 
 def test_cli_refuses_to_run_on_several_processes(tmp_path, capsys, monkeypatch):
     """On N hosts every process would redo and rewrite the whole evaluation."""
-    monkeypatch.setattr(ev.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(cli.jax, "process_count", lambda: 2)
     assert ev.main(["--workdir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: python -m hamjax.evaluate runs on one host")
@@ -217,8 +225,8 @@ def test_parse_attacks_settings():
 
 @pytest.mark.slow
 def test_autoattack_matches_host_driver(workdir):
-    """Same per-example answer as hamjax.attacks.autoattack.run_autoattack (same keys/chunks)."""
-    from hamjax.attacks.autoattack import STANDARD_ATTACKS, run_autoattack
+    """Same per-example answer as hamjax.attacks.run_autoattack: the same chain and keys."""
+    from hamjax.attacks import STANDARD_ATTACKS, run_autoattack
     from hamjax.data import stratified_subset
     from hamjax.models import make_logits_fn
 
@@ -231,7 +239,56 @@ def test_autoattack_matches_host_driver(workdir):
     assert list(kwargs) == list(STANDARD_ATTACKS)
     _, ref = run_autoattack(make_logits_fn(run.model, run.variables),
                             data.images.astype(np.float32) / 255, data.labels,
-                            ev.attack_key(0, "autoattack"), eps=EPS, num_classes=10,
-                            attack_kwargs=kwargs, batch_size=16, log_fn=lambda s: None)
+                            attack_key(0, "autoattack"), eps=EPS, num_classes=10,
+                            attack_kwargs=kwargs, batch_size=16, log_fn=None, progress=False)
     np.testing.assert_array_equal(out.clean_correct, ref.clean_correct)
     np.testing.assert_array_equal(out.robust["autoattack"], ref.robust)
+
+
+def test_trainer_and_cli_give_the_same_pgd20_counts(workdir, capsys):
+    """report.json's PGD-20 (the trainer's validation and its final test report) and
+    `python -m hamjax.evaluate --attacks pgd20` on the same checkpoint: the same per-class
+    counts, clean and robust, with nothing but the split and the sample passed."""
+    with open(os.path.join(workdir, "report.json")) as f:
+        trained = json.load(f)
+    val = trained["epochs"][0]["val"]["counts"]  # the epoch whose state is the best checkpoint
+    test = trained["results"]["best_on_val"]["counts"]
+    for split, counts in (("val", val), ("test", test)):
+        assert ev.main(["--workdir", workdir, "--attacks", "pgd20", "--split", split,
+                        "--num_examples", "20", "--no_resume"]) == 0
+        with open(os.path.join(workdir, "eval", f"{split}_best.json")) as f:
+            cli_counts = json.load(f)["counts"]
+        assert cli_counts["clean"] == counts["clean"], split
+        assert cli_counts["pgd20"] == counts["robust"], split
+        assert sum(counts["robust"]["correct"]) <= sum(counts["clean"]["correct"])
+    capsys.readouterr()
+
+
+def test_pgd_results_do_not_depend_on_the_batch_size(workdir):
+    """Each example's random start is keyed by its index: chunks of 8 or 40, same answer."""
+    from hamjax.robust_eval import subset
+
+    run = ev.load_run(workdir, "best", log=lambda s: None)
+    data = subset(run.splits.test, 40, 0, 10)
+    specs = ev.parse_attacks("pgd5", eps=EPS, num_classes=10)
+    outs = [ev.run_attacks(run.model, run.variables, data.images, data.labels, 10, specs,
+                           eps=EPS, seed=3, batch_size=b, log=lambda s: None) for b in (8, 40)]
+    np.testing.assert_array_equal(outs[0].clean_correct, outs[1].clean_correct)
+    np.testing.assert_array_equal(outs[0].robust["pgd5"], outs[1].robust["pgd5"])
+    assert 0 < outs[0].robust["pgd5"].sum() < outs[0].clean_correct.sum()  # PGD did something
+
+
+def test_cli_attack_settings_are_config_flags(capsys):
+    """--attack.<kind>.<field>=V is parsed by ml_collections (as launch.py's --config.*);
+    --override NAME.FIELD=V is the same flag; a typo is named with the valid settings."""
+    from hamjax.evaluation.specs import overrides_from
+
+    _, attack = cli._parse(["--workdir=w", "--attack.pgd.step_size=eps/8",
+                            "--override", "apgd-t.steps=5", "--override=square.n_queries=7"])
+    assert overrides_from(attack.value) == {"pgd": {"step_size": "eps/8"},
+                                            "apgd-t": {"steps": 5}, "square": {"n_queries": 7}}
+    assert ev.main(["--workdir=w", "--attack.square.n_querys=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--attack.square.n_querys is not an attack setting" in err and "n_queries" in err
+    assert ev.main(["--workdir=w", "--attack.square.n_queries=many"]) == 2
+    assert "invalid literal" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
-from hamjax.attacks.fab import fab, fab_targeted, projection_linf
+from hamjax.attacks.fab_attack import fab, fab_targeted, projection_linf
 
 B, H, W, C, K = 6, 4, 4, 1, 4
 _projection = jax.jit(projection_linf)

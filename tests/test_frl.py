@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hamjax.config import base_config
+from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
 from hamjax.methods import frl, get_method
 from hamjax.metrics import PerClassCounts
@@ -40,7 +40,7 @@ def make_ctx(name: str = "frl_rwrm", steps_per_epoch: int = 3, **method) -> Step
     config.data.augment.crop_pad = 0
     config.data.augment.flip = False
     config.data.val_size = 40
-    config.method = frl.default_method_config(name)
+    config.method = method_config(name)
     config.method.update(method)
     config.attack.eps = 0.05
     config.attack.step_size = 0.03
@@ -209,7 +209,7 @@ def test_train_step_uses_class_bounds():
 def test_validation_names_the_field():
     config = base_config()
     config.data.val_size = 100
-    config.method = frl.default_method_config("frl_rm")
+    config.method = method_config("frl_rm")
     get_method("frl_rm").validate(config)
     config.method.lim = 1.5
     with pytest.raises(ConfigError, match="method.lim"):

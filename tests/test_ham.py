@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from hamjax.config import base_config, validate_config
+from hamjax.config import base_config, method_config, validate_config
 from hamjax.errors import ConfigError
 from hamjax.methods import get_method
 from hamjax.methods.ham import (
@@ -29,7 +29,6 @@ from hamjax.methods.ham import (
     bucket_sizes,
     choose_branch,
     ham_loss,
-    ham_method_config,
     ham_terms,
     select_rows,
     validate,
@@ -62,7 +61,7 @@ def make_config(bn_mode: str = "eval", **method) -> ml_collections.FrozenConfigD
     c = base_config()
     c.attack.bn_mode = bn_mode
     c.model.name = "small_cnn"  # unused: the context carries MarkerNet
-    c.method = ham_method_config(**{"warmup_epochs": 1, "mining_step": M, **method})
+    c.method = method_config("ham", **{"warmup_epochs": 1, "mining_step": M, **method})
     c.attack.steps, c.attack.eps, c.attack.step_size = K, EPS, ALPHA
     c.train.batch_size = B
     c.train.lr_schedule = "constant"

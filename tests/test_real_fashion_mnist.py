@@ -55,8 +55,7 @@ def test_autoattack_is_no_weaker_than_pgd20_and_square_alone_is_weaker_than_apgd
 ):
     """On the PGD-AT model: AutoAttack standard (Square cut to 500 queries on this CPU) robust
     accuracy <= PGD-20's on the same examples; black-box Square alone is weaker than APGD-CE."""
-    from hamjax.attacks import pgd
-    from hamjax.attacks.autoattack import run_autoattack
+    from hamjax.attacks import pgd, run_autoattack
 
     models = fashion_mnist_models
     split = subset(models.splits.test, AA_EXAMPLES, 1, models.splits.num_classes)

@@ -11,15 +11,13 @@ import optax
 import pytest
 
 from hamjax.attacks import pgd
-from hamjax.config import base_config, validate_config
+from hamjax.config import base_config, method_config, validate_config
 from hamjax.errors import ConfigError
 from hamjax.methods import get_method
 from hamjax.methods.relatives import (
     fat_adversary,
-    fat_method_config,
     gair_weights,
     gairat_loss,
-    gairat_method_config,
 )
 from hamjax.models.layers import batch_norm
 from hamjax.train.optim import make_lr_fn, make_optimizer
@@ -93,7 +91,7 @@ def _stepped(ctx, step: int, seed: int = 0):
 
 
 def test_gairat_loss_is_kappa_weighted_after_begin_epoch():
-    ctx = make_ctx(gairat_method_config(begin_epoch=1))
+    ctx = make_ctx(method_config("gairat", begin_epoch=1))
     wrong = np.arange(B) % 3 == 0
     batch, rng = marker_batch(wrong, seed=1), jax.random.PRNGKey(2)
     x, y = batch["image"], batch["label"]
@@ -118,7 +116,7 @@ def test_gairat_loss_is_kappa_weighted_after_begin_epoch():
 
 
 def test_gairat_train_step():
-    ctx = make_ctx(gairat_method_config(begin_epoch=0))
+    ctx = make_ctx(method_config("gairat", begin_epoch=0))
     state = _stepped(ctx, 0)
     new, metrics = jax.jit(make_train_step(ctx, get_method("gairat")))(
         state, marker_batch(np.arange(B) % 2 == 0, seed=3)
@@ -133,7 +131,7 @@ def test_gairat_train_step():
 @pytest.mark.parametrize("tau", [0, 1, 2])
 def test_fat_stops_examples_tau_steps_after_crossing(tau):
     """Rows misclassified from the start move exactly tau steps; the others all K steps."""
-    ctx = make_ctx(fat_method_config(tau=tau))
+    ctx = make_ctx(method_config("fat", tau=tau))
     state = _stepped(ctx, 0)
     wrong = np.arange(B) % 2 == 0
     batch, rng = marker_batch(wrong, seed=4), jax.random.PRNGKey(5)
@@ -158,7 +156,7 @@ def test_fat_stops_examples_tau_steps_after_crossing(tau):
 
 
 def test_fat_train_step_counts_executed_passes():
-    ctx = make_ctx(fat_method_config(tau=0))
+    ctx = make_ctx(method_config("fat", tau=0))
     state = _stepped(ctx, 0)
     new, metrics = jax.jit(make_train_step(ctx, get_method("fat")))(
         state, marker_batch(np.arange(B) % 4 == 0, seed=6)
@@ -176,16 +174,15 @@ def test_fat_train_step_counts_executed_passes():
 )
 def test_validation_names_the_field(method, field, value):
     c = base_config()
-    make = gairat_method_config if method == "gairat" else fat_method_config
-    c.method = make(**{field: value})
+    c.method = method_config(method, **{field: value})
     with pytest.raises(ConfigError, match=f"config.method.{field}"):
         validate_config(c)
 
 
 def test_method_configs_validate():
-    for method in (gairat_method_config(), fat_method_config(tau=2)):
+    for method in (method_config("gairat"), method_config("fat", tau=2)):
         c = base_config()
         c.method = method
         validate_config(c)
     with pytest.raises(ConfigError, match="tau_max"):
-        fat_method_config(tau_max=3)
+        method_config("fat", tau_max=3)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hamjax.attacks.square import p_selection, square, window_sizes
+from hamjax.attacks.square_attack import p_selection, square, window_sizes
 
 B, H, W, C, K = 6, 4, 4, 3, 3
 D = H * W * C

@@ -21,13 +21,31 @@ Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
 RANDOMIZED_TOL = 1e-4  # reference: max L2 distance of L2-normalised outputs
+VALID_TOL = 1e-5  # slack on the eps ball and the box when judging attack outputs
 SQUARE_TOL = 0.002  # reference: Square may lower robust accuracy by at most 0.2 points
 WHITE_BOX_PREFIXES = ("apgd", "fab", "pgd")
 BLACK_BOX = ("square",)
 
 
-def zero_gradient_count(logits_fn: LogitsFn, x: Array, y: Array, mask: Array | None = None):
-    """(n_zero, n_checked): examples whose margin-loss input gradient is exactly zero.
+def judge(logits_fn: LogitsFn, x: Array, y: Array, x_adv: Array, eps: Array, norm: str):
+    """(fooled, valid) per example: an attack output counts only inside the threat model.
+
+    valid: finite, in [0, 1] and within eps (+1e-5) of x. fooled: valid and misclassified when
+    the model is re-evaluated on it (the reference trusts only this re-evaluation).
+    """
+    delta = (x_adv - x).reshape(x.shape[0], -1)
+    size = (jnp.max(jnp.abs(delta), axis=-1) if norm == "linf"
+            else jnp.sqrt(jnp.sum(jnp.square(delta), axis=-1)))
+    flat = x_adv.reshape(x.shape[0], -1)
+    valid = (jnp.all(jnp.isfinite(flat), axis=-1) & (size <= eps + VALID_TOL)
+             & jnp.all((flat >= -VALID_TOL) & (flat <= 1.0 + VALID_TOL), axis=-1))
+    safe = jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x_adv, x)
+    fooled = valid & (jnp.argmax(logits_fn(safe), axis=-1) != y)
+    return fooled, valid
+
+
+def zero_gradients(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
+    """bool[B]: the example's margin-loss input gradient is exactly zero.
 
     The reference looks at the DLR gradient at APGD's start; the CW margin has the same zero set
     (both vanish only where the logits do not depend on the input) and exists for 2 classes too.
@@ -36,7 +54,12 @@ def zero_gradient_count(logits_fn: LogitsFn, x: Array, y: Array, mask: Array | N
         return jnp.sum(cw_margin(logits_fn(xa), y))
 
     grad = jax.grad(total)(jnp.asarray(x, jnp.float32))
-    zero = jnp.sum(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=-1) == 0
+    return jnp.sum(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=-1) == 0
+
+
+def zero_gradient_count(logits_fn: LogitsFn, x: Array, y: Array, mask: Array | None = None):
+    """(n_zero, n_checked): examples in `mask` whose input gradient is zero (`zero_gradients`)."""
+    zero = zero_gradients(logits_fn, x, y)
     mask = jnp.ones(zero.shape, bool) if mask is None else mask
     return jnp.sum(zero & mask).astype(jnp.int32), jnp.sum(mask).astype(jnp.int32)
 
@@ -61,11 +84,16 @@ def randomness_gap(logits_fn: LogitsFn, x: Array, n_calls: int = 2) -> float:
     return float(output_gap(outputs))
 
 
-def looks_like_probabilities(logits: Array, tol: float = 1e-5) -> Array:
-    """True when every output is in [0, 1] and rows sum to 1 (softmax outputs, not logits)."""
+def probability_rows(logits: Array, tol: float = 1e-5) -> Array:
+    """bool[B]: the row is in [0, 1] and sums to 1 (a softmax output, not logits)."""
     logits = jnp.asarray(logits, jnp.float32)
-    return ((jnp.max(logits) < 1.0 + tol) & (jnp.min(logits) > -tol)
-            & jnp.all(jnp.abs(jnp.sum(logits, axis=-1) - 1.0) < tol))
+    return ((jnp.max(logits, axis=-1) < 1.0 + tol) & (jnp.min(logits, axis=-1) > -tol)
+            & (jnp.abs(jnp.sum(logits, axis=-1) - 1.0) < tol))
+
+
+def looks_like_probabilities(logits: Array, tol: float = 1e-5) -> Array:
+    """True when every row looks like probabilities (`probability_rows`)."""
+    return jnp.all(probability_rows(logits, tol))
 
 
 def is_white_box(name: str) -> bool:
@@ -101,10 +129,9 @@ def target_class_warnings(attack_names: Sequence[str], num_classes: int,
     return out
 
 
-def format_warnings(*, n_zero_grad, n_grad_checked, output_gap_value, probabilities,
-                    fooled_by: Mapping[str, Array], invalid: Mapping[str, Array],
-                    batch_size: int) -> list[str]:
-    """Readable warnings from the numeric check results (host side, concrete values)."""
+def clean_warnings(*, n_zero_grad, n_grad_checked, output_gap_value,
+                   probabilities) -> list[str]:
+    """Readable warnings from the checks on the clean model (host side, concrete values)."""
     out = []
     n_zero, n_checked = int(n_zero_grad), int(n_grad_checked)
     if n_zero > 0:
@@ -122,6 +149,14 @@ def format_warnings(*, n_zero_grad, n_grad_checked, output_gap_value, probabilit
     if bool(probabilities):
         out.append("outputs look like probabilities (in [0, 1], rows sum to 1): pass logits, "
                    "since CE/DLR on probabilities saturate and mask gradients")
+    return out
+
+
+def attack_warnings(fooled_by: Mapping[str, Array], invalid: Mapping[str, Array],
+                    batch_size: int) -> list[str]:
+    """Readable warnings from what the attacks did: a black-box attack beating every white-box
+    one, outputs outside the threat model (host side, concrete values)."""
+    out = []
     only = black_box_only(fooled_by)
     if only is not None:
         n_only = int(np.sum(np.asarray(only)))
@@ -136,3 +171,12 @@ def format_warnings(*, n_zero_grad, n_grad_checked, output_gap_value, probabilit
             out.append(f"{name} returned {int(n)} points outside the eps ball or [0, 1] (or not "
                        "finite); they were not counted as adversarial")
     return out
+
+
+def format_warnings(*, n_zero_grad, n_grad_checked, output_gap_value, probabilities,
+                    fooled_by: Mapping[str, Array], invalid: Mapping[str, Array],
+                    batch_size: int) -> list[str]:
+    """Every readable warning: `clean_warnings` then `attack_warnings`."""
+    return clean_warnings(n_zero_grad=n_zero_grad, n_grad_checked=n_grad_checked,
+                          output_gap_value=output_gap_value, probabilities=probabilities) + \
+        attack_warnings(fooled_by, invalid, batch_size)

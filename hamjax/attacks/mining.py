@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from hamjax.attacks.pgd import PGDInfo, pgd
+from hamjax.attacks.pgd_attack import PGDInfo, pgd
 
 Array = jax.Array
 

@@ -11,6 +11,7 @@ from hamjax.data.batching import (
     iterate_batches,
     meta_batch,
     num_batches,
+    padded_chunks,
 )
 from hamjax.data.config import NOISE_KINDS, SOURCES, default_data_config, validate_data_config
 from hamjax.data.sources import (
@@ -55,6 +56,7 @@ __all__ = [
     "make_splits",
     "meta_batch",
     "num_batches",
+    "padded_chunks",
     "search_dirs",
     "stratified_subset",
     "transition_matrix",

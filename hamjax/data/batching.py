@@ -70,6 +70,22 @@ def iterate_batches(
         yield _to_batch(split, idx[rows])
 
 
+def padded_chunks(
+    positions: np.ndarray, size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (real, padded) pairs over `positions` in order: `size` positions at a time, the
+    last chunk padded to `size` by wrapping its own positions (valid inputs, static shapes).
+
+    The one padding rule of every evaluation (`eval_batches`, `hamjax.evaluation.driver`).
+    """
+    if size < 1:
+        raise ValueError(f"batch_size={size} must be >= 1")
+    positions = np.asarray(positions)
+    for start in range(0, len(positions), size):
+        real = positions[start:start + size]
+        yield real, np.resize(real, size)
+
+
 def eval_batches(
     split: ArraySplit, batch_size: int, rows: slice = slice(None)
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -79,12 +95,7 @@ def eval_batches(
     and carry "mask" False, so metrics and batch statistics can exclude them. `rows`: this
     process's share of each (global) batch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    n = len(split)
-    for start in range(0, n, batch_size):
-        real = np.arange(start, min(start + batch_size, n), dtype=np.int32)
-        idx = np.resize(real, batch_size)  # wraps the real positions into the padding
+    for real, idx in padded_chunks(np.arange(len(split), dtype=np.int32), batch_size):
         batch = _to_batch(split, idx[rows])
         batch["mask"] = (np.arange(batch_size) < len(real))[rows]
         yield batch

@@ -33,7 +33,8 @@ class Method:
     epoch_end(state, ctx, evaluator) -> state, run on the host after each epoch (FRL multipliers);
       `evaluator(state, split_name)` returns per-class clean and robust counts.
     validate(config) raises ConfigError naming the field.
-    defaults: the method's config fields and their defaults (`hamjax.config.method_config`).
+    defaults: the method's config fields and their defaults: the one source of `config.method`
+      (`hamjax.config.method_config(name, **overrides)` builds it from them).
     summarize_state(method_state) -> dict of JSON-able values logged after each epoch (CAAT's
       per-class routing, FRL's multipliers).
     """
@@ -48,13 +49,6 @@ class Method:
     needs_meta_batch: bool = False
     defaults: dict = dataclasses.field(default_factory=dict)
     description: str = ""
-
-
-def method_fields(method_config) -> dict:
-    """A method's config block as plain `defaults` (everything but its name)."""
-    fields = method_config.to_dict() if hasattr(method_config, "to_dict") else dict(method_config)
-    fields.pop("name", None)
-    return fields
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -47,7 +47,7 @@ import optax
 
 from hamjax.attacks.losses import kl_divergence
 from hamjax.errors import ConfigError
-from hamjax.methods import Method, method_fields, register
+from hamjax.methods import Method, register
 from hamjax.methods.baselines import trades_adversary
 from hamjax.methods.common import (
     accuracy,
@@ -59,7 +59,7 @@ from hamjax.methods.common import (
     training_ledger,
 )
 from hamjax.methods.frl import (
-    add_frl_fields,
+    FRL_DEFAULTS,
     class_parameters,
     init_lambdas,
     margin_bounds,
@@ -81,29 +81,28 @@ META_BN_MODES = ("batch", "running")
 
 
 # ------------------------------------------------------------------------------ config
-def default_method_config() -> ml_collections.ConfigDict:
-    """A complete `config.method` block with the official hyperparameters."""
-    method = add_frl_fields(ml_collections.ConfigDict({"name": "caat"}))
-    method.frl_split = "meta"  # CAAT fits FRL's multipliers on its meta set
-    method.temperature = 0.001  # softmax(g / T): near one-hot routing at the official 0.001
-    method.meta_hidden = 100
-    method.meta_interval = 50  # meta step at in-epoch batch index 49, 99, ... (official)
-    method.meta_lr = 1e-4  # Adam (PyTorch L2 weight decay: added to the gradient)
-    method.meta_weight_decay = 5e-4
+DEFAULTS: dict[str, Any] = {
+    **FRL_DEFAULTS,
+    "frl_split": "meta",  # CAAT fits FRL's multipliers on its meta set
+    "temperature": 0.001,  # softmax(g / T): near one-hot routing at the official 0.001
+    "meta_hidden": 100,
+    "meta_interval": 50,  # meta step at in-epoch batch index 49, 99, ... (official)
+    "meta_lr": 1e-4,  # Adam (PyTorch L2 weight decay: added to the gradient)
+    "meta_weight_decay": 5e-4,
     # "batch": the meta-net's BatchNorm always standardises the features with the current
     # batch's statistics (the official code never calls meta_net.eval()); "running": the real
     # step's weights use running statistics instead (the raw features then differ in scale by
     # ~10x, which can route every sample one way).
-    method.meta_bn = "batch"
+    "meta_bn": "batch",
     # The official virtual step differentiates through the features too (they are computed from
     # the model's logits without detaching); False treats them as data as in the real step.
-    method.meta_feature_grad = True
-    method.initial_class_loss = 5.0  # feature 2 before the first epoch ends (official: 5)
+    "meta_feature_grad": True,
+    "initial_class_loss": 5.0,  # feature 2 before the first epoch ends (official: 5)
     # Not in the paper: alpha_eff = floor + (1 - floor) alpha keeps the clean and KL terms on
     # examples routed to the anti-adversary branch, so that a class routed there wholesale
     # still trains for robustness. 0 = faithful.
-    method.adv_weight_floor = 0.0
-    return method
+    "adv_weight_floor": 0.0,
+}
 
 
 # CAAT's learning scenarios (caat.md) as config-string tokens: noise kind per token prefix.
@@ -138,7 +137,7 @@ def _get(config, name: str) -> Any:
     if name not in config.method:
         raise ConfigError(
             f"config.method.{name} is missing; start from "
-            "hamjax.methods.caat.default_method_config()"
+            "hamjax.config.method_config('caat')"
         )
     return config.method[name]
 
@@ -649,6 +648,6 @@ register(Method(
     validate=validate_caat,
     summarize_state=caat_summarize_state,
     needs_meta_batch=True,
-    defaults=method_fields(default_method_config()),
+    defaults=dict(DEFAULTS),
     description="CAAT: adversaries + anti-adversaries routed by a meta-net (Zhou et al. 2023)",
 ))

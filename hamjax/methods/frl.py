@@ -24,11 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from hamjax.errors import ConfigError
-from hamjax.methods import Method, method_fields, register
+from hamjax.methods import Method, register
 from hamjax.methods.baselines import trades_adversary, trades_terms
 from hamjax.methods.common import accuracy, attack_ledger, step_aux, training_ledger
 from hamjax.sharding import place_like
@@ -48,35 +47,28 @@ SPLITS = ("val", "meta")
 
 
 # ------------------------------------------------------------------------------ config
-def add_frl_fields(method: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds FRL's fields (CAAT's official values) to a `config.method` block, in place."""
-    method.beta = 1.5  # TRADES beta on the KL term
-    method.delta0 = 0.07  # fairness tolerance on the clean error
-    method.delta1 = 0.07  # ... on the boundary error
-    method.rate1 = 0.05  # multiplier step for lambda0 (lambda1 uses 2 * rate1)
-    method.rate1_halve_every = 40  # epochs; the official scripts halve rate1 at epochs 40, 80, ..
-    method.rate2 = 0.2  # step for lambda2 (the re-margin multiplier)
-    method.lim = 0.5  # N(.) rescales lambda0 / lambda1 to sum <= lim (< 1 keeps w > 0)
-    method.margin_min = 0.98  # class eps multiplier clamp(exp(2 lambda2), margin_min, margin_max)
-    method.margin_max = 2.5  # CAAT: 2.5; the FRL scripts (utils_frl2.py): 3.0
+FRL_DEFAULTS: dict[str, Any] = {
+    "beta": 1.5,  # TRADES beta on the KL term
+    "delta0": 0.07,  # fairness tolerance on the clean error
+    "delta1": 0.07,  # ... on the boundary error
+    "rate1": 0.05,  # multiplier step for lambda0 (lambda1 uses 2 * rate1)
+    "rate1_halve_every": 40,  # epochs; the official scripts halve rate1 at epochs 40, 80, ...
+    "rate2": 0.2,  # step for lambda2 (the re-margin multiplier)
+    "lim": 0.5,  # N(.) rescales lambda0 / lambda1 to sum <= lim (< 1 keeps w > 0)
+    "margin_min": 0.98,  # class eps multiplier clamp(exp(2 lambda2), margin_min, margin_max)
+    "margin_max": 2.5,  # CAAT: 2.5; the FRL scripts (utils_frl2.py): 3.0
     # "separate": sum(w0 ce)/sum(w0) + beta sum(w1 kl)/sum(w1) (caat.md, CAAT's code);
     # "joint": sum(w0 ce + beta w1 kl) / sum(w0 + w1) (the FRL scripts).
-    method.normalise = "separate"
-    method.frl_split = "val"  # split the multipliers are fitted on ("meta" for CAAT)
-    return method
-
-
-def default_method_config(name: str = "frl_rwrm") -> ml_collections.ConfigDict:
-    """A complete `config.method` block for an FRL variant."""
-    method = ml_collections.ConfigDict({"name": name})
-    return add_frl_fields(method)
+    "normalise": "separate",
+    "frl_split": "val",  # split the multipliers are fitted on ("meta" for CAAT)
+}
 
 
 def _field(config, name: str) -> Any:
     if name not in config.method:
         raise ConfigError(
             f"config.method.{name} is missing; start from "
-            f"hamjax.methods.frl.default_method_config({config.method.name!r})"
+            f"hamjax.config.method_config({config.method.name!r})"
         )
     return config.method[name]
 
@@ -329,7 +321,7 @@ def _register() -> None:
             epoch_end=make_frl_epoch_end(moves),
             validate=_validate_frl,
             summarize_state=frl_summarize_state,
-            defaults=method_fields(default_method_config(name)),
+            defaults=dict(FRL_DEFAULTS),
             description=f"FRL {label} (Xu et al. 2021)",
         ))
 
@@ -338,11 +330,10 @@ _register()
 
 __all__ = [
     "VARIANTS",
-    "add_frl_fields",
+    "FRL_DEFAULTS",
     "class_errors",
     "class_parameters",
     "class_weights",
-    "default_method_config",
     "frl_loss",
     "frl_objective",
     "init_lambdas",

@@ -42,7 +42,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from hamjax.attacks import mine_hard, pgd
 from hamjax.errors import ConfigError
@@ -77,16 +76,6 @@ DEFAULTS: dict[str, Any] = {
     "keep_easy_fraction": 0.0,  # share of easy rows kept, chosen at random (`keep_bili_high_conf`)
     "hard_keep_fraction": 1.0,  # keep only this least-confident share of H (1 - `drop_bili`)
 }
-
-
-def ham_method_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """`config.method` for HAM with every field (so each can be set from the command line)."""
-    fields = {"name": "ham", **DEFAULTS}
-    unknown = set(overrides) - set(fields)
-    if unknown:
-        raise ConfigError(f"config.method has no HAM field(s) {sorted(unknown)}")
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
 
 
 @dataclasses.dataclass(frozen=True)

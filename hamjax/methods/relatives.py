@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from hamjax.errors import ConfigError
 from hamjax.methods import Method, register
@@ -38,23 +37,6 @@ FAT_DEFAULTS: dict[str, Any] = {
     # (`--dynamictau`); here tau is fixed for the whole run.
     "tau": 0,
 }
-
-
-def _method_config(name: str, defaults: dict[str, Any], overrides: dict[str, Any]):
-    unknown = set(overrides) - set(defaults)
-    if unknown:
-        raise ConfigError(f"config.method has no {name} field(s) {sorted(unknown)}")
-    return ml_collections.ConfigDict({"name": name, **defaults, **overrides})
-
-
-def gairat_method_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """`config.method` for GAIRAT with every field."""
-    return _method_config("gairat", GAIRAT_DEFAULTS, overrides)
-
-
-def fat_method_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """`config.method` for FAT with every field."""
-    return _method_config("fat", FAT_DEFAULTS, overrides)
 
 
 def _get(config, name: str, defaults: dict[str, Any]) -> Any:

@@ -20,6 +20,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from hamjax.attacks import rng
+
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
@@ -182,8 +184,8 @@ def _fab(logits_fn, x, y, key, *, eps, targeted, num_classes, n_target_classes, 
             target = None
             if targeted:
                 target = jnp.take(ranked, classes - 2 - i // n_restarts, axis=-1)
-            k = jax.random.fold_in(key, i)
-            u = jax.random.uniform(k, x0.shape, jnp.float32, -1.0, 1.0)
+            u = rng.batch_draw(jax.random.uniform, rng.fold_in(key, i), x0.shape, jnp.float32,
+                               minval=-1.0, maxval=1.0)
             rand = x0 + eps_b[:, None] * u / jnp.maximum(_linf(u), 1e-12)[:, None] * 0.5
             x_start = jnp.where(restart > 0, jnp.clip(rand, 0.0, 1.0), x0)
             best, best_norm = _single_run(flat_logits, x0, y, target, x_start, active,

@@ -12,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from hamjax.attacks import rng
 from hamjax.attacks.losses import per_example_loss
 
 Array = jax.Array
@@ -62,17 +63,21 @@ def project(x: Array, x_adv: Array, eps: Array, norm: str) -> Array:
 
 
 def random_init(key: Array, x: Array, eps: Array, norm: str, init: str) -> Array:
-    """Random start: uniform in the ball (Madry) or x + 0.001 N(0, 1) (TRADES)."""
+    """Random start: uniform in the ball (Madry) or x + 0.001 N(0, 1) (TRADES). `key`: one key,
+    or one per example (`hamjax.attacks.rng`)."""
     if init == "normal":
         # Projected too: for eps below the noise scale the start must still lie in the ball.
-        return project(x, x + 0.001 * jax.random.normal(key, x.shape, x.dtype), eps, norm)
+        noise = rng.batch_draw(jax.random.normal, key, x.shape, x.dtype)
+        return project(x, x + 0.001 * noise, eps, norm)
     if norm == "linf":
-        noise = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * eps
+        noise = rng.batch_draw(jax.random.uniform, key, x.shape, x.dtype, minval=-1.0,
+                               maxval=1.0) * eps
     else:
-        k1, k2 = jax.random.split(key)
-        direction = jax.random.normal(k1, x.shape, x.dtype)
+        k1, k2 = rng.split(key)
+        direction = rng.batch_draw(jax.random.normal, k1, x.shape, x.dtype)
         direction = direction / (_l2_norm(direction) + 1e-12)
-        radius = jax.random.uniform(k2, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
+        radius = rng.batch_draw(jax.random.uniform, k2, (x.shape[0],) + (1,) * (x.ndim - 1),
+                                x.dtype)
         noise = direction * radius * eps
     return project(x, x + noise, eps, norm)
 
@@ -113,7 +118,8 @@ def pgd(
     target: Array | None = None,
     final_eval: bool = True,
 ) -> tuple[Array, PGDInfo]:
-    """Runs `steps` PGD steps on a batch; every argument may differ per example.
+    """Runs `steps` PGD steps on a batch; every argument may differ per example, the key too
+    (one per example: the random start then depends on the example alone).
 
     eps, step_size: scalar or f32[B]. step_mask: bool[B]; masked rows keep their start point.
     descend: minimise the loss instead (anti-adversary). early_stop_tau: FAT; an example stops

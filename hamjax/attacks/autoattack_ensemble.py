@@ -6,13 +6,14 @@ in order, APGD-CE (100 steps, no restarts), APGD-T (targeted DLR, top-9 targets,
 FAB-T (9 targets, 100 steps) and Square (5000 queries), as the reference `fra31/auto-attack`.
 
 Two ways to run it:
-- `autoattack` is pure and jittable: every attack runs on the whole batch (static shapes) and
-  masks keep each example's earliest successful point, so it costs the sum of all attacks on all
-  examples. Success is judged as in the reference, by re-evaluating the model on the attack's
-  output (and, here, rejecting outputs outside the eps ball or [0, 1]).
-- `run_autoattack` is the host-side driver over numpy arrays that realises the reference's
-  saving: after each attack only the still-robust examples go on to the next one, gathered into
-  fixed-size padded chunks so each attack compiles once. Use it for evaluation.
+- `autoattack` (here) is pure and jittable: every attack runs on the whole batch (static
+  shapes) and masks keep each example's earliest successful point, so it costs the sum of all
+  attacks on all examples. Success is judged as in the reference, by re-evaluating the model on
+  the attack's output (and, here, rejecting outputs outside the eps ball or [0, 1]).
+- `run_autoattack` (`hamjax.evaluation.autoattack`, also importable from `hamjax.attacks`) runs
+  the same plan over numpy arrays through the evaluation driver, realising the reference's
+  saving: after each attack only the still-robust examples go on to the next one, in padded
+  chunks of fixed size, each example with its own key. Use it for evaluation.
 
 Both attach the reference's sanity checks (`hamjax.attacks.checks`) as `result.warnings`.
 """
@@ -20,31 +21,31 @@ Both attach the reference's sanity checks (`hamjax.attacks.checks`) as `result.w
 from __future__ import annotations
 
 import functools
-import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hamjax.attacks import checks
-from hamjax.attacks.apgd import apgd, apgd_targeted
+from hamjax.attacks import checks, rng
+from hamjax.attacks.apgd_attack import apgd, apgd_targeted
+from hamjax.attacks.checks import judge
+from hamjax.attacks.fab_attack import fab, fab_targeted
+from hamjax.attacks.square_attack import square
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 # attack(logits_fn, x, y, key, *, eps, norm, num_classes, **kwargs) -> x_adv or (x_adv, ...)
 AttackFn = Callable[..., Any]
-# bound attack (x, y, key, eps: f32[B]) -> x_adv; what `batch_fn` wraps
+# an attack with its settings: (logits_fn, x, y, key, eps f32[B]) -> x_adv
+Bound = Callable[[LogitsFn, Array, Array, Array, Array], Array]
+# bound attack on one logits_fn (x, y, key, eps: f32[B]) -> x_adv; what `batch_fn` wraps
 BoundAttack = Callable[[Array, Array, Array, Array], Array]
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 VERSIONS = ("standard", "custom")
-VALID_TOL = 1e-5  # slack on the eps ball and the box when judging attack outputs
-
-_log = logging.getLogger(__name__)
 
 
 def _apgd_ce(logits_fn, x, y, key, *, eps, norm, num_classes, **kw):
@@ -63,21 +64,15 @@ def _apgd_t(logits_fn, x, y, key, *, eps, norm, num_classes, **kw):
 
 
 def _fab_t(logits_fn, x, y, key, *, eps, norm, num_classes, **kw):
-    from hamjax.attacks.fab import fab_targeted  # imported late: optional sibling module
-
     return fab_targeted(logits_fn, x, y, key, eps=eps, norm=norm, num_classes=num_classes, **kw)
 
 
 def _fab(logits_fn, x, y, key, *, eps, norm, num_classes, **kw):
-    from hamjax.attacks.fab import fab
-
     return fab(logits_fn, x, y, key, eps=eps, norm=norm, num_classes=num_classes, **kw)
 
 
 def _square(logits_fn, x, y, key, *, eps, norm, num_classes, **kw):
     del num_classes
-    from hamjax.attacks.square import square
-
     return square(logits_fn, x, y, key, eps=eps, norm=norm, **kw)
 
 
@@ -104,9 +99,29 @@ def default_attack_kwargs(num_classes: int, n_queries: int = 5000) -> dict[str, 
     }
 
 
-def _plan(version: str, attacks, *, norm: str, num_classes: int, n_queries: int,
-          attack_kwargs: Mapping[str, Mapping[str, Any]] | None):
-    """Resolves version/attacks into [(name, bound attack(logits_fn, x, y, key, eps))]."""
+def bind(fn: AttackFn, kwargs: Mapping[str, Any], *, norm: str, num_classes: int) -> Bound:
+    """`fn` with its settings: (logits_fn, x, y, key, eps) -> x_adv, whatever else it returns
+    dropped. The one adapter between an attack's signature and the ensemble and evaluation."""
+    kwargs = dict(kwargs)
+
+    def bound(logits_fn, x, y, key, eps):
+        out = fn(logits_fn, x, y, key, eps=eps, norm=norm, num_classes=num_classes, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return bound
+
+
+class Planned(NamedTuple):
+    """One attack of a resolved plan: name, the bound attack, its settings."""
+
+    name: str
+    bound: Bound
+    kwargs: dict[str, Any]
+
+
+def plan_attacks(version: str, attacks, *, norm: str, num_classes: int, n_queries: int = 5000,
+                 attack_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> list[Planned]:
+    """Resolves version/attacks/attack_kwargs into the attacks to run, in order."""
     if version not in VERSIONS:
         raise ValueError(f"version={version!r}: choose one of {VERSIONS}")
     if version == "standard":
@@ -134,42 +149,22 @@ def _plan(version: str, attacks, *, norm: str, num_classes: int, n_queries: int,
     for name, fn in items:
         kw = {**(defaults.get(name, {}) if fn is ATTACKS.get(name) else {}),
               **attack_kwargs.get(name, {})}
-
-        def bound(logits_fn, x, y, key, eps, fn=fn, kw=kw):
-            out = fn(logits_fn, x, y, key, eps=eps, norm=norm, num_classes=num_classes, **kw)
-            return out[0] if isinstance(out, tuple) else out
-
-        plan.append((name, bound, kw))
+        plan.append(Planned(name, bind(fn, kw, norm=norm, num_classes=num_classes), kw))
     return plan
 
 
-def _config_warnings(plan, num_classes: int) -> tuple[str, ...]:
-    names = [name for name, _, _ in plan]
-    n_targets = {name: kw["n_target_classes"] for name, _, kw in plan
+def config_warnings(kwargs_by_name: Mapping[str, Mapping[str, Any]],
+                    num_classes: int) -> tuple[str, ...]:
+    """Misuse warnings of a plan (attack name -> settings): too few classes for DLR, too many
+    targets, or fewer targets than standard AutoAttack."""
+    n_targets = {name: int(kw["n_target_classes"]) for name, kw in kwargs_by_name.items()
                  if "n_target_classes" in kw}
-    out = checks.target_class_warnings(names, num_classes, n_targets)
+    out = checks.target_class_warnings(list(kwargs_by_name), num_classes, n_targets)
     standard = max(min(9, num_classes - 1), 1)
     for name, n in n_targets.items():
         if n < standard and name in STANDARD_ATTACKS:
             out.append(f"{name} uses {n} target classes (standard AutoAttack uses {standard})")
     return tuple(out)
-
-
-def judge(logits_fn: LogitsFn, x: Array, y: Array, x_adv: Array, eps: Array, norm: str):
-    """(fooled, valid) per example: an attack output counts only inside the threat model.
-
-    valid: finite, in [0, 1] and within eps (+1e-5) of x. fooled: valid and misclassified when
-    the model is re-evaluated on it (the reference trusts only this re-evaluation).
-    """
-    delta = (x_adv - x).reshape(x.shape[0], -1)
-    size = (jnp.max(jnp.abs(delta), axis=-1) if norm == "linf"
-            else jnp.sqrt(jnp.sum(jnp.square(delta), axis=-1)))
-    flat = x_adv.reshape(x.shape[0], -1)
-    valid = (jnp.all(jnp.isfinite(flat), axis=-1) & (size <= eps + VALID_TOL)
-             & jnp.all((flat >= -VALID_TOL) & (flat <= 1.0 + VALID_TOL), axis=-1))
-    safe = jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x_adv, x)
-    fooled = valid & (jnp.argmax(logits_fn(safe), axis=-1) != y)
-    return fooled, valid
 
 
 @flax.struct.dataclass
@@ -218,7 +213,8 @@ class AutoAttackResult:
 def chunked(chunk_size: int) -> Callable[[BoundAttack], BoundAttack]:
     """A `batch_fn` running each attack over chunks of the batch with lax.map (bounds memory).
 
-    The batch size must be a multiple of chunk_size. Each chunk gets its own key.
+    The batch size must be a multiple of chunk_size. Each chunk gets its own key, or with one
+    key per example (`hamjax.attacks.rng`) each example keeps its own.
     """
     def wrap(attack: BoundAttack) -> BoundAttack:
         def run(x, y, key, eps):
@@ -230,7 +226,7 @@ def chunked(chunk_size: int) -> Callable[[BoundAttack], BoundAttack]:
             def split(a):
                 return a.reshape((n, chunk_size) + a.shape[1:])
 
-            keys = jax.random.split(key, n)
+            keys = split(key) if rng.is_per_example(key) else jax.random.split(key, n)
             out = jax.lax.map(lambda a: attack(*a), (split(x), split(y), keys, split(eps)))
             return out.reshape(x.shape)
         return run
@@ -254,18 +250,19 @@ def autoattack(
 ) -> tuple[Array, AutoAttackResult]:
     """AutoAttack on one batch, pure and jittable (functools.partial the keyword config).
 
-    eps: scalar or f32[B]. version "standard" or "custom" (then `attacks`: names from `ATTACKS`
-    in the order to run, or a mapping name -> fn(logits_fn, x, y, key, *, eps, norm,
-    num_classes, **kw) returning x_adv or (x_adv, ...)). attack_kwargs: name -> overrides of
-    `default_attack_kwargs` (e.g. fewer steps in tests). batch_fn wraps each bound attack
-    (x, y, key, eps) -> x_adv, e.g. `chunked(n)` or a sharding wrapper.
+    eps: scalar or f32[B]; key: one key, or one per example. version "standard" or "custom"
+    (then `attacks`: names from `ATTACKS` in the order to run, or a mapping name ->
+    fn(logits_fn, x, y, key, *, eps, norm, num_classes, **kw) returning x_adv or
+    (x_adv, ...)). attack_kwargs: name -> overrides of `default_attack_kwargs` (e.g. fewer
+    steps in tests). batch_fn wraps each bound attack (x, y, key, eps) -> x_adv, e.g.
+    `chunked(n)` or a sharding wrapper.
 
     Every attack runs on the whole batch (skipped only once no example is left robust); an
     example keeps the point of the first attack that fooled it. Attacking only the still-robust
     examples (the reference's saving) needs dynamic shapes: `run_autoattack` does that.
     """
-    plan = _plan(version, attacks, norm=norm, num_classes=num_classes, n_queries=n_queries,
-                 attack_kwargs=attack_kwargs)
+    plan = plan_attacks(version, attacks, norm=norm, num_classes=num_classes,
+                        n_queries=n_queries, attack_kwargs=attack_kwargs)
     x = jnp.asarray(x, jnp.float32)
     batch, ndim = x.shape[0], x.ndim
     eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (batch,))
@@ -276,7 +273,7 @@ def autoattack(
 
     robust, x_adv = clean_correct, x
     robust_after, fooled_by, invalid = {}, {}, {}
-    keys = jax.random.split(key, len(plan))
+    keys = rng.split(key, len(plan))
     for (name, bound, _), k in zip(plan, keys, strict=True):
         attack = functools.partial(bound, logits_fn)
         if batch_fn is not None:
@@ -297,108 +294,6 @@ def autoattack(
         clean_correct=clean_correct, robust=robust, robust_after=robust_after,
         fooled_by=fooled_by, invalid=invalid, n_zero_grad=n_zero, n_grad_checked=n_checked,
         output_gap=gap, probabilities=checks.looks_like_probabilities(clean_logits),
-        attack_names=tuple(name for name, _, _ in plan),
-        config_warnings=_config_warnings(plan, num_classes))
+        attack_names=tuple(p.name for p in plan),
+        config_warnings=config_warnings({p.name: p.kwargs for p in plan}, num_classes))
     return jax.lax.stop_gradient(x_adv), result
-
-
-def _padded_chunks(idx: np.ndarray, size: int):
-    """Yields (indices, the same padded to `size` by repeating the first): fixed shapes."""
-    for start in range(0, len(idx), size):
-        sel = idx[start:start + size]
-        yield sel, np.concatenate([sel, np.full(size - len(sel), sel[0], sel.dtype)])
-
-
-def run_autoattack(
-    logits_fn: LogitsFn,
-    x,
-    y,
-    key: Array,
-    *,
-    eps,
-    norm: str = "linf",
-    version: str = "standard",
-    attacks: Sequence[str] | Mapping[str, AttackFn] | None = None,
-    num_classes: int,
-    n_queries: int = 5000,
-    attack_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-    batch_size: int = 256,
-    log_fn: Callable[[str], None] | None = None,
-    randomness_calls: int = 2,
-) -> tuple[np.ndarray, AutoAttackResult]:
-    """Host-side AutoAttack over numpy arrays, attacking only still-robust examples.
-
-    x: [N, H, W, C] in [0, 1], y: [N], eps scalar or [N]. After each attack the examples it
-    fooled are dropped; the survivors are gathered into chunks of `batch_size` (the last one
-    padded), so every attack compiles once. log_fn receives a progress line per attack (default:
-    this module's logger at INFO). Returns (x_adv as numpy, AutoAttackResult of numpy arrays).
-    """
-    log = log_fn or _log.info
-    plan = _plan(version, attacks, norm=norm, num_classes=num_classes, n_queries=n_queries,
-                 attack_kwargs=attack_kwargs)
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.int32)
-    n = x.shape[0]
-    eps_all = np.broadcast_to(np.asarray(eps, np.float32), (n,)).copy()
-    everyone = np.arange(n)
-    start_time = time.time()
-
-    @jax.jit
-    def clean_step(xb, yb, mask):
-        logits = logits_fn(xb)
-        correct = jnp.argmax(logits, axis=-1) == yb
-        n_zero, n_checked = checks.zero_gradient_count(logits_fn, xb, yb, correct & mask)
-        return correct, n_zero, n_checked, checks.looks_like_probabilities(logits)
-
-    clean_correct = np.zeros(n, bool)
-    n_zero = n_checked = 0
-    probabilities = True
-    for sel, pad in _padded_chunks(everyone, batch_size):
-        mask = np.arange(batch_size) < len(sel)
-        correct, z, c, p = clean_step(x[pad], y[pad], mask)
-        clean_correct[sel] = np.asarray(correct)[:len(sel)]
-        n_zero, n_checked = n_zero + int(z), n_checked + int(c)
-        probabilities = probabilities and bool(p)
-    gap = checks.randomness_gap(logits_fn, x[:batch_size], n_calls=randomness_calls)
-    log(f"autoattack ({version}: {', '.join(name for name, _, _ in plan)}), {n} examples, "
-        f"clean accuracy {clean_correct.mean():.2%}")
-
-    robust, x_adv = clean_correct.copy(), x.copy()
-    robust_after, fooled_by, invalid = {}, {}, {}
-    for a, (name, bound, _) in enumerate(plan):
-        @jax.jit
-        def attack_step(xb, yb, kb, eb, bound=bound):
-            x_k = bound(logits_fn, xb, yb, kb, eb)
-            fooled, valid = judge(logits_fn, xb, yb, x_k, eb, norm)
-            return x_k, fooled, valid
-
-        idx = np.flatnonzero(robust)
-        fooled_by[name] = np.zeros(n, bool)
-        invalid[name] = 0
-        t0 = time.time()
-        attack_key = jax.random.fold_in(key, a)
-        for c, (sel, pad) in enumerate(_padded_chunks(idx, batch_size)):
-            x_k, fooled, valid = attack_step(x[pad], y[pad], jax.random.fold_in(attack_key, c),
-                                             eps_all[pad])
-            m = len(sel)
-            fooled, valid = np.asarray(fooled)[:m], np.asarray(valid)[:m]
-            x_adv[sel[fooled]] = np.asarray(x_k)[:m][fooled]
-            robust[sel[fooled]] = False
-            fooled_by[name][sel] = fooled
-            invalid[name] += int(np.sum(~valid))
-        robust_after[name] = robust.copy()
-        now = time.time()
-        log(f"{name}: fooled {int(fooled_by[name].sum())} of {len(idx)} attacked, robust accuracy "
-            f"{robust.mean():.2%} ({now - t0:.1f} s, total {now - start_time:.1f} s)")
-
-    result = AutoAttackResult(
-        clean_correct=clean_correct, robust=robust, robust_after=robust_after,
-        fooled_by=fooled_by, invalid={k: np.int32(v) for k, v in invalid.items()},
-        n_zero_grad=np.int32(n_zero), n_grad_checked=np.int32(n_checked),
-        output_gap=np.float32(gap), probabilities=np.bool_(probabilities),
-        attack_names=tuple(name for name, _, _ in plan),
-        config_warnings=_config_warnings(plan, num_classes))
-    for w in result.warnings:
-        log(f"warning: {w}")
-    log(f"robust accuracy {result.robust_accuracy:.2%} (clean {result.clean_accuracy:.2%})")
-    return x_adv, result

@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hamjax.attacks import rng
 from hamjax.attacks.losses import LOSSES, per_example_loss
-from hamjax.attacks.pgd import NORMS, project
+from hamjax.attacks.pgd_attack import NORMS, project
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -106,10 +107,10 @@ def _flat_l2(v: Array) -> Array:
 def apgd_start(key: Array, x: Array, eps: Array, norm: str) -> Array:
     """The reference's random start: a point on the eps sphere's direction u / ||u||, clipped."""
     if norm == "linf":
-        u = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+        u = rng.batch_draw(jax.random.uniform, key, x.shape, x.dtype, minval=-1.0, maxval=1.0)
         u = u / _bcast(_flat_max_abs(u) + 1e-12, x.ndim)
     else:
-        u = jax.random.normal(key, x.shape, x.dtype)
+        u = rng.batch_draw(jax.random.normal, key, x.shape, x.dtype)
         u = u / _bcast(_flat_l2(u) + 1e-12, x.ndim)
     return jnp.clip(x + _bcast(eps, x.ndim) * u, 0.0, 1.0)
 
@@ -245,7 +246,7 @@ def _apgd_runs(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps, norm
         run_key, target = xs
         return jax.lax.cond(jnp.all(c[0]), skip, attack, c, run_key, target)
 
-    keys = jax.random.split(key, n_runs)
+    keys = rng.split(key, n_runs)
     tgt = jnp.zeros((n_runs, batch), jnp.int32) if targets is None else targets
     init = (clean_wrong, x, x, jnp.full((batch,), -jnp.inf, jnp.float32))
     if targets is None:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hamjax.attacks import rng
+
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
@@ -65,6 +67,12 @@ def _margin_and_loss(logits: Array, y: Array, loss: str) -> tuple[Array, Array]:
     if loss == "margin":
         return margin, margin
     return margin, -optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def _corner(key: Array, room: Array) -> Array:
+    """A window's first row (or column): floor(U[0, 1) * room), as (1 or B, 1, 1)."""
+    u = rng.row_draw(jax.random.uniform, key, ())
+    return jnp.floor(u * room).astype(jnp.int32).reshape(-1, 1, 1)
 
 
 def square(
@@ -114,13 +122,13 @@ def square(
         i, x_best, margin_min, loss_min = state
         active = todo & (margin_min > 0)
         s = sizes[i]
-        k_h, k_w, k_sign = jax.random.split(jax.random.fold_in(k_loop, i), 3)
+        k_h, k_w, k_sign = rng.split(rng.fold_in(k_loop, i), 3)
         # torch: (low + (high - low) * rand).long() with high = side - s, shared by the batch
-        v_h = jnp.floor(jax.random.uniform(k_h) * (height - s)).astype(jnp.int32)
-        v_w = jnp.floor(jax.random.uniform(k_w) * (width - s)).astype(jnp.int32)
+        # for one key; with a key per example each example draws its own window and signs
+        v_h, v_w = _corner(k_h, height - s), _corner(k_w, width - s)
         window = (rows >= v_h) & (rows < v_h + s) & (cols >= v_w) & (cols < v_w + s)
-        signs = jax.random.rademacher(k_sign, (channels,), x.dtype)
-        delta = jnp.where(window[None, :, :, None], 2.0 * eps_b * signs, 0.0)
+        signs = rng.row_draw(jax.random.rademacher, k_sign, (channels,), x.dtype)
+        delta = jnp.where(window[..., None], 2.0 * eps_b * signs.reshape(-1, 1, 1, channels), 0.0)
         x_new = jnp.clip(jnp.clip(x_best + delta, lo, hi), 0.0, 1.0)
         margin, new_loss = margin_and_loss(x_new)
         improved = new_loss < loss_min
@@ -136,8 +144,9 @@ def square(
 
         def attack(carry):
             x_adv, broken = carry
-            k_init, k_loop = jax.random.split(jax.random.fold_in(key, r))
-            stripes = jax.random.rademacher(k_init, (batch, 1, width, channels), x.dtype)
+            k_init, k_loop = rng.split(rng.fold_in(key, r))
+            stripes = rng.batch_draw(jax.random.rademacher, k_init, (batch, 1, width, channels),
+                                     x.dtype)
             x_best = jnp.clip(x + eps_b * stripes, 0.0, 1.0)
             margin_min, loss_min = margin_and_loss(x_best)
 

@@ -1,0 +1,196 @@
+"""The one host driver of every evaluation: chunks of examples in, per-example results out.
+
+A stage is a jittable per-chunk function `fn(params, batch, key) -> {name: per-example array}`.
+`Driver.run` walks a population of example positions in chunks of `batch_size` (the last one
+padded by `hamjax.data.padded_chunks`), feeds each process only its rows of every chunk
+(`hamjax.sharding.process_rows`) as arrays sharded over the mesh, runs the function compiled
+once with replicated outputs (so every process reads every example's result), unpads, and writes
+each example's outputs at its position. The batch carries "index", the example's position, from
+which attacks fold their per-example keys (`hamjax.attacks.rng.example_keys`), so a result
+depends on its example alone, never on the batch size or the chunking; and "mask" (False on
+padding rows) for functions that sum over the batch.
+
+A `StageRecord` holds what is done so far. Saved after every chunk (`on_chunk`), it makes a
+stage resumable; since results are per example, a resumed stage re-chunks whatever is left.
+The trainer's validation and test report (`hamjax.robust_eval`), the evaluation CLI
+(`hamjax.evaluation.runner`) and `run_autoattack` are configurations of this driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from hamjax.data.batching import padded_chunks
+from hamjax.errors import ConfigError
+from hamjax.metrics import PerClassCounts
+from hamjax.sharding import process_rows, put_replicated, replicated, shard_batch
+
+# fn(params, batch, key) -> {output name: array with the batch on its leading axis}
+ChunkFn = Callable[[Any, dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass
+class StageRecord:
+    """One stage's per-example outputs so far (what a resume file stores) and its timings.
+
+    done: bool[N], the examples computed. outputs: name -> [N, ...], valid where done.
+    seconds / compile_seconds exclude each other; images counts real (unpadded) rows.
+    """
+
+    done: np.ndarray
+    outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    images: int = 0
+    computed_chunks: int = 0
+
+    @classmethod
+    def empty(cls, n: int) -> StageRecord:
+        """Nothing done yet for N examples."""
+        return cls(done=np.zeros(n, bool))
+
+    def output(self, name: str, fill: Any = False) -> np.ndarray:
+        """outputs[name], or `fill` everywhere when no chunk produced it (an empty population)."""
+        if name in self.outputs:
+            return self.outputs[name]
+        return np.full(len(self.done), fill)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkReport:
+    """What `on_chunk` hears after each chunk: its real positions and unpadded outputs."""
+
+    stage: str
+    chunk: int  # 0-based among the chunks this call computes
+    chunks: int
+    positions: np.ndarray
+    outputs: dict[str, np.ndarray]
+    seconds: float
+    record: StageRecord
+
+
+def class_counts(selected: np.ndarray, labels: np.ndarray, num_classes: int) -> PerClassCounts:
+    """Per-class (sum, count) of a per-example bool on the host; exact for integer counts."""
+    labels = np.asarray(labels)
+    weights = np.asarray(selected, np.float64)
+    return PerClassCounts(
+        correct=np.bincount(labels, weights=weights, minlength=num_classes).astype(np.float32),
+        total=np.bincount(labels, minlength=num_classes).astype(np.float32))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """`tree` replicated over the mesh; leaves already placed so are kept (no host copy)."""
+    target = replicated(mesh)
+
+    def place(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(target, leaf.ndim):
+            return leaf
+        return put_replicated(leaf, mesh)
+
+    return jax.tree.map(place, tree)
+
+
+def _raw_key(key: jax.Array) -> jax.Array:
+    """uint32 key data: typed keys cannot go through the host copy of `replicate`."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def _signature(batch: Mapping[str, Any]) -> tuple:
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+
+
+class Driver:
+    """Runs per-chunk functions over populations of examples on one mesh, each compiled once
+    per function (keep the function objects to reuse their compilation)."""
+
+    def __init__(self, mesh: Mesh, batch_size: int):
+        n_dev = int(mesh.devices.size)
+        if batch_size < 1 or batch_size % n_dev:
+            raise ConfigError(f"batch_size={batch_size} must be a positive multiple of the "
+                              f"{n_dev} devices of the mesh")
+        self.mesh = mesh
+        self.batch_size = int(batch_size)
+        self.rows = process_rows(mesh, self.batch_size)
+        self._compiled: dict[tuple, Any] = {}
+
+    def _batch(self, arrays: Mapping[str, np.ndarray], real: np.ndarray,
+               padded: np.ndarray) -> dict[str, jax.Array]:
+        local = padded[self.rows]
+        batch = {k: np.asarray(v)[local] for k, v in arrays.items()}
+        batch["index"] = local.astype(np.int32)
+        batch["mask"] = (np.arange(self.batch_size) < len(real))[self.rows]
+        return shard_batch(batch, self.mesh)
+
+    def _compile(self, fn: ChunkFn, args: tuple, record: StageRecord) -> Any:
+        key = (fn, _signature(args[1]))
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            rep = replicated(self.mesh)
+            jitted = jax.jit(fn, in_shardings=(rep, None, rep), out_shardings=rep)
+            self._compiled[key] = jitted.lower(*args).compile()
+            record.compile_seconds += time.perf_counter() - t0
+        return self._compiled[key]
+
+    def run(
+        self,
+        fn: ChunkFn,
+        params: Any,
+        arrays: Mapping[str, np.ndarray],
+        population: np.ndarray,
+        key: jax.Array,
+        *,
+        record: StageRecord | None = None,
+        name: str = "",
+        on_chunk: Callable[[ChunkReport], None] | None = None,
+        progress: bool = False,
+    ) -> StageRecord:
+        """`fn` on every example of `population` (positions into `arrays`) not yet done in
+        `record`; returns the record, updated after every chunk (then `on_chunk` is called).
+
+        arrays: name -> host array with the examples on the leading axis (every process passes
+        all of them; each feeds its rows). progress: a tqdm bar over the examples.
+        """
+        n = len(next(iter(arrays.values())))
+        record = StageRecord.empty(n) if record is None else record
+        population = np.asarray(population, np.int64)
+        todo = population[~record.done[population]]
+        chunks = list(padded_chunks(todo, self.batch_size))
+        if not chunks:
+            return record
+        params, key = replicate(params, self.mesh), replicate(_raw_key(key), self.mesh)
+        with tqdm(total=len(todo), desc=name, unit="img", disable=not progress,
+                  leave=False) as bar:
+            for c, (real, padded) in enumerate(chunks):
+                args = (params, self._batch(arrays, real, padded), key)
+                compiled = self._compile(fn, args, record)
+                t0 = time.perf_counter()
+                out = jax.device_get(compiled(*args))
+                seconds = time.perf_counter() - t0
+                out = {k: np.asarray(v)[: len(real)] for k, v in out.items()}
+                _store(record, real, out)
+                record.seconds += seconds
+                record.images += len(real)
+                record.computed_chunks += 1
+                bar.update(len(real))
+                if on_chunk is not None:
+                    on_chunk(ChunkReport(name, c, len(chunks), real, out, seconds, record))
+        return record
+
+
+def _store(record: StageRecord, positions: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:
+    n = len(record.done)
+    for k, v in outputs.items():
+        if k not in record.outputs:
+            record.outputs[k] = np.zeros((n,) + v.shape[1:], v.dtype)
+        record.outputs[k][positions] = v
+    record.done[positions] = True
