@@ -8,6 +8,7 @@ Override any field on the command line, e.g. `--config.train.epochs=3`.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,6 +26,11 @@ flags.DEFINE_integer("num_processes", None, "Processes in the run (default: $JAX
                      "or auto-detection).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (default: "
                      "$JAX_PROCESS_ID or auto-detection).")
+flags.DEFINE_string("cpu_devices", "auto", "On the CPU: host devices to split the batch over "
+                    "('auto': one per core, the most that divides train and eval batches; 1: "
+                    "none). XLA:CPU runs one device's step on about one core, so this is the "
+                    "CPU's data parallelism. No effect on GPU/TPU or when XLA_FLAGS sets "
+                    "--xla_force_host_platform_device_count.")
 flags.mark_flag_as_required("config")
 
 _ENV = {"coordinator_address": ("JAX_COORDINATOR_ADDRESS", str),
@@ -46,8 +52,36 @@ def distributed_args(values: dict, environ: dict) -> dict | None:
     return args
 
 
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_device_count(setting: str, cores: int, batch_sizes: tuple[int, ...]) -> int:
+    """Host devices for a CPU run: `setting` as a number, or for 'auto' the largest count up to
+    `cores` that divides every batch size (each device gets whole rows)."""
+    if setting != "auto":
+        count = int(setting)
+        if count < 1:
+            raise ValueError(f"--cpu_devices={setting!r}: give 'auto' or a count >= 1")
+        return count
+    sizes = [b for b in batch_sizes if b > 0]  # a bad size is reported by config validation
+    return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in sizes))
+
+
+def with_cpu_devices(xla_flags: str, count: int) -> str:
+    """XLA_FLAGS asking for `count` host devices, unless the user already set a count."""
+    if _DEVICE_COUNT_FLAG in xla_flags or count <= 1:
+        return xla_flags
+    return f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
+
+
 def main(argv: list[str]) -> None:
     del argv
+    config = flags.FLAGS.config
+    sizes = tuple(v for v in (config.train.batch_size, config.eval.batch_size)
+                  if isinstance(v, int))
+    count = cpu_device_count(flags.FLAGS.cpu_devices, len(os.sched_getaffinity(0)), sizes)
+    # Read when jax creates its CPU backend, so before anything touches a device.
+    os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), count)
     import jax
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
@@ -56,12 +90,31 @@ def main(argv: list[str]) -> None:
     init_args = distributed_args({n: flags.FLAGS[n].value for n in names}, dict(os.environ))
     if init_args is not None:
         jax.distributed.initialize(**init_args)
+    from hamjax.errors import HamjaxError, TrainingInterrupted
     from hamjax.train import train_and_evaluate
 
     config_path = flags.FLAGS["config"].config_filename
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
     workdir = flags.FLAGS.workdir or os.path.join("runs", name)
-    train_and_evaluate(flags.FLAGS.config, workdir)
+    try:
+        train_and_evaluate(flags.FLAGS.config, workdir)
+    except TrainingInterrupted as err:
+        sys.exit(exit_message(err, err.exit_code))
+    except HamjaxError as err:  # the message says what to fix; a traceback would bury it
+        sys.exit(exit_message(f"error: {err}", 2))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during the final evaluation
+        exit_message("interrupted; rerun the same command to resume", 130)
+        sys.stdout.flush()
+        # At once, as after SIGKILL (saves are atomic, the lock goes stale): a checkpoint write
+        # cut short leaves orbax threads that would block a normal interpreter exit forever.
+        os._exit(130)
+
+
+def exit_message(message, code: int) -> int:
+    """Prints `message` on stderr and returns the exit code to leave with: 2 for a project
+    error (config, data, checkpoint, workdir lock, divergence), 128 + signal for a signal."""
+    print(message, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -40,3 +40,20 @@ def test_environment_alone_starts_a_multi_process_run(launch):
            "JAX_PROCESS_ID": "1"}
     assert launch.distributed_args({"multihost": False}, env) == {
         "coordinator_address": "localhost:9", "num_processes": 2, "process_id": 1}
+
+
+def test_cpu_devices_auto_takes_the_most_cores_that_divide_every_batch(launch):
+    assert launch.cpu_device_count("auto", 2, (128, 256)) == 2
+    assert launch.cpu_device_count("auto", 8, (48, 256)) == 8
+    assert launch.cpu_device_count("auto", 8, (12, 256)) == 4
+    assert launch.cpu_device_count("auto", 2, (15, 256)) == 1
+    assert launch.cpu_device_count("3", 2, (128,)) == 3
+    with pytest.raises(ValueError, match="cpu_devices"):
+        launch.cpu_device_count("0", 2, (128,))
+
+
+def test_cpu_devices_never_override_a_users_xla_flag(launch):
+    assert launch.with_cpu_devices("", 2) == "--xla_force_host_platform_device_count=2"
+    assert launch.with_cpu_devices("--xla_cpu_x=1", 1) == "--xla_cpu_x=1"
+    mine = "--xla_force_host_platform_device_count=4"
+    assert launch.with_cpu_devices(mine, 2) == mine

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hamjax.data.specs import DATASETS, IMAGENETTE_WNIDS, DatasetSpec, get_spec
-from hamjax.errors import ConfigError
+from hamjax.errors import ConfigError, HamjaxError
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ SYSTEM_DATA_DIRS = (Path("/usr/share/datasets"),)  # where Debian dataset-* pack
 DATA_DIR_ENV = "HAMJAX_DATA_DIR"
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(HamjaxError, FileNotFoundError):
     """No source holds the dataset; the message lists every place looked and how to get it."""
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(HamjaxError, ValueError):
     """A file was found but is not in the expected format (truncated, wrong magic, wrong shape)."""
 
 

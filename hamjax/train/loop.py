@@ -1,24 +1,37 @@
 """The one generic training loop: data -> jitted step -> validation -> checkpoints -> report.
 
 Methods plug in through the registry (`hamjax.methods`); nothing here knows any method.
+A run never loses or poisons its workdir: one run per workdir (`hamjax.workdir_lock`), a
+non-finite step stops it before anything of that step is saved, and SIGTERM/SIGINT stop it after
+the current step with a checkpoint to resume from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
-from etils import epath
+import numpy as np
 
+from hamjax import workdir_lock
 from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.config import config_to_json, validate_config
 from hamjax.data import DATASET_STATS, iterate_batches, load_splits, meta_batch, num_batches
 from hamjax.data.prefetch import prefetch
-from hamjax.errors import CheckpointError, ConfigError
+from hamjax.errors import (
+    CheckpointError,
+    ConfigError,
+    TrainingDivergedError,
+    TrainingInterrupted,
+)
 from hamjax.methods import get_method
 from hamjax.metrics import (
     Ledger,
@@ -28,6 +41,7 @@ from hamjax.metrics import (
     format_per_class_table,
 )
 from hamjax.models import build_model, eval_model
+from hamjax.paths import resolve
 from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.runlog import RunLogger
 from hamjax.sharding import make_mesh, process_rows, put_replicated, shard_batch
@@ -72,11 +86,15 @@ def _select_score(summary: dict, select_on: str) -> float:
 
 
 def summarize(clean: PerClassCounts, robust: PerClassCounts, class_names) -> dict:
-    """Per-class clean/robust accuracy, average, worst, std and FRL's boundary error."""
+    """Per-class clean/robust accuracy, average, worst, std and FRL's boundary error, and the
+    raw per-class counts behind them (exact, so runs can be compared count for count)."""
     return {
         "clean": fairness_summary(clean, class_names),
         "robust": fairness_summary(robust, class_names),
         "boundary_error": boundary_error(clean, robust, class_names),
+        "counts": {name: {"correct": [int(v) for v in np.asarray(c.correct)],
+                          "total": [int(v) for v in np.asarray(c.total)]}
+                   for name, c in (("clean", clean), ("robust", robust))},
     }
 
 
@@ -118,14 +136,39 @@ def _fold_sums(epoch_record: dict, sums, steps: int) -> dict:
     return dict(epoch_record, metric_sums=totals, steps=epoch_record["steps"] + steps)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def first_nonfinite(pending: list[tuple[int, Any, Any]]) -> tuple[int, float] | None:
+    """(step, loss) of the first entry of (step, finite flag, loss) whose flag is 0, else None;
+    one device_get for the whole list, so checking costs no sync per step."""
+    flags = jax.device_get([flag for _, flag, _ in pending])
+    for (step, _, loss), ok in zip(pending, flags, strict=True):
+        if not ok:
+            return step, float(jax.device_get(loss))
+    return None
+
+
 class Trainer:
     """Holds a run's pieces; `run()` trains to the end, resuming from the workdir if it can."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        """Takes the workdir lock (process 0, local workdirs) before anything reads or writes
+        the workdir or loads data, so a second launch on a busy workdir fails at once; `run`
+        releases it (a Trainer that never runs leaves a lock the next Trainer of this process,
+        or any process once this one has exited, takes over)."""
         validate_config(config)
         self.config = config
         self.workdir = workdir
         self.is_main = jax.process_index() == 0
+        self._lock = workdir_lock.acquire(workdir) if self.is_main else None
+        try:
+            self._setup(config, workdir)
+        except BaseException:
+            workdir_lock.release(self._lock)
+            raise
+
+    def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
         self.log = RunLogger(workdir, enabled=self.is_main)
         self.method = get_method(config.method.name)
         self.splits = load_splits(config.data, seed=config.seed)
@@ -151,6 +194,7 @@ class Trainer:
                                       self.splits.num_classes, config.eval,
                                       self.mesh, config.eval.batch_size)
         self._eval_cache: dict = {}
+        self._stop_signal: int | None = None  # set by a SIGTERM/SIGINT during `run`
 
     # ----------------------------------------------------------------------------- state
     def initial_state(self) -> tuple[TrainState, dict]:
@@ -196,7 +240,7 @@ class Trainer:
                                   "meta_per_class is 0)")
             split = subset(split, self.config.eval.num_examples, self.config.seed,
                            self.splits.num_classes)
-            rng = jax.random.PRNGKey(self.config.seed + 1000)
+            rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
             self._eval_cache = {key: self.evaluator(_variables(state), split, rng)}
         return self._eval_cache[key]
 
@@ -219,7 +263,109 @@ class Trainer:
         self.checkpointer.save(int(state.step), state, meta)
 
     def run(self) -> dict:
-        """Trains to config.train.epochs and returns the final report (also written as JSON)."""
+        """Trains to config.train.epochs and returns the final report (also written as JSON).
+
+        Holds the workdir lock throughout and releases it on the way out, errors included.
+        While training, SIGTERM/SIGINT stop the run after the current step with a checkpoint
+        (TrainingInterrupted); a non-finite step raises TrainingDivergedError. Pending
+        checkpoint writes finish before run returns or raises.
+        """
+        if self._lock is None and self.is_main:  # a second run() of this Trainer
+            self._lock = workdir_lock.acquire(self.workdir)
+        try:
+            try:
+                with self._stop_on_signals():
+                    state, meta = self._train()
+                report = self.final_report(state, meta)
+            except BaseException:
+                self._close(quietly=True)
+                raise
+            self._close()
+        finally:  # after the last checkpoint write: the lock covers it
+            workdir_lock.release(self._lock)
+            self._lock = None
+        return report
+
+    def _close(self, quietly: bool = False) -> None:
+        """Finishes checkpoint writes and closes the logs; `quietly` while another error is
+        on its way out (it must not be masked by a second one)."""
+        try:
+            self.checkpointer.close()
+        except Exception:
+            if not quietly:
+                raise
+        finally:
+            self.log.close()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT only set a flag, read after each step (a handler interrupting a step
+        or a checkpoint write could leave either half done); a second one acts at once, as the
+        previous handler would. Previous handlers come back on exit. Signals that were ignored
+        stay ignored; off the main thread (where Python allows no handlers) nothing is caught."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+        def handler(signum, frame):
+            if self._stop_signal is None:
+                self._stop_signal = signum
+                return
+            before = previous[signum]
+            if callable(before):
+                before(signum, frame)
+            else:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        for s, before in previous.items():
+            if before is not signal.SIG_IGN:
+                signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, before in previous.items():
+                signal.signal(s, before if before is not None else signal.SIG_DFL)
+
+    def _stop(self, state: TrainState) -> None:
+        """Ends an interrupted run once its state is saved: one line saying how to resume."""
+        signum = self._stop_signal
+        name = signal.Signals(signum).name
+        saved = self.checkpointer.latest_step()  # waits for the write
+        where = resolve(self.workdir) / "checkpoints"
+        if saved is None:
+            message = (f"stopped by {name} before the first step; nothing to save; rerun the "
+                       "same command to start")
+        else:
+            message = (f"stopped by {name} at step {int(state.step)}; checkpoint saved in "
+                       f"{where}; rerun the same command to resume")
+        self.log.write("interrupted", int(state.step), signal=name)
+        raise TrainingInterrupted(message, signum)
+
+    def _check_finite(self, pending: list) -> None:
+        """Raises TrainingDivergedError on the first non-finite step in `pending` (then
+        emptied). Called before every save, so no checkpoint ever holds a diverged state."""
+        bad = first_nonfinite(pending) if pending else None
+        pending.clear()
+        if bad is None:
+            return
+        step, loss = bad
+        lr = self.config.train.lr
+        saved = self.checkpointer.latest_step()
+        kept = ("no checkpoint was written yet" if saved is None else
+                f"the last good checkpoint (step {saved}) in "
+                f"{resolve(self.workdir) / 'checkpoints'} is kept")
+        self.log.write("diverged", step, loss=loss)
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: the loss ({loss}), a gradient or a weight is not "
+            f"finite; nothing of that step was saved and {kept}. Likely cause: the learning rate "
+            f"is too high (config.train.lr={lr}); lower it, e.g. --config.train.lr={lr / 10:g}, "
+            "and rerun the same command")
+
+    def _train(self) -> tuple[TrainState, dict]:
+        """The training part of `run`: compile, then epochs until config.train.epochs."""
         cfg = self.config
         state, meta = self.initial_state()
         spe = self.ctx.steps_per_epoch
@@ -235,22 +381,25 @@ class Trainer:
                        f"{spe} steps/epoch, {jax.device_count()} device(s)")
 
         while int(state.step) < total_steps:
+            if self._stop_signal is not None:  # the state here is already saved
+                self._stop(state)
             epoch, start = divmod(int(state.step), spe)
             state, meta = self._train_epoch(compiled, state, meta, epoch, start)
-        report = self.final_report(state, meta)
-        self.checkpointer.close()
-        self.log.close()
-        return report
+        if self._stop_signal is not None:
+            self._stop(state)
+        return state, meta
 
     def _train_epoch(self, compiled, state, meta, epoch: int, start: int):
         cfg, spe = self.config, self.ctx.steps_per_epoch
         epoch_record = meta.pop("partial_epoch", None) or {"seconds": 0.0, "skipped": 0.0,
                                                            "metric_sums": {}, "steps": 0}
         t_last, images, sums, counted_from = time.perf_counter(), 0, None, start
+        pending = []  # (step, finite flag, loss) on device, checked at logs and before saves
         batches = prefetch(self._device_batches(epoch, start), size=2)
         for i, batch in enumerate(batches, start=start):
             step = epoch * spe + i
             state, metrics = compiled(state, batch)
+            pending.append((step + 1, metrics["finite"], metrics["loss"]))
             images += cfg.train.batch_size
             sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
             last_in_epoch = i + 1 == spe
@@ -262,7 +411,13 @@ class Trainer:
                 t_last, images = now, 0
                 self.log.progress(epoch, cfg.train.epochs, i + 1, spe, rate, metrics)
                 self.log.write("train", step + 1, epoch=epoch, images_per_s=rate, **metrics)
-            if (step + 1) % cfg.train.checkpoint_every_steps == 0 and not last_in_epoch:
+                self._check_finite(pending)
+            # A signal is served like a periodic save: the partial-epoch record makes the resumed
+            # epoch's ledger and metrics exactly those of an uninterrupted one.
+            stopping = self._stop_signal is not None and not last_in_epoch
+            periodic = (step + 1) % cfg.train.checkpoint_every_steps == 0 and not last_in_epoch
+            if periodic or stopping:
+                self._check_finite(pending)
                 epoch_record = _fold_sums(epoch_record, sums, i + 1 - counted_from)
                 sums, counted_from = None, i + 1
                 jax.block_until_ready(state)
@@ -271,7 +426,10 @@ class Trainer:
                 t_last = now
                 self._save(state, dict(meta, partial_epoch=epoch_record))
                 t_last = time.perf_counter()
+            if stopping:
+                self._stop(state)
         jax.block_until_ready(state)
+        self._check_finite(pending)
         epoch_record = _fold_sums(epoch_record, sums, spe - counted_from)
         return self._end_epoch(state, meta, epoch, epoch_record)
 
@@ -331,6 +489,7 @@ class Trainer:
             "seed": cfg.seed,
             "data": self.splits.info,
             **_attack_record(cfg),
+            "robust_definition": self.evaluator.robust_definition,
             "results": results,
             "cost": {
                 "forward_passes": sum(e["ledger"]["forward"] for e in epochs),
@@ -342,7 +501,7 @@ class Trainer:
             "epochs": epochs,
         }
         if self.is_main:
-            (epath.Path(self.workdir) / "report.json").write_text(json.dumps(report, indent=1))
+            (resolve(self.workdir) / "report.json").write_text(json.dumps(report, indent=1))
             for name, res in results.items():
                 self.log.print(f"\n{name} checkpoint, test split ({res['num_examples']} examples,"
                                f" PGD-{cfg.eval.steps} eps {cfg.eval.eps:.4f}):")
@@ -356,7 +515,7 @@ class Trainer:
         split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
                        self.splits.num_classes)
         clean, robust = self.evaluator(_variables(state), split,
-                                       jax.random.PRNGKey(self.config.seed + 2000))
+                                       self.evaluator.attack_key(self.config.seed))
         names = self.splits.class_names
         table = format_per_class_table(
             {"clean": clean, f"pgd{self.config.eval.steps}": robust}, names)

@@ -22,11 +22,21 @@ def _select(pred, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def _all_finite(*trees) -> jax.Array:
+    """One traced bool: every element of every leaf is finite (one reduction per leaf)."""
+    leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
 def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tuple]:
     """Builds `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
     rng = fold_in(state.rng, step) makes every step's randomness a function of (seed, step), so a
     resumed run draws exactly what an uninterrupted one would.
+
+    metrics["finite"] is 0 when the loss, a gradient or a new weight or BN statistic is not
+    finite; that step then keeps the previous weights, optimiser and BN state, so a diverged
+    step never reaches the state (the loop stops the run on it, see `Trainer`).
     """
     augment_config = ctx.config.data.augment
 
@@ -45,7 +55,8 @@ def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tu
         opt_state = set_learning_rate(state.opt_state, lr)
         updates, new_opt_state = ctx.tx.update(grads, opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        apply = aux.get("apply_update", jnp.asarray(True))
+        finite = _all_finite(loss, grads, new_params, aux["batch_stats"])
+        apply = jnp.logical_and(aux.get("apply_update", jnp.asarray(True)), finite)
         state = state.replace(
             step=state.step + 1,
             params=_select(apply, new_params, state.params),
@@ -56,6 +67,7 @@ def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tu
         )
         metrics = {"loss": loss, "lr": jnp.asarray(lr, jnp.float32), **aux["metrics"]}
         metrics["update_applied"] = apply.astype(jnp.float32)
+        metrics["finite"] = finite.astype(jnp.float32)
         return state, metrics
 
     return train_step
