@@ -55,15 +55,18 @@ class PGDEvaluator:
         """The key `python -m hamjax.evaluate --attacks pgdN --seed seed` uses."""
         return attack_key(seed, self.name)
 
-    def __call__(self, variables, split, rng) -> tuple[PerClassCounts, PerClassCounts]:
+    def __call__(self, variables, split, rng, progress: bool = False,
+                 label: str = "") -> tuple[PerClassCounts, PerClassCounts]:
         """(clean, robust) per-class counts of every example of `split`; `rng` is the attack's
-        root key (`attack_key`)."""
+        root key (`attack_key`). progress: a bar per pass on a terminal, labelled `label`."""
         labels = np.asarray(split.labels, np.int32)
         n = len(labels)
         arrays = {"image": split.images, "label": labels,
                   "eps": np.full(n, self.eps, np.float32)}
-        clean = self._driver.run(self._clean, variables, arrays, np.arange(n), rng)
+        clean = self._driver.run(self._clean, variables, arrays, np.arange(n), rng,
+                                 progress=progress, desc=f"{label} clean".strip())
         correct = clean.output("correct")
-        chain = run_chain(self._driver, variables, arrays, correct, self._stages, rng)
+        chain = run_chain(self._driver, variables, arrays, correct, self._stages, rng,
+                          progress=progress, label=label)
         return (class_counts(correct, labels, self.num_classes),
                 class_counts(chain.robust, labels, self.num_classes))

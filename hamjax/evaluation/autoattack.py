@@ -23,7 +23,7 @@ from hamjax.attacks.autoattack_ensemble import (
     config_warnings,
     plan_attacks,
 )
-from hamjax.evaluation.driver import Driver, StageRecord
+from hamjax.evaluation.driver import Driver, StageRecord, console
 from hamjax.evaluation.stages import (
     ChainResult,
     ChainStage,
@@ -72,7 +72,7 @@ def run_autoattack(
     n_queries: int = 5000,
     attack_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 256,
-    log_fn: Callable[[str], None] | None = print,
+    log_fn: Callable[[str], None] | None = console,
     progress: bool = True,
     randomness_calls: int = 2,
     mesh=None,

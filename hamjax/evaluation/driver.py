@@ -19,6 +19,7 @@ The trainer's validation and test report (`hamjax.robust_eval`), the evaluation 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -153,12 +154,15 @@ class Driver:
         name: str = "",
         on_chunk: Callable[[ChunkReport], None] | None = None,
         progress: bool = False,
+        desc: str = "",
     ) -> StageRecord:
         """`fn` on every example of `population` (positions into `arrays`) not yet done in
         `record`; returns the record, updated after every chunk (then `on_chunk` is called).
 
         arrays: name -> host array with the examples on the leading axis (every process passes
-        all of them; each feeds its rows). progress: a tqdm bar over the examples.
+        all of them; each feeds its rows). progress: a tqdm bar over the examples with ETA, on
+        a terminal or in a notebook only (a pipe or log file would fill with redraws), labelled
+        `desc` (default: `name`).
         """
         n = len(next(iter(arrays.values())))
         record = StageRecord.empty(n) if record is None else record
@@ -168,8 +172,8 @@ class Driver:
         if not chunks:
             return record
         params, key = replicate(params, self.mesh), replicate(_raw_key(key), self.mesh)
-        with tqdm(total=len(todo), desc=name, unit="img", disable=not progress,
-                  leave=False) as bar:
+        with tqdm(total=len(todo), desc=desc or name, unit="img",
+                  disable=None if progress else True, leave=False, dynamic_ncols=True) as bar:
             for c, (real, padded) in enumerate(chunks):
                 args = (params, self._batch(arrays, real, padded), key)
                 compiled = self._compile(fn, args, record)
@@ -185,6 +189,12 @@ class Driver:
                 if on_chunk is not None:
                     on_chunk(ChunkReport(name, c, len(chunks), real, out, seconds, record))
         return record
+
+
+def console(line: str) -> None:
+    """Prints a line on stdout without breaking a progress bar being drawn."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _store(record: StageRecord, positions: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:

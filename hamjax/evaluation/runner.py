@@ -18,7 +18,7 @@ import numpy as np
 from hamjax.attacks import checks
 from hamjax.attacks.autoattack_ensemble import config_warnings
 from hamjax.data.augment import images_to_float
-from hamjax.evaluation.driver import ChunkReport, Driver, StageRecord
+from hamjax.evaluation.driver import ChunkReport, Driver, StageRecord, console
 from hamjax.evaluation.resume import ResumeFile, crc
 from hamjax.evaluation.specs import AttackSpec, attack_key, bound_attack
 from hamjax.evaluation.stages import (
@@ -115,13 +115,15 @@ def run_attacks(
     partial_path: str | None = None,
     fingerprint: dict | None = None,
     resume: bool = True,
-    log: Log = print,
+    log: Log = console,
     mesh=None,
+    progress: bool = True,
 ) -> AttackOutcome:
     """Runs `specs` on (images, labels) chunk by chunk; resumable through `partial_path`.
 
     images: uint8 or [0, 1] float NHWC. batch_size is the chunk size (a multiple of the mesh's
     devices; default mesh: every device). The model runs in eval mode (running BN statistics).
+    progress: a bar with ETA per stage on a terminal; `log` gets a line per chunk either way.
     """
     driver = Driver(make_mesh() if mesh is None else mesh, batch_size)
     labels = np.asarray(labels, np.int32)
@@ -129,12 +131,12 @@ def run_attacks(
     arrays = {"image": np.asarray(images), "label": labels, "eps": np.full(n, eps, np.float32)}
     fp = dict(fingerprint or {}, n=n, eps=float(eps), seed=int(seed), labels=crc(labels))
     store = ResumeFile(partial_path, fp, resume, log)
-    progress = _Progress(store, log)
+    tracker = _Progress(store, log)
     logits_of = model_logits(model)
 
     clean = driver.run(clean_fn(logits_of), variables, arrays, np.arange(n),
-                       attack_key(seed, "clean"), record=progress.record("clean", {}),
-                       name="clean", on_chunk=progress.chunk)
+                       attack_key(seed, "clean"), record=tracker.record("clean", {}),
+                       name="clean", on_chunk=tracker.chunk, progress=progress)
     if "output_gap" not in store.extra and n:
         # eager calls on purpose: randomness drawn in Python would be frozen by jit
         x = images_to_float(jnp.asarray(images[: min(n, 16)]))
@@ -154,10 +156,10 @@ def run_attacks(
                                    dict(s.kwargs, kind=s.kind)) for s in spec.stages]
         chain = run_chain(driver, variables, arrays, correct, chain_stages,
                           attack_key(seed, spec.name),
-                          records=lambda s: progress.record(s.name, s.settings),
-                          on_chunk=progress.chunk)
+                          records=lambda s: tracker.record(s.name, s.settings),
+                          on_chunk=tracker.chunk, progress=progress)
         robust[spec.name] = chain.robust
         stages_out.update(_stage_summary(spec, chain, n))
         warnings += _spec_warnings(spec, chain, num_classes, n)
-    return AttackOutcome(correct, robust, stages_out, warnings, progress.computed_chunks,
-                         progress.resumed_examples)
+    return AttackOutcome(correct, robust, stages_out, warnings, tracker.computed_chunks,
+                         tracker.resumed_examples)

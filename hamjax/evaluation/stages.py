@@ -126,10 +126,12 @@ def run_chain(
     on_chunk: Callable[[ChunkReport], None] | None = None,
     on_stage: Callable[[ChainStage, ChainResult], None] | None = None,
     progress: bool = False,
+    label: str = "",
 ) -> ChainResult:
     """Runs `stages` in order, each on the examples still robust after the previous ones.
 
-    records(stage): a saved record to resume from (None: start it). With stages built with
+    records(stage): a saved record to resume from (None: start it). progress: a bar per stage,
+    labelled `label` and the stage's name ("val pgd10"). With stages built with
     keep_points (float images), `x_adv` holds each example's first successful point, x
     elsewhere.
     """
@@ -139,7 +141,8 @@ def run_chain(
         population = np.flatnonzero(robust)
         record = driver.run(stage.fn, params, arrays, population, stage_key(key, position),
                             record=records(stage) if records else None, name=stage.name,
-                            on_chunk=on_chunk, progress=progress)
+                            on_chunk=on_chunk, progress=progress,
+                            desc=f"{label} {stage.name}".strip())
         fooled = record.output("fooled") & robust
         if "x_adv" in record.outputs:
             if result.x_adv is None:

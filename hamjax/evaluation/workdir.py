@@ -20,6 +20,7 @@ from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.config import validate_config
 from hamjax.data import load_splits
 from hamjax.errors import CheckpointError, ConfigError
+from hamjax.evaluation.driver import console
 from hamjax.evaluation.report import build_result, write_outputs
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import check_attack_names, parse_attacks
@@ -135,7 +136,7 @@ def evaluate_workdir(
     fast: bool = False,
     resume: bool = True,
     write: bool = True,
-    log: Log = print,
+    log: Log = console,
 ) -> dict[str, Any]:
     """Per-class clean/robust accuracy of a trained workdir under `attacks`; returns the record
     also written to `<workdir>/eval/<split>_<checkpoint>.json` (with a `.png` chart).
