@@ -185,6 +185,57 @@ def test_idx_rejects_bad_magic_and_truncation(tmp_path: Path) -> None:
         sources.read_idx(short)
 
 
+def test_truncated_gz_idx_file_names_the_file(tmp_path: Path, no_system_dirs: None) -> None:
+    write_idx_set(tmp_path / "mnist")
+    damaged = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:200])  # cut mid-stream
+    with pytest.raises(data.DatasetFormatError, match=f"{damaged}: cannot read an IDX file"):
+        data.load_raw("mnist", "local", str(tmp_path))
+    damaged.write_bytes(b"not gzip at all")
+    with pytest.raises(data.DatasetFormatError, match=f"{damaged}: cannot read an IDX file"):
+        data.load_raw("mnist", "local", str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["not_a_tarball", "truncated"])
+def test_corrupt_cifar_archive_names_the_file(tmp_path: Path, damage: str,
+                                              no_system_dirs: None) -> None:
+    write_cifar10(tmp_path, as_tar=True)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    blob = archive.read_bytes()
+    damaged = b"not a tarball " * 300 if damage == "not_a_tarball" else blob[: len(blob) // 2]
+    archive.write_bytes(damaged)
+    with pytest.raises(data.DatasetFormatError) as info:
+        data.load_raw("cifar10", "local", str(tmp_path))
+    assert f"{archive}: cannot read the CIFAR archive" in str(info.value)
+
+
+@pytest.mark.parametrize("garbage", [b"garbage", pickle.dumps([1, 2, 3])], ids=["bytes", "list"])
+def test_garbage_cifar_pickle_names_the_file(tmp_path: Path, garbage: bytes,
+                                             no_system_dirs: None) -> None:
+    write_cifar10(tmp_path, as_tar=False)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(garbage)
+    with pytest.raises(data.DatasetFormatError, match=str(batch)):
+        data.load_raw("cifar10", "local", str(tmp_path))
+
+
+def test_labels_out_of_range_are_rejected_in_memory() -> None:
+    """A RawDataset built from arrays, or changed after it was built, with a label outside its
+    classes never reaches training (it would index past the logits)."""
+    images = rand_images(6, 4, 4, 1)
+    names = ("a", "b", "c")
+    with pytest.raises(data.DatasetFormatError, match=r"labels \[3\] are outside \[0, 3\)"):
+        data.RawDataset(images, np.array([0, 1, 2, 3, 0, 1]), images, np.zeros(6, int), names,
+                        "arrays")
+    with pytest.raises(data.DatasetFormatError, match=r"test: labels \[-1\]"):
+        data.RawDataset(images, np.zeros(6, int), images, np.full(6, -1), names, "arrays")
+    raw = data.RawDataset(images, np.array([0, 1, 2, 0, 1, 2]), images, np.zeros(6, int), names,
+                          "arrays")
+    raw.train_labels[2] = 7
+    with pytest.raises(data.DatasetFormatError, match=r"arrays: train: labels \[7\]"):
+        data.make_splits(raw, cfg(val_size=0), seed=0)
+
+
 def test_imagenette_folder(tmp_path: Path, no_system_dirs: None) -> None:
     from PIL import Image
 

@@ -264,6 +264,28 @@ def test_trainer_and_cli_give_the_same_pgd20_counts(workdir, capsys):
     capsys.readouterr()
 
 
+def test_tensorboard_has_validation_cost_and_test_scalars(workdir):
+    """The 1-epoch run's event file, read back: validation clean/robust average and worst class
+    and the ledger at the epoch's step, test numbers of both checkpoints, as in report.json."""
+    from hamjax.runlog import read_scalars
+
+    with open(os.path.join(workdir, "report.json")) as f:
+        trained = json.load(f)
+    epoch, step = trained["epochs"][0], trained["results"]["last"]["step"]
+    scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+    for kind in ("clean", "robust"):
+        for stat in ("average", "worst"):
+            assert scalars[f"val/{kind}_{stat}"] == [
+                (step, pytest.approx(epoch["val"][kind][stat]))]
+            for name in ("last", "best_on_val"):
+                assert scalars[f"test/{name}/{kind}_{stat}"] == [
+                    (step, pytest.approx(trained["results"][name][kind][stat]))]
+    assert scalars["cost/relative_to_pgd_at"] == [
+        (step, pytest.approx(epoch["ledger"]["relative_to_pgd_at"]))]
+    assert scalars["time/epoch_seconds"][0][1] >= scalars["time/train_seconds"][0][1] > 0
+    assert "train/loss" in scalars
+
+
 def test_pgd_results_do_not_depend_on_the_batch_size(workdir):
     """Each example's random start is keyed by its index: chunks of 8 or 40, same answer."""
     from hamjax.robust_eval import subset

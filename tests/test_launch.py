@@ -57,3 +57,23 @@ def test_cpu_devices_never_override_a_users_xla_flag(launch):
     assert launch.with_cpu_devices("--xla_cpu_x=1", 1) == "--xla_cpu_x=1"
     mine = "--xla_force_host_platform_device_count=4"
     assert launch.with_cpu_devices(mine, 2) == mine
+
+
+def test_orbax_disk_full_tracebacks_are_dropped_and_nothing_else(launch):
+    """A full disk: orbax's background threads log their tracebacks (100+ lines per save);
+    the run reports it once, as one line, so those records are dropped; other records stay."""
+    import errno
+    import logging
+
+    def record(level, path, message, error=None):
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord("absl", level, path, 1, message, (), exc_info)
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/run/checkpoints/5/_METADATA")
+    orbax = "/venv/orbax/checkpoint/_src/futures/future.py"
+    assert not launch.quiet_orbax_disk_full(record(logging.ERROR, orbax, "thread raised", full))
+    assert not launch.quiet_orbax_disk_full(
+        record(logging.ERROR, orbax, f"commit failed: {full}"))
+    assert launch.quiet_orbax_disk_full(record(logging.ERROR, orbax, "other", ValueError("x")))
+    assert launch.quiet_orbax_disk_full(record(logging.WARNING, orbax, str(full)))
+    assert launch.quiet_orbax_disk_full(record(logging.ERROR, "/jax/_src/x.py", "y", full))

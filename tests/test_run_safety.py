@@ -19,7 +19,7 @@ import pytest
 
 from hamjax import workdir_lock
 from hamjax.checkpoint import Checkpointer
-from hamjax.errors import TrainingDivergedError, WorkdirLockedError
+from hamjax.errors import CheckpointError, TrainingDivergedError, WorkdirLockedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,6 +216,21 @@ def test_a_trainer_that_fails_to_build_releases_the_lock(tmp_path):
     with pytest.raises(DatasetNotFoundError):
         Trainer(config, str(tmp_path / "run"))
     assert not os.path.exists(workdir_lock.lock_path(tmp_path / "run"))
+    assert _created_in(tmp_path / "run") == []  # the data is loaded before any log or folder
+
+
+def _created_in(workdir) -> list[str]:
+    return sorted(os.listdir(workdir)) if os.path.exists(workdir) else []
+
+
+def test_init_from_a_missing_run_is_refused_before_anything_is_created(tmp_path):
+    from hamjax.errors import ConfigError
+    from hamjax.train.loop import Trainer
+
+    missing = tmp_path / "missing" / "run"
+    with pytest.raises(ConfigError, match=re.escape(f"config.train.init_from='{missing}'")):
+        Trainer(_tiny_config(init_from=str(missing)), str(tmp_path / "run"))
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "run").exists()
 
 
 def test_remote_workdirs_are_not_locked():
@@ -240,6 +255,7 @@ def test_project_errors_exit_2_with_the_message_and_no_traceback(tmp_path, overr
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err
     assert re.search(r"^error: .*" + re.escape(message), err, re.MULTILINE), err[-3000:]
+    assert _created_in(tmp_path / "run") == []  # no metrics.jsonl, event file or .lock left
 
 
 # ------------------------------------------------------------------------------- signals
@@ -329,3 +345,53 @@ def test_sigterm_saves_resumes_bit_exactly_and_the_workdir_is_locked_meanwhile(t
     states = [_restore_raw(w) for w in (straight, stopped)]
     for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------------------- resume config
+def test_resuming_with_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    """A finished run rerun with another attack eps (and seed) is refused, in process and by
+    launch.py (exit 2, every differing field with both values, the fix); with
+    --allow_config_change it proceeds and report.json lists the change; a change of the log
+    frequency (and the other RESUME_MAY_CHANGE fields tried) is always accepted."""
+    from hamjax.train.loop import Trainer
+
+    workdir = tmp_path / "run"
+    assert Trainer(_tiny_config(), str(workdir)).run()["config_changed_on_resume"] == []
+    report_file = workdir / "report.json"
+    finished = report_file.read_text()
+
+    config_path = tmp_path / "tiny.py"
+    config_path.write_text(TINY_CONFIG)
+    proc = _launch(config_path, workdir, tmp_path / "cache", "--config.attack.eps=0.3",
+                   "--config.seed=7")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert re.search(r"^error: the checkpoint in \S+ was written with another config", err,
+                     re.MULTILINE), err[-3000:]
+    assert "  attack.eps: 0.1 in the checkpoint, 0.3 now\n" in err
+    assert "  seed: 1 in the checkpoint, 7 now\n" in err
+    assert "--allow_config_change" in err and "new --workdir" in err
+
+    changed = _tiny_config()
+    changed.attack.eps = 0.3
+    with pytest.raises(CheckpointError, match=r"attack\.eps: 0\.1 in the checkpoint, 0\.3 now"):
+        Trainer(changed, str(workdir)).run()
+    assert report_file.read_text() == finished  # refused runs rewrite nothing
+    proc = _launch(config_path, workdir, tmp_path / "cache", "--config.attack.eps=0.3",
+                   "--allow_config_change")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed with a changed config (--allow_config_change):\n  attack.eps: 0.1" in out
+    recorded = [{"field": "attack.eps", "checkpoint": 0.1, "now": 0.3, "step": 20}]
+    report = json.loads(report_file.read_text())
+    assert report["config_changed_on_resume"] == recorded
+    assert report["config"]["attack"]["eps"] == 0.3
+
+    relogged = _tiny_config(log_every_steps=5, checkpoint_every_steps=7, keep_checkpoints=3)
+    trainer = Trainer(relogged, str(workdir))
+    state, meta = trainer.initial_state()  # accepted: no compile or evaluation needed to see it
+    assert int(state.step) == 20 and "config_changed_on_resume" not in meta
+    trainer.checkpointer.close()
+    trainer.log.close()
+    workdir_lock.release(trainer._lock)

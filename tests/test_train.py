@@ -263,5 +263,6 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     trainer._save(state, meta)
     trainer.checkpointer.close()
     config.method = method_config("pgd_at")
-    with pytest.raises(CheckpointError, match="method.name='standard'"):
+    with pytest.raises(CheckpointError, match=r"method\.name: 'standard' in the checkpoint, "
+                                              r"'pgd_at' now"):
         Trainer(config, workdir).initial_state()

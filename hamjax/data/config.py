@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -41,11 +43,13 @@ def _is_int(x: object) -> bool:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite int or float (NaN compares False with every bound, so it must be refused here)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError naming every bad `data.*` field and its fix; cheap, touches no files."""
+    """Raise ConfigError naming every bad `config.data.*` field and its fix; cheap, touches no
+    files."""
     problems: list[str] = []
 
     def get(path: str) -> object:
@@ -53,8 +57,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         for part in path.split("."):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 raise ConfigError(
-                    f"data.{path} is missing; start from hamjax.data.default_data_config(), "
-                    "which has every field"
+                    f"config.data.{path} is missing; start from "
+                    "hamjax.data.default_data_config(), which has every field"
                 )
             node = node[part]
         return node
@@ -69,52 +73,57 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     name = cfg.name
     spec = DATASETS.get(name) if isinstance(name, str) else None
     if spec is None:
-        problems.append(f"data.name={name!r} is not a known dataset; use one of "
+        problems.append(f"config.data.name={name!r} is not a known dataset; use one of "
                         f"{', '.join(DATASETS)}")
     if cfg.source not in SOURCES:
-        problems.append(f"data.source={cfg.source!r} is not valid; use one of {', '.join(SOURCES)}")
+        problems.append(f"config.data.source={cfg.source!r} is not valid; use one of "
+                        f"{', '.join(SOURCES)}")
     elif spec is not None and cfg.source != "auto" and cfg.source not in spec.sources:
         problems.append(
-            f"data.source={cfg.source!r} cannot load {name!r}; use 'auto' or one of "
+            f"config.data.source={cfg.source!r} cannot load {name!r}; use 'auto' or one of "
             f"{', '.join(spec.sources)}"
         )
     if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
-        problems.append(f"data.data_dir={cfg.data_dir!r} must be a path string or None")
+        problems.append(f"config.data.data_dir={cfg.data_dir!r} must be a path string or None")
     size = cfg.image_size
     if size is not None and (not _is_int(size) or size < 4):
-        problems.append(f"data.image_size={size!r} must be None (native size) or an int >= 4")
+        problems.append(f"config.data.image_size={size!r} must be None (native size) or an "
+                        "int >= 4")
     if not _is_int(cfg.val_size) or cfg.val_size < 0:
-        problems.append(f"data.val_size={cfg.val_size!r} must be an int >= 0 (0: no val split)")
+        problems.append(f"config.data.val_size={cfg.val_size!r} must be an int >= 0 (0: no "
+                        "val split)")
     if not _is_int(cfg.train_size) or cfg.train_size < 0:
-        problems.append(f"data.train_size={cfg.train_size!r} must be an int >= 0 (0: all)")
+        problems.append(f"config.data.train_size={cfg.train_size!r} must be an int >= 0 (0: all)")
     if not _is_int(cfg.meta_per_class) or cfg.meta_per_class < 0:
         problems.append(
-            f"data.meta_per_class={cfg.meta_per_class!r} must be an int >= 0 (0: no meta set)"
+            f"config.data.meta_per_class={cfg.meta_per_class!r} must be an int >= 0 (0: no "
+            "meta set)"
         )
     kind, rate = cfg.label_noise.kind, cfg.label_noise.rate
     if kind not in NOISE_KINDS:
         problems.append(
-            f"data.label_noise.kind={kind!r} is not valid; use one of {', '.join(NOISE_KINDS)}"
+            f"config.data.label_noise.kind={kind!r} is not valid; use one of "
+            f"{', '.join(NOISE_KINDS)}"
         )
     if not _is_number(rate) or not 0.0 <= rate < 1.0:
-        problems.append(f"data.label_noise.rate={rate!r} must be a number in [0, 1)")
+        problems.append(f"config.data.label_noise.rate={rate!r} must be a number in [0, 1)")
     elif kind == "none" and rate != 0.0:
         problems.append(
-            f"data.label_noise.rate={rate!r} has no effect with kind='none'; set "
+            f"config.data.label_noise.rate={rate!r} has no effect with kind='none'; set "
             "data.label_noise.kind (uniform, flip, pair_flip, flip2) or rate=0"
         )
     if spec is not None and kind == "flip2" and spec.num_classes < 3:
-        problems.append("data.label_noise.kind='flip2' needs at least 3 classes")
+        problems.append("config.data.label_noise.kind='flip2' needs at least 3 classes")
     imb = cfg.imbalance_factor
     if not _is_number(imb) or imb < 1.0:
         problems.append(
-            f"data.imbalance_factor={imb!r} must be a number >= 1 (1 = balanced, 10 or 100 = "
-            "long tail)"
+            f"config.data.imbalance_factor={imb!r} must be a number >= 1 (1 = balanced, 10 or "
+            "100 = long tail)"
         )
     pad = cfg.augment.crop_pad
     if not _is_int(pad) or pad < 0:
-        problems.append(f"data.augment.crop_pad={pad!r} must be an int >= 0 (0: no crop)")
+        problems.append(f"config.data.augment.crop_pad={pad!r} must be an int >= 0 (0: no crop)")
     if not isinstance(cfg.augment.flip, bool):
-        problems.append(f"data.augment.flip={cfg.augment.flip!r} must be True or False")
+        problems.append(f"config.data.augment.flip={cfg.augment.flip!r} must be True or False")
     if problems:
         raise ConfigError("invalid data config:\n  " + "\n  ".join(problems))

@@ -7,13 +7,15 @@ tried is recorded, and a miss raises `DatasetNotFoundError` listing them with ho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import logging
 import os
 import pickle
 import tarfile
-from collections.abc import Callable, Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,41 @@ class DatasetNotFoundError(HamjaxError, FileNotFoundError):
 
 
 class DatasetFormatError(HamjaxError, ValueError):
-    """A file was found but is not in the expected format (truncated, wrong magic, wrong shape)."""
+    """A file was found but is not in the expected format (truncated, wrong magic, wrong shape),
+    cannot be read, or the data holds labels outside its classes."""
+
+
+# What reading or decoding a damaged or unreadable file raises (OSError covers gzip's
+# BadGzipFile, PIL's UnidentifiedImageError and permission errors).
+_READ_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
+
+
+@contextlib.contextmanager
+def reading(path: Path | str, what: str) -> Iterator[None]:
+    """Turns a low-level failure to read or decode `path` into a DatasetFormatError naming the
+    file, instead of an EOFError or BadGzipFile that does not say which file."""
+    try:
+        yield
+    except HamjaxError:
+        raise
+    except _READ_ERRORS as err:
+        raise DatasetFormatError(
+            f"{path}: cannot read {what} ({type(err).__name__}: {err}); the file is truncated, "
+            "corrupt or unreadable: download it again (or remove it to use another source)"
+        ) from err
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Labels must be class indices in [0, num_classes): one out of range would index past
+    the logits (a NaN loss, or a silently wrong class)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+        raise DatasetFormatError(
+            f"{where}: labels {bad[:10].tolist()} are outside [0, {num_classes}) (the dataset "
+            f"has {num_classes} classes); fix the labels, or the class names if classes are "
+            "missing"
+        )
 
 
 @dataclasses.dataclass
@@ -59,6 +95,10 @@ class RawDataset:
                 raise DatasetFormatError(
                     f"{self.origin}: {len(labels)} {split} labels for {images.shape[0]} images"
                 )
+            if labels.size and not np.issubdtype(labels.dtype, np.integer):
+                raise DatasetFormatError(
+                    f"{self.origin}: {split} labels must be integers, got {labels.dtype}")
+            check_labels(labels, self.num_classes, f"{self.origin}: {split}")
             setattr(self, f"{split}_labels", labels.astype(np.int32))
 
     @property
@@ -120,9 +160,20 @@ def resize_images(images: np.ndarray, size: int | None) -> np.ndarray:
 # Local archive readers.
 
 
-def _unpickle(data: bytes) -> dict:
-    # The CIFAR batches are Python 2 pickles of byte-string keyed dicts.
-    return pickle.loads(data, encoding="bytes")
+def _unpickle(data: bytes, where: str) -> dict:
+    """A CIFAR batch: a Python 2 pickle of a byte-string keyed dict. Garbage may raise almost
+    anything from pickle (UnpicklingError, EOFError, KeyError, ...): all say the same."""
+    try:
+        batch = pickle.loads(data, encoding="bytes")
+    except Exception as err:
+        raise DatasetFormatError(
+            f"{where}: not a CIFAR batch pickle ({type(err).__name__}: {err}); the file is "
+            "corrupt: download the dataset again"
+        ) from err
+    if not isinstance(batch, dict):
+        raise DatasetFormatError(f"{where}: a CIFAR batch is a dict, this pickle holds a "
+                                 f"{type(batch).__name__}")
+    return batch
 
 
 def _cifar_arrays(batch: dict, label_key: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,9 +201,10 @@ def read_cifar(path: Path, name: str) -> RawDataset:
     if path.is_dir():
         for f in wanted:
             if (path / f).is_file():
-                blobs[f] = (path / f).read_bytes()
+                with reading(path / f, "a CIFAR batch"):
+                    blobs[f] = (path / f).read_bytes()
     else:
-        with tarfile.open(path, "r:*") as tar:
+        with reading(path, "the CIFAR archive (a .tar.gz)"), tarfile.open(path, "r:*") as tar:
             for member in tar.getmembers():
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in wanted:
@@ -162,12 +214,15 @@ def read_cifar(path: Path, name: str) -> RawDataset:
     missing = [f for f in [*train_files, test_file] if f not in blobs]
     if missing:
         raise DatasetFormatError(f"{path}: CIFAR files missing: {', '.join(missing)}")
-    parts = [_cifar_arrays(_unpickle(blobs[f]), label_key, f"{path}:{f}") for f in train_files]
-    test_x, test_y = _cifar_arrays(_unpickle(blobs[test_file]), label_key, f"{path}:{test_file}")
+    where = {f: f"{path}/{f}" if path.is_dir() else f"{path}:{f}" for f in wanted}
+    parts = [_cifar_arrays(_unpickle(blobs[f], where[f]), label_key, where[f])
+             for f in train_files]
+    test_x, test_y = _cifar_arrays(_unpickle(blobs[test_file], where[test_file]), label_key,
+                                   where[test_file])
     spec = DATASETS[name]
     names = spec.class_names
     if meta_file in blobs:
-        meta = _unpickle(blobs[meta_file])
+        meta = _unpickle(blobs[meta_file], where[meta_file])
         if names_key in meta and len(meta[names_key]) == spec.num_classes:
             names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key])
     return RawDataset(
@@ -183,7 +238,13 @@ def read_cifar(path: Path, name: str) -> RawDataset:
 def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import scipy.io
 
-    mat = scipy.io.loadmat(str(path))
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except Exception as err:  # scipy raises MatReadError, ValueError, OSError, ... on garbage
+        raise DatasetFormatError(
+            f"{path}: cannot read the SVHN .mat file ({type(err).__name__}: {err}); the file is "
+            "truncated or corrupt: download it again"
+        ) from err
     if "X" not in mat or "y" not in mat:
         raise DatasetFormatError(f"{path}: an SVHN .mat file needs variables X and y")
     x = np.asarray(mat["X"])
@@ -208,7 +269,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (.gz or plain): magic 0x0000 <dtype> <ndim>, big-endian dims, data."""
     opener: Callable = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with reading(path, "an IDX file"), opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DatasetFormatError(f"{path}: not an IDX file (magic {data[:4].hex()})")
@@ -282,7 +343,7 @@ def _read_image_folder(
             p for p in (directory / cls).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
         )
         for file in files:
-            with Image.open(file) as im:
+            with reading(file, "an image"), Image.open(file) as im:
                 images.append(_pil_square(im.convert("RGB"), size))
             labels.append(label)
     if not images:
@@ -539,11 +600,7 @@ def load_raw(
             f"{raw.origin}: {raw.num_classes} class names, {name} has {spec.num_classes}"
         )
     for split in ("train", "test"):
-        labels = getattr(raw, f"{split}_labels")
-        if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
-            raise DatasetFormatError(
-                f"{raw.origin}: {split} labels outside [0, {spec.num_classes})"
-            )
+        check_labels(getattr(raw, f"{split}_labels"), spec.num_classes, f"{raw.origin}: {split}")
     log.info("loaded %s from %s: %d train, %d test, %s", name, raw.origin,
              len(raw.train_labels), len(raw.test_labels), raw.train_images.shape[1:])
     return raw

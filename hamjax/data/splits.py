@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.data.config import validate_data_config
-from hamjax.data.sources import RawDataset, load_raw
+from hamjax.data.sources import RawDataset, check_labels, load_raw
 from hamjax.errors import ConfigError
 
 # Independent random streams: np.random.default_rng([seed, STREAM]).
@@ -220,6 +220,8 @@ def make_splits(raw: RawDataset, data_config: ml_collections.ConfigDict, seed: i
         raise ConfigError(f"seed={seed!r} must be an int >= 0")
     seed = int(seed)
     num_classes = raw.num_classes
+    for split in ("train", "test"):  # again: the arrays may have changed since RawDataset()
+        check_labels(getattr(raw, f"{split}_labels"), num_classes, f"{raw.origin}: {split}")
     full = ArraySplit(raw.train_images, raw.train_labels, raw.train_labels)
     n = len(full)
     pool = np.arange(n, dtype=np.int64)

@@ -85,7 +85,7 @@ def trades_loss(params, state, batch, rng, ctx):
 
 def _validate_trades(config) -> None:
     beta = config.method.get("beta")
-    if beta is None or beta < 0:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < float("inf"):
         raise ConfigError(f"config.method.beta={beta!r}: TRADES needs beta >= 0 (paper: 6.0)")
 
 

@@ -20,10 +20,18 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from hamjax import workdir_lock
 from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.config import config_to_json, validate_config
+from hamjax.config import (
+    RESUME_MAY_CHANGE,
+    config_changes,
+    config_to_json,
+    describe_changes,
+    holds_checkpoint,
+    validate_config,
+)
 from hamjax.data import DATASET_STATS, iterate_batches, load_splits, meta_batch, num_batches
 from hamjax.data.prefetch import prefetch
 from hamjax.errors import (
@@ -98,9 +106,56 @@ def summarize(clean: PerClassCounts, robust: PerClassCounts, class_names) -> dic
     }
 
 
+def _accuracy_scalars(prefix: str, summary: dict) -> dict[str, float]:
+    """`{prefix}/clean_average`, `_worst`, `robust_average`, `_worst` of a `summarize` dict."""
+    return {f"{prefix}/{kind}_{stat}": float(summary[kind][stat])
+            for kind in ("clean", "robust") for stat in ("average", "worst")}
+
+
+def epoch_scalars(record: dict) -> dict[str, float]:
+    """TensorBoard scalars of an epoch record: validation accuracy (when it was evaluated),
+    the epoch's ledger and its wall time; metrics.jsonl keeps the full record."""
+    ledger = record["ledger"]
+    scalars = {"cost/relative_to_pgd_at": ledger["relative_to_pgd_at"],
+               "cost/forward_passes": ledger["forward"],
+               "cost/backward_passes": ledger["backward"],
+               "time/train_seconds": record["train_seconds"],
+               "time/epoch_seconds": record["epoch_seconds"]}
+    if "val" in record:
+        scalars.update(_accuracy_scalars("val", record["val"]))
+    return scalars
+
+
+def report_scalars(results: dict) -> dict[str, float]:
+    """TensorBoard scalars of the final report: `test/<checkpoint>/robust_worst`, ... for the
+    last and the best_on_val checkpoints."""
+    scalars: dict[str, float] = {}
+    for name, res in results.items():
+        scalars.update(_accuracy_scalars(f"test/{name}", res))
+    return scalars
+
+
+def where_text(root: epath.Path, best: tuple[int, int | None] | None, metrics_path: str | None,
+                tensorboard_logdir: str | None) -> str:
+    """The closing lines of a run: where its report, checkpoints and logs are. best: the
+    (step, epoch) of the validation-selected checkpoint, or None."""
+    lines = ["\nresults:",
+             f"  report:           {root / 'report.json'}",
+             f"  checkpoints:      {root / LAST}"]
+    if best is not None:
+        step, epoch = best
+        lines.append(f"  best checkpoint:  {root / BEST / str(step)} (epoch {epoch}, selected "
+                     "on validation)")
+    if metrics_path is not None:
+        lines.append(f"  metrics:          {metrics_path}")
+    if tensorboard_logdir is not None:
+        lines.append(f"  tensorboard:      tensorboard --logdir={tensorboard_logdir}")
+    return "\n".join(lines)
+
+
 def _load_init_weights(state: TrainState, init_from: str) -> TrainState:
     """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint."""
-    source = Checkpointer(init_from)
+    source = Checkpointer(init_from, read_only=True)  # looking creates nothing there
     kind = BEST if source.latest_step(BEST) is not None else LAST
     restored = source.restore(state, kind=kind)
     if restored is None:
@@ -152,24 +207,34 @@ def first_nonfinite(pending: list[tuple[int, Any, Any]]) -> tuple[int, float] | 
 class Trainer:
     """Holds a run's pieces; `run()` trains to the end, resuming from the workdir if it can."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+                 allow_config_change: bool = False):
         """Takes the workdir lock (process 0, local workdirs) before anything reads or writes
         the workdir or loads data, so a second launch on a busy workdir fails at once; `run`
         releases it (a Trainer that never runs leaves a lock the next Trainer of this process,
-        or any process once this one has exited, takes over)."""
-        validate_config(config)
+        or any process once this one has exited, takes over).
+
+        allow_config_change: resume a checkpoint written with another config (launch.py
+        --allow_config_change); the differing fields go into the report.
+        """
+        # Only looks: a workdir without a checkpoint starts fresh, so its init_from must hold one.
+        validate_config(config, fresh_start=not holds_checkpoint(workdir))
         self.config = config
         self.workdir = workdir
+        self.allow_config_change = bool(allow_config_change)
         self.is_main = jax.process_index() == 0
         self._lock = workdir_lock.acquire(workdir) if self.is_main else None
         try:
             self._setup(config, workdir)
         except BaseException:
+            if getattr(self, "log", None) is not None:
+                self.log.close()
             workdir_lock.release(self._lock)
             raise
 
     def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
-        self.log = RunLogger(workdir, enabled=self.is_main)
+        """Loads and checks the data before creating anything in the workdir (logs,
+        checkpoint folders): a missing or bad dataset leaves the workdir as it was."""
         self.method = get_method(config.method.name)
         self.splits = load_splits(config.data, seed=config.seed)
         if self.method.needs_meta_batch and self.splits.meta is None:
@@ -189,6 +254,7 @@ class Trainer:
                 )
         self.rows = process_rows(self.mesh, config.train.batch_size)  # this host's share
         self.checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+        self.log = RunLogger(workdir, enabled=self.is_main)
         self.train_step = jit_train_step(make_train_step(self.ctx, self.method), self.mesh)
         self.evaluator = PGDEvaluator(eval_model(self.ctx.model, config.eval.dtype),
                                       self.splits.num_classes, config.eval,
@@ -203,11 +269,17 @@ class Trainer:
         # single-device array onto a cross-process sharding, which orbax cannot save).
         state = put_replicated(create_train_state(self.ctx, self.method, self.config.seed),
                                self.mesh)
+        saved_meta = self.checkpointer.read_meta()  # the config first: cheap, and clearer
+        changes = [] if saved_meta is None else self._check_compatible(saved_meta)
         restored = self.checkpointer.restore(state)
         if restored is not None:
             state, meta = restored
-            self._check_compatible(meta)
             self.log.print(f"resumed from {self.workdir} at step {int(state.step)}")
+            if changes:
+                self.log.print("resumed with a changed config (--allow_config_change):\n"
+                               + describe_changes(changes))
+                meta["config_changed_on_resume"] = meta.get("config_changed_on_resume", []) + [
+                    dict(change, step=int(state.step)) for change in changes]
             return state, meta
         if self.config.train.init_from:
             state = _load_init_weights(state, self.config.train.init_from)
@@ -217,16 +289,24 @@ class Trainer:
                 state = self.method.epoch_end(state, self.ctx, self.evaluate)
         return state, {"best_score": None, "best_step": None, "epochs": []}
 
-    def _check_compatible(self, meta: dict) -> None:
-        saved = meta.get("config", {})
-        for section, field in (("model", "name"), ("method", "name"), ("data", "name")):
-            was = saved.get(section, {}).get(field)
-            now = self.config[section][field]
-            if was is not None and was != now:
-                raise CheckpointError(
-                    f"the checkpoint in {self.workdir} was written with {section}.{field}={was!r}"
-                    f" but the config now says {now!r}; use a new --workdir or the old config"
-                )
+    def _check_compatible(self, meta: dict) -> list[dict]:
+        """The fields (outside RESUME_MAY_CHANGE) where the checkpoint's config differs from
+        this run's; any such difference is refused unless allow_config_change, since the
+        resumed weights and the report would belong to neither config."""
+        if "config" not in meta:  # not written by this trainer: nothing to compare
+            return []
+        changes = config_changes(meta["config"], config_to_json(self.config))
+        if changes and not self.allow_config_change:
+            raise CheckpointError(
+                f"the checkpoint in {resolve(self.workdir) / LAST} was written with another "
+                "config; resuming it would report one experiment as another. Differing fields:\n"
+                f"{describe_changes(changes)}\n"
+                "Fix: use a new --workdir for the new config, or rerun with the checkpoint's "
+                "values; to resume anyway pass --allow_config_change (Trainer(..., "
+                "allow_config_change=True)): report.json then lists the changes under "
+                "config_changed_on_resume. Fields that may always differ: "
+                f"{', '.join(RESUME_MAY_CHANGE)}")
+        return changes
 
     # ----------------------------------------------------------------------------- eval
     def evaluate(self, state: TrainState, split_name: str) -> tuple[PerClassCounts, ...]:
@@ -241,7 +321,8 @@ class Trainer:
             split = subset(split, self.config.eval.num_examples, self.config.seed,
                            self.splits.num_classes)
             rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
-            self._eval_cache = {key: self.evaluator(_variables(state), split, rng)}
+            self._eval_cache = {key: self.evaluator(_variables(state), split, rng,
+                                                    progress=self.is_main, label=split_name)}
         return self._eval_cache[key]
 
     # ----------------------------------------------------------------------------- train
@@ -396,9 +477,13 @@ class Trainer:
         t_last, images, sums, counted_from = time.perf_counter(), 0, None, start
         pending = []  # (step, finite flag, loss) on device, checked at logs and before saves
         batches = prefetch(self._device_batches(epoch, start), size=2)
+        # Moved every step without a device sync; its values change at the log interval only.
+        # Left open by a stop or an error, it is closed with the logs (`_close`).
+        bar = self.log.epoch_bar(epoch, cfg.train.epochs, start, spe, cfg.train.batch_size)
         for i, batch in enumerate(batches, start=start):
             step = epoch * spe + i
             state, metrics = compiled(state, batch)
+            bar.step()
             pending.append((step + 1, metrics["finite"], metrics["loss"]))
             images += cfg.train.batch_size
             sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
@@ -409,7 +494,7 @@ class Trainer:
                 epoch_record["seconds"] += now - t_last
                 rate = images / max(now - t_last, 1e-9)
                 t_last, images = now, 0
-                self.log.progress(epoch, cfg.train.epochs, i + 1, spe, rate, metrics)
+                bar.log(i + 1, rate, metrics)
                 self.log.write("train", step + 1, epoch=epoch, images_per_s=rate, **metrics)
                 self._check_finite(pending)
             # A signal is served like a periodic save: the partial-epoch record makes the resumed
@@ -429,12 +514,14 @@ class Trainer:
             if stopping:
                 self._stop(state)
         jax.block_until_ready(state)
+        bar.close()
         self._check_finite(pending)
         epoch_record = _fold_sums(epoch_record, sums, spe - counted_from)
         return self._end_epoch(state, meta, epoch, epoch_record)
 
     def _end_epoch(self, state, meta, epoch, epoch_record):
         cfg = self.config
+        t_end = time.perf_counter()
         # The state's ledger holds this epoch's passes only and is zeroed here, so its float32
         # counts stay exact integers (< 2**24 per epoch) however long the run; totals are summed
         # on the host in float64 from the per-epoch records.
@@ -465,8 +552,10 @@ class Trainer:
                 f"PGD-{cfg.eval.steps} {summary['robust']['average']:.4f} "
                 f"(worst {summary['robust']['worst']:.4f}); "
                 f"cost {cost['relative_to_pgd_at']:.3f}x PGD-AT; {record['train_seconds']:.1f}s")
+        record["epoch_seconds"] = record["train_seconds"] + time.perf_counter() - t_end
         meta["epochs"] = meta["epochs"] + [record]
         self.log.write("epoch", int(state.step), **record)
+        self.log.scalars(int(state.step), epoch_scalars(record))
         self._save(state, meta)
         return state, meta
 
@@ -499,6 +588,7 @@ class Trainer:
                 "compile_seconds": meta.get("compile_seconds", []),
             },
             "epochs": epochs,
+            "config_changed_on_resume": meta.get("config_changed_on_resume", []),
         }
         if self.is_main:
             (resolve(self.workdir) / "report.json").write_text(json.dumps(report, indent=1))
@@ -509,13 +599,20 @@ class Trainer:
             self.log.print(f"cost: {report['cost']['relative_to_pgd_at']:.3f}x PGD-AT example "
                            f"passes; {report['cost']['train_seconds_excluding_compile']:.1f}s "
                            "training time excluding compilation")
+            self.log.scalars(int(state.step), report_scalars(results))
+            best = None
+            if "best_on_val" in results:
+                best = (meta["best_step"], meta.get("best_epoch"))
+            self.log.print(where_text(resolve(self.workdir), best, self.log.metrics_path,
+                                      self.log.tensorboard_logdir))
         return report
 
     def _test_results(self, state) -> dict[str, Any]:
         split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
                        self.splits.num_classes)
         clean, robust = self.evaluator(_variables(state), split,
-                                       self.evaluator.attack_key(self.config.seed))
+                                       self.evaluator.attack_key(self.config.seed),
+                                       progress=self.is_main, label="test")
         names = self.splits.class_names
         table = format_per_class_table(
             {"clean": clean, f"pgd{self.config.eval.steps}": robust}, names)
@@ -526,6 +623,8 @@ class Trainer:
         return res
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) a run in `workdir` and returns its final report."""
-    return Trainer(config, workdir).run()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict:
+    """Trains (or resumes) a run in `workdir` and returns its final report; allow_config_change:
+    see `Trainer`."""
+    return Trainer(config, workdir, allow_config_change).run()
