@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from launching import saved_steps
 
 from hamjax.checkpoint import Checkpointer
 
@@ -171,18 +172,11 @@ def _wait(children: list[Child], timeout: float) -> None:
         pytest.fail(f"a process failed\n{_report(children)}")
 
 
-def _saved_steps(workdir: str) -> list[int]:
-    path = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(path):
-        return []
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit())
-
-
 def _kill_after_first_checkpoint(children: list[Child], workdir: str, timeout: float) -> int:
     """SIGKILLs every process once a periodic checkpoint is complete; returns its step."""
     deadline = time.time() + timeout
     while time.time() < deadline and all(c.proc.poll() is None for c in children):
-        steps = _saved_steps(workdir)
+        steps = saved_steps(workdir)
         if steps:
             _kill(children)
             break

@@ -16,12 +16,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from launching import launch
 
 from hamjax import workdir_lock
 from hamjax.checkpoint import Checkpointer
 from hamjax.errors import CheckpointError, TrainingDivergedError, WorkdirLockedError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = textwrap.dedent(
     """
@@ -61,18 +60,10 @@ def _tiny_config(**train):
 
 
 def _launch(config_path, workdir, cache_dir, *overrides) -> subprocess.Popen:
-    """launch.py in a child with stdout and stderr piped; the shared compilation cache spares
-    the later launches compiling the same steps again. One CPU device, as in this process,
-    which reads the child's checkpoints back."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "--xla_force_host_platform_device_count" not in flags:
-        flags += " --xla_force_host_platform_device_count=1"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), XLA_FLAGS=flags.strip())
-    return subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "launch.py"), f"--config={config_path}",
-         f"--workdir={workdir}", *overrides],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    """launch.py with stdout piped and one CPU device, as in this process, which reads the
+    child's checkpoints back."""
+    return launch(config_path, workdir, *overrides, cache_dir=cache_dir,
+                  stdout=subprocess.PIPE, cpu_devices=1)
 
 
 def _restore_raw(workdir, step=None):

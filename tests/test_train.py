@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -15,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from launching import launch, saved_steps
 
 from hamjax.checkpoint import Checkpointer
 from hamjax.config import base_config, method_config, validate_config
@@ -22,8 +21,6 @@ from hamjax.errors import CheckpointError, ConfigError
 from hamjax.methods import available_methods, get_method
 from hamjax.train import build_context, create_train_state, make_lr_fn, make_train_step
 from hamjax.train.loop import Trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(method: str = "pgd_at"):
@@ -159,26 +156,6 @@ RESUME_CONFIG = textwrap.dedent(
 )
 
 
-def _launch(config_path: str, workdir: str, cache_dir: str | None = None) -> subprocess.Popen:
-    """launch.py in a child; a shared persistent compilation cache spares the reruns compiling
-    the same train and eval steps again."""
-    env = dict(os.environ)
-    if cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    return subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "launch.py"), f"--config={config_path}",
-         f"--workdir={workdir}"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def _saved_steps(workdir: str) -> list[int]:
-    path = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(path):
-        return []
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit())
-
-
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     """SIGKILL a run mid-epoch after a checkpoint, rerun the same command: final weights and
     reported numbers equal those of an uninterrupted run."""
@@ -187,10 +164,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
 
     cache = str(tmp_path / "jax_cache")
-    proc = _launch(str(config_path), killed, cache)
+    proc = launch(config_path, killed, cache_dir=cache)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if any(s >= 7 for s in _saved_steps(killed)):
+        if any(s >= 7 for s in saved_steps(killed)):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -199,7 +176,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert not os.path.exists(os.path.join(killed, "report.json"))
 
     for workdir in (killed, straight):
-        proc = _launch(str(config_path), workdir, cache)
+        proc = launch(config_path, workdir, cache_dir=cache)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
 

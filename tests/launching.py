@@ -1,0 +1,40 @@
+"""launch.py in a child process, and reading what its runs left on disk (shared by the resume,
+run-safety and multi-host tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def launch(config_path, workdir, *overrides: str, cache_dir=None,
+           stdout=subprocess.DEVNULL, cpu_devices: int | None = None) -> subprocess.Popen:
+    """`python launch.py --config=... --workdir=... overrides...` with stderr piped.
+
+    cache_dir: a shared persistent compilation cache, so later launches skip compiling the same
+    steps. cpu_devices: force that many host devices (default: the launcher's one per core).
+    """
+    env = dict(os.environ)
+    if cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    flags = env.get("XLA_FLAGS", "")
+    if cpu_devices is not None and DEVICE_COUNT_FLAG not in flags:
+        env["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={cpu_devices}".strip()
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "launch.py"), f"--config={config_path}",
+         f"--workdir={workdir}", *overrides],
+        cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def saved_steps(workdir) -> list[int]:
+    """Steps of the complete periodic checkpoints in a workdir (orbax renames a save into place
+    only once it is complete)."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit())
