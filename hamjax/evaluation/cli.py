@@ -15,7 +15,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from hamjax.errors import CheckpointError, ConfigError
+from hamjax.errors import ConfigError, HamjaxError
 from hamjax.evaluation.specs import (
     TUNABLE,
     VALID_ATTACKS_TEXT,
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          checkpoint=fv.checkpoint, batch_size=fv.batch_size, seed=fv.seed,
                          eps=fv.eps, step_size=fv.step_size, overrides=overrides_from(attack.value),
                          fast=fv.fast, resume=not fv.no_resume)
-    except (ConfigError, CheckpointError) as err:
+    except HamjaxError as err:  # config, checkpoint, data, disk full: the message says the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
