@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hamjax.cpu_devices import use_cpu_devices
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard and report.json. "
@@ -57,36 +59,12 @@ def distributed_args(values: dict, environ: dict) -> dict | None:
     return args
 
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-
-def cpu_device_count(setting: str, cores: int, batch_sizes: tuple[int, ...]) -> int:
-    """Host devices for a CPU run: `setting` as a number, or for 'auto' the largest count up to
-    `cores` that divides every batch size (each device gets whole rows)."""
-    if setting != "auto":
-        count = int(setting)
-        if count < 1:
-            raise ValueError(f"--cpu_devices={setting!r}: give 'auto' or a count >= 1")
-        return count
-    sizes = [b for b in batch_sizes if b > 0]  # a bad size is reported by config validation
-    return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in sizes))
-
-
-def with_cpu_devices(xla_flags: str, count: int) -> str:
-    """XLA_FLAGS asking for `count` host devices, unless the user already set a count."""
-    if _DEVICE_COUNT_FLAG in xla_flags or count <= 1:
-        return xla_flags
-    return f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
-
-
 def main(argv: list[str]) -> None:
     del argv
     config = flags.FLAGS.config
     sizes = tuple(v for v in (config.train.batch_size, config.eval.batch_size)
                   if isinstance(v, int))
-    count = cpu_device_count(flags.FLAGS.cpu_devices, len(os.sched_getaffinity(0)), sizes)
-    # Read when jax creates its CPU backend, so before anything touches a device.
-    os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), count)
+    use_cpu_devices(flags.FLAGS.cpu_devices, sizes)  # before anything touches a device
     import jax
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO

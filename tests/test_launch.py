@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from hamjax.cpu_devices import cpu_device_count, with_cpu_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,21 +44,22 @@ def test_environment_alone_starts_a_multi_process_run(launch):
         "coordinator_address": "localhost:9", "num_processes": 2, "process_id": 1}
 
 
-def test_cpu_devices_auto_takes_the_most_cores_that_divide_every_batch(launch):
-    assert launch.cpu_device_count("auto", 2, (128, 256)) == 2
-    assert launch.cpu_device_count("auto", 8, (48, 256)) == 8
-    assert launch.cpu_device_count("auto", 8, (12, 256)) == 4
-    assert launch.cpu_device_count("auto", 2, (15, 256)) == 1
-    assert launch.cpu_device_count("3", 2, (128,)) == 3
+def test_cpu_devices_auto_takes_the_most_cores_that_divide_every_batch():
+    assert cpu_device_count("auto", 2, (128, 256)) == 2
+    assert cpu_device_count("auto", 8, (48, 256)) == 8
+    assert cpu_device_count("auto", 8, (12, 256)) == 4
+    assert cpu_device_count("auto", 2, (15, 256)) == 1
+    assert cpu_device_count("auto", 2) == 2  # no batch constraint (the evaluation CLI)
+    assert cpu_device_count("3", 2, (128,)) == 3
     with pytest.raises(ValueError, match="cpu_devices"):
-        launch.cpu_device_count("0", 2, (128,))
+        cpu_device_count("0", 2, (128,))
 
 
-def test_cpu_devices_never_override_a_users_xla_flag(launch):
-    assert launch.with_cpu_devices("", 2) == "--xla_force_host_platform_device_count=2"
-    assert launch.with_cpu_devices("--xla_cpu_x=1", 1) == "--xla_cpu_x=1"
+def test_cpu_devices_never_override_a_users_xla_flag():
+    assert with_cpu_devices("", 2) == "--xla_force_host_platform_device_count=2"
+    assert with_cpu_devices("--xla_cpu_x=1", 1) == "--xla_cpu_x=1"
     mine = "--xla_force_host_platform_device_count=4"
-    assert launch.with_cpu_devices(mine, 2) == mine
+    assert with_cpu_devices(mine, 2) == mine
 
 
 def test_orbax_disk_full_tracebacks_are_dropped_and_nothing_else(launch):

@@ -15,6 +15,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from hamjax.cpu_devices import use_cpu_devices
 from hamjax.errors import ConfigError, HamjaxError
 from hamjax.evaluation.specs import (
     TUNABLE,
@@ -51,6 +52,10 @@ def _define(fv: flags.FlagValues, argv: Sequence[str]) -> flags.FlagHolder:
                       "Square queries (recorded; not comparable with published numbers).",
                       flag_values=fv)
     flags.DEFINE_bool("no_resume", False, "Ignore the partial results file.", flag_values=fv)
+    flags.DEFINE_string("cpu_devices", "auto", "On the CPU: host devices to split each chunk "
+                        "over ('auto': one per core; 1: none), as launch.py does; chunks are "
+                        "rounded up to a multiple of the devices. Results do not depend on it "
+                        "(per-example keys).", flag_values=fv)
     flags.DEFINE_bool("help", False, "Show this help.", short_name="h", flag_values=fv)
     return config_flags.DEFINE_config_dict(
         "attack", override_schema(), "Attack settings, e.g. --attack.square.n_queries=1000.",
@@ -120,6 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fv.help:
         print(f"usage: {PROG} --workdir DIR [flags]\n{fv.get_help()}")
         return 0
+    try:
+        if argv is None:  # a program's own command line; in-process callers keep their devices
+            use_cpu_devices(fv.cpu_devices)  # before anything touches a jax device
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file at INFO
