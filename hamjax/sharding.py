@@ -48,12 +48,6 @@ def process_rows(mesh: Mesh, global_rows: int) -> slice:
     return slice(spans[0][0], spans[-1][1])
 
 
-def local_rows(batch: dict, mesh: Mesh) -> dict:
-    """This process's rows of a global host batch (everything on one process)."""
-    rows = process_rows(mesh, len(next(iter(batch.values()))))
-    return {k: v[rows] for k, v in batch.items()}
-
-
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Host arrays (this process's rows) -> global arrays sharded over the mesh."""
     sharding = batch_sharding(mesh)

@@ -63,7 +63,6 @@ from hamjax.methods.frl import (
     class_parameters,
     init_lambdas,
     margin_bounds,
-    match_placement,
     per_example_eps,
     refit_lambdas,
     summarize_lambdas,
@@ -72,6 +71,7 @@ from hamjax.methods.frl import (
 from hamjax.metrics import Ledger
 from hamjax.models.layers import BN_EPSILON, BN_MOMENTUM, torch_default_bias_init
 from hamjax.models.layers import torch_default_kernel_init as _kernel_init
+from hamjax.sharding import place_like
 
 Array = jax.Array
 NUM_FEATURES = 6
@@ -605,7 +605,7 @@ def caat_epoch_end(state, ctx, evaluator):
     old = state.method_state
     ms = roll_epoch(old)
     ms["lambdas"] = refit_lambdas(old["lambdas"], state, ctx, evaluator, (True, True, True))
-    return state.replace(method_state=match_placement(ms, old))
+    return state.replace(method_state=place_like(ms, old))
 
 
 def routing_summary(method_state) -> dict:

@@ -256,11 +256,6 @@ def _to_numpy(counts) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(jax.device_get(counts.correct)), np.asarray(jax.device_get(counts.total))
 
 
-def match_placement(new: Any, old: Any) -> Any:
-    """`new` with each leaf's dtype and device placement taken from `old` (no recompiles)."""
-    return place_like(new, old)
-
-
 def refit_lambdas(lambdas: Lambdas, state, ctx, evaluator, moves) -> Lambdas:
     """Evaluates the split in `method.frl_split` and takes one multiplier step (host side)."""
     mcfg = ctx.config.method
@@ -274,7 +269,7 @@ def refit_lambdas(lambdas: Lambdas, state, ctx, evaluator, moves) -> Lambdas:
         lambdas, clean_err, bndy_err, delta0=mcfg.delta0, delta1=mcfg.delta1, rate1=rate1,
         rate2=mcfg.rate2, lim=mcfg.lim, moves=moves,
     )
-    return match_placement(new, lambdas)
+    return place_like(new, lambdas)
 
 
 def make_frl_epoch_end(moves: tuple[bool, bool, bool]):
@@ -339,7 +334,6 @@ __all__ = [
     "init_lambdas",
     "margin_bounds",
     "margin_multipliers",
-    "match_placement",
     "normalize_lambda",
     "per_example_eps",
     "rate1_for_epoch",

@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
 
 from hamjax import workdir_lock
@@ -100,9 +99,7 @@ def summarize(clean: PerClassCounts, robust: PerClassCounts, class_names) -> dic
         "clean": fairness_summary(clean, class_names),
         "robust": fairness_summary(robust, class_names),
         "boundary_error": boundary_error(clean, robust, class_names),
-        "counts": {name: {"correct": [int(v) for v in np.asarray(c.correct)],
-                          "total": [int(v) for v in np.asarray(c.total)]}
-                   for name, c in (("clean", clean), ("robust", robust))},
+        "counts": {"clean": clean.to_json(), "robust": robust.to_json()},
     }
 
 
