@@ -8,6 +8,11 @@ from __future__ import annotations
 import os
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA:CPU aborts the process when one host device reaches a collective 40 s before another
+# (a guard against deadlock). On an oversubscribed CPU (more busy processes than cores) a device
+# thread can be descheduled that long, so a healthy run died with SIGABRT; wait 20 minutes.
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+COLLECTIVE_TIMEOUT_SECONDS = 1200
 
 
 def cpu_device_count(setting: str, cores: int, batch_sizes: tuple[int, ...] = ()) -> int:
@@ -23,10 +28,13 @@ def cpu_device_count(setting: str, cores: int, batch_sizes: tuple[int, ...] = ()
 
 
 def with_cpu_devices(xla_flags: str, count: int) -> str:
-    """XLA_FLAGS asking for `count` host devices, unless the user already set a count."""
-    if DEVICE_COUNT_FLAG in xla_flags or count <= 1:
-        return xla_flags
-    return f"{xla_flags} {DEVICE_COUNT_FLAG}={count}".strip()
+    """XLA_FLAGS asking for `count` host devices, unless the user already set a count, and for a
+    patient collective timeout whenever there are several (unless the user set one)."""
+    if DEVICE_COUNT_FLAG not in xla_flags and count > 1:
+        xla_flags = f"{xla_flags} {DEVICE_COUNT_FLAG}={count}".strip()
+    if DEVICE_COUNT_FLAG in xla_flags and COLLECTIVE_TIMEOUT_FLAG not in xla_flags:
+        xla_flags = f"{xla_flags} {COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_SECONDS}"
+    return xla_flags
 
 
 def use_cpu_devices(setting: str, batch_sizes: tuple[int, ...] = ()) -> int:

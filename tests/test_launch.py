@@ -56,10 +56,13 @@ def test_cpu_devices_auto_takes_the_most_cores_that_divide_every_batch():
 
 
 def test_cpu_devices_never_override_a_users_xla_flag():
-    assert with_cpu_devices("", 2) == "--xla_force_host_platform_device_count=2"
+    patient = "--xla_cpu_collective_call_terminate_timeout_seconds=1200"
+    assert with_cpu_devices("", 2) == f"--xla_force_host_platform_device_count=2 {patient}"
     assert with_cpu_devices("--xla_cpu_x=1", 1) == "--xla_cpu_x=1"
     mine = "--xla_force_host_platform_device_count=4"
-    assert with_cpu_devices(mine, 2) == mine
+    assert with_cpu_devices(mine, 2) == f"{mine} {patient}"
+    mine_too = f"{mine} --xla_cpu_collective_call_terminate_timeout_seconds=5"
+    assert with_cpu_devices(mine_too, 2) == mine_too
 
 
 def test_orbax_disk_full_tracebacks_are_dropped_and_nothing_else(launch):
