@@ -39,6 +39,7 @@ from hamjax.train.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 B, C, K, M = 16, 4, 4, 2
+CLASSIC_BUCKETS = (0.125, 0.25, 0.5, 1.0)
 EPS, ALPHA = 0.1, 0.04
 STEPS_PER_EPOCH = 2
 HAM_STEP = 2  # state.step in the first HAM epoch (warm-up is epoch 0)
@@ -61,7 +62,9 @@ def make_config(bn_mode: str = "eval", **method) -> ml_collections.FrozenConfigD
     c = base_config()
     c.attack.bn_mode = bn_mode
     c.model.name = "small_cnn"  # unused: the context carries MarkerNet
-    c.method = method_config("ham", **{"warmup_epochs": 1, "mining_step": M, **method})
+    # The classic power-of-two buckets (1/8 ... 1): the boundary tests below are stated in them.
+    c.method = method_config("ham", **{"warmup_epochs": 1, "mining_step": M,
+                                       "buckets": CLASSIC_BUCKETS, **method})
     c.attack.steps, c.attack.eps, c.attack.step_size = K, EPS, ALPHA
     c.train.batch_size = B
     c.train.lr_schedule = "constant"
@@ -372,8 +375,24 @@ def test_step_never_recompiles_across_hard_fractions(state, train_step):
         _, metrics = step(state, marker_batch(count, seed=count))
         assert float(metrics["hard_fraction"]) == count / B
         seen.append(int(metrics["bucket_size"]))
+        shares = {k: float(v) for k, v in metrics.items() if k.startswith("bucket_share/")}
+        assert set(shares) == {"bucket_share/0.125", "bucket_share/0.25", "bucket_share/0.5",
+                               "bucket_share/1"}
+        ran = f"bucket_share/{seen[-1] / B:.4g}" if seen[-1] else None
+        assert shares == {k: float(k == ran) for k in shares}  # one-hot; all 0 when empty
     assert seen == [0, 2, 4, 8, 16, 16, 2, 16]
     assert step._cache_size() == 1
+
+
+def test_default_buckets_capture_the_hard_fractions_real_runs_see():
+    """Between hard fractions 0.15 and 0.6 the chosen bucket pads at most a third."""
+    from hamjax.methods.ham import DEFAULTS
+
+    sizes = bucket_sizes(DEFAULTS["buckets"], 128)
+    assert sizes == (16, 24, 32, 40, 48, 64, 80, 96, 128)
+    for hard in range(math.ceil(0.15 * 128), math.floor(0.6 * 128) + 1):
+        bucket = sizes[int(choose_branch(jnp.int32(hard), sizes)) - 1]
+        assert hard <= bucket <= math.ceil(hard * 4 / 3)
 
 
 def test_warmup_is_pgd_at(state):

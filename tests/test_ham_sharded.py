@@ -61,6 +61,7 @@ CHILD = textwrap.dedent(
     c.model.name = "small_cnn"
     c.method = method_config("ham")
     c.method.mining_step, c.method.warmup_epochs = 1, 0
+    c.method.buckets = (0.125, 0.25, 0.5, 1.0)  # 12 of 64 rows: the global bucket is 16 too
     c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 3
     c.train.batch_size = BATCH
     validate_config(c)

@@ -64,6 +64,8 @@ CHILD = textwrap.dedent(
     def compare(name, a, b):
         executed = BUCKET_KEYS if name == "ham" else set()
         for key in set(a[1]) - executed:
+            if name == "ham" and key.startswith("bucket_share/"):  # buckets of the local batch
+                continue
             np.testing.assert_allclose(b[1][key], a[1][key], rtol=RTOL, atol=ATOL,
                                        err_msg=f"{name} {key}")
         trees = ("params", "batch_stats", "opt_state", "method_state")
