@@ -49,6 +49,9 @@ from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import parse_attacks
 from hamjax.models import build_model, init_variables, make_logits_fn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_twins import torch_models  # noqa: E402  (benchmarks/ beside this file)
+
 NUM_CLASSES = 10
 EPS, STEP = 8 / 255, 2 / 255
 MODELS = {"small_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3)}
@@ -57,76 +60,6 @@ AA_SETTINGS = {  # APGD-CE / APGD-T / FAB-T steps, targets of APGD-T and FAB-T, 
     "torchattacks": {"steps": 10, "n_target_classes": 9, "n_queries": 5000},
     "standard": {"steps": 100, "n_target_classes": 9, "n_queries": 5000},
 }
-
-
-# ----------------------------------------------------------------------------- torch models
-def torch_models():
-    """The PyTorch twins of hamjax's SmallCNN and PreActResNet18 (same layers, BN eps/momentum,
-    normalisation inside forward, [0, 1] NCHW in, logits out)."""
-    import torch
-    from torch import nn
-
-    def bn(c: int) -> nn.BatchNorm2d:
-        return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
-
-    class Normalize(nn.Module):
-        def __init__(self, channels: int):
-            super().__init__()
-            self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.5))
-            self.register_buffer("std", torch.full((1, channels, 1, 1), 0.25))
-
-        def forward(self, x):
-            return (x - self.mean) / self.std
-
-    class SmallCNN(nn.Module):
-        def __init__(self, channels: int = 1, num_classes: int = NUM_CLASSES):
-            super().__init__()
-            layers: list[nn.Module] = [Normalize(channels)]
-            for i, width in enumerate((32, 64, 128)):
-                layers += [nn.Conv2d(channels, width, 3, 1 if i == 0 else 2, 1, bias=False),
-                           bn(width), nn.ReLU()]
-                channels = width
-            self.features = nn.Sequential(*layers)
-            self.head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, num_classes))
-
-        def forward(self, x):
-            return self.head(self.features(x).mean(dim=(2, 3)))
-
-    class PreActBlock(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int):
-            super().__init__()
-            self.bn1, self.bn2 = bn(cin), bn(cout)
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.shortcut = (nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
-                             if stride != 1 or cin != cout else None)
-
-        def forward(self, x):
-            out = torch.relu(self.bn1(x))
-            shortcut = self.shortcut(out) if self.shortcut is not None else x
-            out = self.conv1(out)
-            out = self.conv2(torch.relu(self.bn2(out)))
-            return out + shortcut
-
-    class PreActResNet18(nn.Module):
-        def __init__(self, num_classes: int = NUM_CLASSES):
-            super().__init__()
-            self.norm = Normalize(3)
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            blocks, cin = [], 64
-            for i, width in enumerate((64, 128, 256, 512)):
-                for j in range(2):
-                    blocks.append(PreActBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
-                    cin = width
-            self.blocks = nn.Sequential(*blocks)
-            self.bn = bn(512)
-            self.linear = nn.Linear(512, num_classes)
-
-        def forward(self, x):
-            out = self.blocks(self.conv1(self.norm(x)))
-            return self.linear(torch.relu(self.bn(out)).mean(dim=(2, 3)))
-
-    return {"small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
 
 
 # ----------------------------------------------------------------------------- jax side

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (jax is imported after --cpu_devices has set XLA_FLAGS)
 """Train-step throughput (images/s, compilation excluded) per model x method, random data.
 
     python benchmarks/train_throughput.py                     # default: a few minutes on 2 CPUs
@@ -15,6 +16,16 @@ hyperparameters. Besides images/s each cell reports the example passes
 (forward + backward) the step's ledger counted per image, a hardware-independent cost. Every
 timed call is step 0 of the same state, so step-dependent work is what step 0 does (CAAT's meta
 update every `meta_interval` steps is not in it).
+
+    python benchmarks/train_throughput.py --vs_torch --models small_cnn preact_resnet18 \
+        --cpu_devices 1    # or --cpu_devices auto: one host device per core, as launch.py does
+
+`--vs_torch` adds the side-by-side column: the jitted PGD-AT step (jitted over a mesh of
+`--cpu_devices` host devices, the batch split over them) against an eager PyTorch PGD-AT step of
+the twin architecture (`benchmarks/torch_twins.py`: same layers, PGD-K with random start, BN in
+eval mode while attacking, SGD with momentum and weight decay), same batch, K and data, the two
+timed in turn within each repeat so that load on the shared cores hits them alike; the ratio is
+the median over repeats of torch seconds / jax seconds (> 1: the jitted step is faster).
 """
 
 from __future__ import annotations
@@ -28,6 +39,21 @@ import sys
 import time
 from typing import Any
 
+from hamjax.cpu_devices import use_cpu_devices
+
+
+def _early_cpu_devices(argv: list[str]) -> None:
+    """--cpu_devices before jax starts its backend (which reads XLA_FLAGS once)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--cpu_devices="):
+            use_cpu_devices(arg.split("=", 1)[1])
+        elif arg == "--cpu_devices" and i + 1 < len(argv):
+            use_cpu_devices(argv[i + 1])
+
+
+if __name__ == "__main__":
+    _early_cpu_devices(sys.argv[1:])
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,9 +62,13 @@ import numpy as np
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.methods import available_methods, get_method
 from hamjax.models import build_model
+from hamjax.sharding import make_mesh, put_replicated, shard_batch
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, create_train_state
-from hamjax.train.step import make_train_step
+from hamjax.train.step import jit_train_step, make_train_step
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_twins import make_torch_pgd_at_step, torch_models  # benchmarks/ beside this file
 
 NUM_CLASSES = 10
 SHAPES = {"small_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3), "wrn34_10": (32, 32, 3)}
@@ -109,6 +139,64 @@ def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[st
     return cell
 
 
+def vs_torch_cell(model: str, batch: int, repeats: int) -> dict[str, Any]:
+    """The jitted PGD-AT step over all host devices vs the eager PyTorch twin, interleaved."""
+    import torch
+
+    shape = SHAPES[model]
+    config = make_config(model, "pgd_at", batch)
+    mesh = make_mesh()
+    ctx = StepContext(
+        model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
+        lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
+        class_counts=np.ones(NUM_CLASSES, np.int64), steps_per_epoch=1000, image_shape=shape,
+        mesh=mesh)
+    method = get_method("pgd_at")
+    step = jit_train_step(make_train_step(ctx, method), mesh)
+    state = put_replicated(create_train_state(ctx, method, seed=0), mesh)
+    rs = np.random.RandomState(0)
+    images = rs.rand(batch, *shape).astype(np.float32)
+    labels = rs.randint(0, NUM_CLASSES, batch).astype(np.int32)
+    data = shard_batch({"image": images, "label": labels,
+                        "index": np.arange(batch, dtype=np.int32)}, mesh)
+
+    attack, train = config.attack, config.train
+    twin = torch_models()[model]
+    net = twin(channels=shape[-1]) if model == "small_cnn" else twin()
+    torch_step = make_torch_pgd_at_step(
+        net, eps=attack.eps, step_size=attack.step_size, steps=attack.steps, lr=train.lr,
+        momentum=train.momentum, weight_decay=train.weight_decay)
+    x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y_t = torch.from_numpy(labels.astype(np.int64))
+
+    fresh = lambda s: jax.block_until_ready(jax.tree.map(jnp.copy, s))  # the step donates it
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(fresh(state), data))
+    compile_s = time.perf_counter() - t0
+    torch_step(x_t, y_t)  # warm-up (allocator, thread pool)
+    jax_times, torch_times = [], []
+    for _ in range(repeats):
+        copy = fresh(state)
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(copy, data))
+        jax_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_step(x_t, y_t)
+        torch_times.append(time.perf_counter() - t0)
+    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    return {
+        "batch": batch, "input_shape": list(shape), "attack_steps": int(attack.steps),
+        "jax_devices": len(mesh.devices.flat), "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "jax_seconds_per_step": round(jax_s, 4), "torch_seconds_per_step": round(torch_s, 4),
+        "jax_images_per_s": round(batch / jax_s, 2),
+        "torch_images_per_s": round(batch / torch_s, 2),
+        "jax_first_call_seconds_incl_compile": round(compile_s, 2),
+        "speed_jax_over_torch": round(statistics.median(
+            t / j for t, j in zip(torch_times, jax_times, strict=True)), 3),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     registered = available_methods()
     methods = registered if args.methods == ["all"] else [m for m in args.methods
@@ -129,6 +217,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if skipped:
         result["skipped_unregistered_methods"] = skipped
+    if args.vs_torch:
+        result["vs_torch"] = {}
+        for model in args.models:
+            batch = args.batch or (128 if model == "small_cnn" else 32)
+            result["vs_torch"][model] = vs_torch_cell(model, batch, args.repeats)
+            print(f"# {model} vs torch: {json.dumps(result['vs_torch'][model])}",
+                  file=sys.stderr, flush=True)
+        result["machine"]["load_average_at_end"] = list(os.getloadavg())
+        return result
     for model in args.models:
         batch = args.batch or (64 if model == "small_cnn" else 4)
         row = {}
@@ -158,6 +255,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=0,
                    help="batch size (default: 64 small_cnn, 4 for the ResNets)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--vs_torch", action="store_true",
+                   help="only the PGD-AT step against its eager PyTorch twin (needs torch); "
+                        "default batch 128 small_cnn, 32 for the ResNets")
+    p.add_argument("--cpu_devices", default="1",
+                   help="host devices on the CPU ('auto': one per core); read before jax starts")
     args = p.parse_args()
     print(json.dumps(run(args), indent=1))
 

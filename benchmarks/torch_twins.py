@@ -1,0 +1,110 @@
+"""PyTorch twins of hamjax's models and of its PGD-AT train step, for side-by-side benchmarks
+(`eval_throughput.py`, `train_throughput.py`). torch is imported inside the functions, so the
+benchmarks run without it (they then skip the torch columns)."""
+
+from __future__ import annotations
+
+NUM_CLASSES = 10
+
+
+def torch_models():
+    """The PyTorch twins of hamjax's SmallCNN and PreActResNet18 (same layers, BN eps/momentum,
+    normalisation inside forward, [0, 1] NCHW in, logits out)."""
+    import torch
+    from torch import nn
+
+    def bn(c: int) -> nn.BatchNorm2d:
+        return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
+
+    class Normalize(nn.Module):
+        def __init__(self, channels: int):
+            super().__init__()
+            self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.5))
+            self.register_buffer("std", torch.full((1, channels, 1, 1), 0.25))
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    class SmallCNN(nn.Module):
+        def __init__(self, channels: int = 1, num_classes: int = NUM_CLASSES):
+            super().__init__()
+            layers: list[nn.Module] = [Normalize(channels)]
+            for i, width in enumerate((32, 64, 128)):
+                layers += [nn.Conv2d(channels, width, 3, 1 if i == 0 else 2, 1, bias=False),
+                           bn(width), nn.ReLU()]
+                channels = width
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+        def forward(self, x):
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+    class PreActBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.bn1, self.bn2 = bn(cin), bn(cout)
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.shortcut = (nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+                             if stride != 1 or cin != cout else None)
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(x))
+            shortcut = self.shortcut(out) if self.shortcut is not None else x
+            out = self.conv1(out)
+            out = self.conv2(torch.relu(self.bn2(out)))
+            return out + shortcut
+
+    class PreActResNet18(nn.Module):
+        def __init__(self, num_classes: int = NUM_CLASSES):
+            super().__init__()
+            self.norm = Normalize(3)
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            blocks, cin = [], 64
+            for i, width in enumerate((64, 128, 256, 512)):
+                for j in range(2):
+                    blocks.append(PreActBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
+                    cin = width
+            self.blocks = nn.Sequential(*blocks)
+            self.bn = bn(512)
+            self.linear = nn.Linear(512, num_classes)
+
+        def forward(self, x):
+            out = self.blocks(self.conv1(self.norm(x)))
+            return self.linear(torch.relu(self.bn(out)).mean(dim=(2, 3)))
+
+    return {"small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
+
+
+def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr: float,
+                           momentum: float, weight_decay: float):
+    """An eager PyTorch PGD-AT step as the usual research scripts write it (and as hamjax's
+    `pgd_at` runs it): L_inf PGD-K with a uniform random start, BN in eval mode while
+    attacking, then one SGD(momentum, weight decay) update on the adversarial batch in train
+    mode. Returns step(x, y) -> loss (float)."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def attack(x, y):
+        net.eval()
+        x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = F.cross_entropy(net(x_adv), y)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+        return x_adv.detach()
+
+    def step(x, y) -> float:
+        x_adv = attack(x, y)
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x_adv), y)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
