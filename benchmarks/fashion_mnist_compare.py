@@ -148,6 +148,29 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed
         return json.load(f)
 
 
+def autoattack_one(workdir: str, examples: int, train: bool = True) -> dict | None:
+    """PGD-20 and AutoAttack (standard) on a class-stratified subset of `examples` test images,
+    best-on-validation checkpoint, through `python -m hamjax.evaluate` (resumable); None when
+    not run. Robust = correct clean and after both attacks."""
+    path = os.path.join(workdir, "eval", "test_best.json")
+    if (train and examples > 0 and not os.path.exists(path)
+            and os.path.exists(os.path.join(workdir, "report.json"))):
+        with open(os.path.join(workdir, "stdout.log"), "a") as log:
+            subprocess.run([sys.executable, "-m", "hamjax.evaluate", f"--workdir={workdir}",
+                            "--attacks=pgd20,autoattack", f"--num_examples={examples}",
+                            "--cpu_devices=1"],
+                           check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    robust = result["combined"]["robust"]
+    return {"examples": result["num_examples"], "clean_avg": result["clean"]["average"],
+            "clean_worst": result["clean"]["worst"], "robust_avg": robust["average"],
+            "robust_worst": robust["worst"], "seconds": round(result["seconds"], 1),
+            "epoch": result.get("checkpoint_epoch")}
+
+
 def epoch_records(workdir: str) -> list[dict]:
     """The finished epochs' records of a run, finished or not (the last record of each epoch:
     a resumed run may have logged an epoch again)."""
@@ -257,6 +280,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + mean_rows(rows))
 
 
+def autoattack_markdown(rows: list[dict]) -> str:
+    lines = ["| run | seed | test images | clean avg | clean worst | AutoAttack avg "
+             "| AutoAttack worst |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r.get("autoattack")
+        if a:
+            lines.append(f"| {r['run']} | {r['seed']} | {a['examples']} | "
+                         + " | ".join(f"{100 * a[k]:.1f}" for k in HEADLINE) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def epochs_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
     """One line per run and epoch: the per-epoch record the issue asks for."""
     lines = ["| seed | run | epoch | train s | wall / PGD-AT | ledger / PGD-AT | hard frac "
@@ -305,6 +339,9 @@ def main() -> None:
                         help="one run per method and seed (seed 0 keeps the original workdirs)")
     parser.add_argument("--root", default=os.path.join(REPO, "runs", "fmnist_compare"))
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--autoattack_examples", type=int, default=1000,
+                        help="AutoAttack (and PGD-20) on this many test images of every "
+                             "finished run's best checkpoint; 0: none")
     parser.add_argument("--report_only", action="store_true",
                         help="write the tables from what the workdirs hold now; train nothing")
     args = parser.parse_args()
@@ -316,6 +353,13 @@ def main() -> None:
                                 job[1], train=not args.report_only), jobs))
     rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)
             if r is not None]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        attacked = list(pool.map(lambda r: autoattack_one(
+            workdir_of(args.root, args.suite, r["run"], r["seed"]), args.autoattack_examples,
+            train=not args.report_only), rows))
+    for r, a in zip(rows, attacked, strict=True):
+        if a is not None:
+            r["autoattack"] = a
     per_seed = {}
     for seed in args.seeds:
         per_run = {name: [epoch_row(e) for e in epoch_records(
@@ -334,7 +378,11 @@ def main() -> None:
               "train_size": "full" if shipped else args.train_size, "seeds": args.seeds,
               "finished_runs": len(rows), "planned_runs": len(jobs), "rows": rows,
               "per_epoch": {str(k): v for k, v in per_seed.items()}}
-    text = (f"{markdown(rows)}\n\nPer epoch:\n\n{epochs_markdown(per_seed)}\n\n"
+    aa = autoattack_markdown(rows)
+    text = (f"{markdown(rows)}\n\n"
+            + (f"AutoAttack (standard, best-on-validation checkpoint, robust = correct clean "
+               f"and after PGD-20 and AutoAttack):\n\n{aa}\n\n" if aa else "")
+            + f"Per epoch:\n\n{epochs_markdown(per_seed)}\n\n"
             f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
             f"{args.parallel} runs side by side).")
     out = os.path.join(REPO, "benchmarks", "results", f"fashion_mnist_{args.suite}")
