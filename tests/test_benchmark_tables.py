@@ -1,0 +1,54 @@
+"""The Fashion-MNIST driver's per-epoch table (benchmarks/fashion_mnist_compare.py): wall and
+ledger ratios, the bucket histogram, and the README writer, on hand-made epoch records."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import fashion_mnist_compare as fmc  # noqa: E402
+
+
+def record(epoch: int, seconds: float, ledger: float, **metrics) -> dict:
+    return {"kind": "epoch", "epoch": epoch, "train_seconds": seconds,
+            "ledger": {"relative_to_pgd_at": ledger}, "train_metrics": metrics}
+
+
+def test_epoch_rows_wall_ratios_and_histogram(tmp_path):
+    ham = [record(1, 100.0, 1.0, warmup=1.0), record(2, 110.0, 1.0, warmup=1.0),
+           record(3, 63.0, 0.52, warmup=0.0, hard_fraction=0.25,
+                  **{"bucket_share/0.25": 0.4, "bucket_share/0.3125": 0.6,
+                     "bucket_share/1": 0.0})]
+    pgd = [record(1, 100.0, 1.0), record(2, 100.0, 1.0), record(3, 105.0, 1.0)]
+    # A resumed run logs an epoch again: the last record of each epoch counts.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [ham[0], *ham]))
+    assert [r["epoch"] for r in fmc.epoch_records(str(tmp_path))] == [1, 2, 3]
+
+    per_run = {"pgd_at": [fmc.epoch_row(r) for r in pgd],
+               "ham": [fmc.epoch_row(r) for r in ham]}
+    fmc.with_wall_ratios(per_run)
+    third = per_run["ham"][2]
+    assert third["wall_ratio_vs_pgd_at"] == pytest.approx(63.0 / 105.0, abs=1e-3)
+    assert third["wall_ratio_vs_own_warmup"] == pytest.approx(63.0 / 105.0, abs=1e-3)
+    assert third["bucket_histogram"] == {"0.25": 0.4, "0.3125": 0.6}  # unused buckets left out
+    assert "wall_ratio_vs_own_warmup" not in per_run["ham"][0]  # warm-up epochs are the base
+    assert per_run["pgd_at"][1]["wall_ratio_vs_pgd_at"] == 1.0
+
+    table = fmc.epochs_markdown({0: per_run})
+    assert "| 0 | ham | 3 | 63 | 0.60 | 0.52 | 0.250 | 0.25: 0.40, 0.3125: 0.60 |" in table
+    assert "| 0 | ham | 1 | 100 | 1.00 | 1.00 |  | warm-up (PGD-AT) |" in table
+
+
+def test_readme_table_is_written_between_its_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- fashion_mnist_x -->\nold\n<!-- /fashion_mnist_x -->\nrest\n")
+    assert fmc.write_readme_table("x", "| new |", str(readme))
+    assert readme.read_text() == ("intro\n<!-- fashion_mnist_x -->\n| new |\n"
+                                  "<!-- /fashion_mnist_x -->\nrest\n")
+    assert not fmc.write_readme_table("y", "| other |", str(readme))  # no markers: untouched
+    assert "other" not in readme.read_text()
