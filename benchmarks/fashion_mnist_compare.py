@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -204,12 +205,66 @@ def epoch_row(record: dict) -> dict:
     return out
 
 
-def with_wall_ratios(per_run: dict[str, list[dict]], reference: str = "pgd_at") -> None:
-    """Adds to every epoch row its wall time over the reference run's same epoch (trained side
-    by side in the same window) and, for HAM, over the mean of its own warm-up epochs (which
-    are PGD-AT steps)."""
+def train_windows(workdir: str, batch: int) -> list[tuple[int, float, float, float]]:
+    """(0-based epoch, start, end, images/s) of every logged training interval of a run, in
+    wall-clock seconds: each `train` record's rate covers the steps since the previous record
+    of its epoch, since the epoch began, or since the step a resumed run restarted from."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not epochs:
+        return []
+    steps_per_epoch = epochs[0]["step"] // epochs[0]["epoch"]
+    windows, last_step = [], 0
+    for r in records:
+        if r.get("kind") == "run":  # a (re)start: intervals count from the restored step
+            last_step = r["step"]
+        if r.get("kind") != "train":
+            continue
+        epoch = r["epoch"]
+        begin = max(last_step, epoch * steps_per_epoch)  # a rate never spans an epoch's end
+        last_step = r["step"]
+        if r["images_per_s"] <= 0 or r["step"] <= begin:
+            continue
+        seconds = (r["step"] - begin) * batch / r["images_per_s"]
+        windows.append((epoch, r["time"] - seconds, r["time"], r["images_per_s"]))
+    return windows
+
+
+def same_window_ratios(runs: list, reference: list, min_cover: float = 0.9) -> dict[int, float]:
+    """Per 1-based epoch of `runs`: the median over its logged intervals of (its seconds per
+    image) / (the reference's seconds per image over the same wall-clock interval), using only
+    intervals the reference was training through (>= `min_cover` of it): the two processes
+    shared the cores then, so load hits both alike."""
+    by_epoch: dict[int, list[float]] = {}
+    for epoch, start, end, rate in runs:
+        covered, images = 0.0, 0.0
+        for _, r_start, r_end, r_rate in reference:
+            overlap = min(end, r_end) - max(start, r_start)
+            if overlap > 0:
+                covered += overlap
+                images += overlap * r_rate
+        if covered >= min_cover * (end - start):
+            by_epoch.setdefault(epoch + 1, []).append((images / covered) / rate)
+    return {e: round(statistics.median(v), 3) for e, v in sorted(by_epoch.items())}
+
+
+def with_wall_ratios(per_run: dict[str, list[dict]], reference: str = "pgd_at",
+                     windows: dict[str, list] | None = None) -> None:
+    """Adds to every epoch row its wall time over the reference run's same epoch, its median
+    same-window ratio to the reference (`same_window_ratios`, when `windows` are given: the
+    honest one once the runs drift apart in epochs) and, for HAM, its wall time over the mean
+    of its own warm-up epochs (which are PGD-AT steps)."""
     ref = {r["epoch"]: r["train_seconds"] for r in per_run.get(reference, [])}
-    for rows in per_run.values():
+    for name, rows in per_run.items():
+        if windows and name != reference and windows.get(reference):
+            same = same_window_ratios(windows.get(name, []), windows[reference])
+            for r in rows:
+                if r["epoch"] in same:
+                    r["wall_ratio_same_window"] = same[r["epoch"]]
         warm = [r["train_seconds"] for r in rows if r.get("warmup") == 1.0]
         for r in rows:
             if r["epoch"] in ref:
@@ -293,8 +348,8 @@ def autoattack_markdown(rows: list[dict]) -> str:
 
 def epochs_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
     """One line per run and epoch: the per-epoch record the issue asks for."""
-    lines = ["| seed | run | epoch | train s | wall / PGD-AT | ledger / PGD-AT | hard frac "
-             "| buckets run (share of steps) | val PGD-20 avg / worst |",
+    lines = ["| seed | run | epoch | train s | wall / PGD-AT, same window | ledger / PGD-AT "
+             "| hard frac | buckets run (share of steps) | val PGD-20 avg / worst |",
              "|---|---|---|---|---|---|---|---|---|"]
     for seed, per_run in per_seed.items():
         for name, rows in per_run.items():
@@ -305,7 +360,7 @@ def epochs_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
                 val = (f"{100 * r['val_robust_avg']:.1f} / {100 * r['val_robust_worst']:.1f}"
                        if "val_robust_avg" in r else "")
                 hard = f"{r['hard_fraction']:.3f}" if r.get("warmup") == 0.0 else ""
-                wall = r.get("wall_ratio_vs_pgd_at")
+                wall = r.get("wall_ratio_same_window")
                 lines.append(
                     f"| {seed} | {name} | {r['epoch']} | {r['train_seconds']:.0f} | "
                     f"{'' if wall is None else f'{wall:.2f}'} | {r['ledger_ratio']:.2f} | "
@@ -362,9 +417,11 @@ def main() -> None:
             r["autoattack"] = a
     per_seed = {}
     for seed in args.seeds:
-        per_run = {name: [epoch_row(e) for e in epoch_records(
-            workdir_of(args.root, args.suite, name, seed))] for name in names}
-        with_wall_ratios(per_run)
+        dirs = {name: workdir_of(args.root, args.suite, name, seed) for name in names}
+        batch = build_config(args.suite, suite_runs(args.suite)[names[0]], args.epochs,
+                             args.train_size, seed).train.batch_size
+        per_run = {name: [epoch_row(e) for e in epoch_records(d)] for name, d in dirs.items()}
+        with_wall_ratios(per_run, windows={n: train_windows(d, batch) for n, d in dirs.items()})
         per_seed[seed] = per_run
     shipped = args.suite in SHIPPED
     command = " ".join(["python benchmarks/fashion_mnist_compare.py", f"--suite={args.suite}",

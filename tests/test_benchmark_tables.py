@@ -40,8 +40,38 @@ def test_epoch_rows_wall_ratios_and_histogram(tmp_path):
     assert per_run["pgd_at"][1]["wall_ratio_vs_pgd_at"] == 1.0
 
     table = fmc.epochs_markdown({0: per_run})
-    assert "| 0 | ham | 3 | 63 | 0.60 | 0.52 | 0.250 | 0.25: 0.40, 0.3125: 0.60 |" in table
-    assert "| 0 | ham | 1 | 100 | 1.00 | 1.00 |  | warm-up (PGD-AT) |" in table
+    assert "| 0 | ham | 3 | 63 |  | 0.52 | 0.250 | 0.25: 0.40, 0.3125: 0.60 |" in table
+    assert "| 0 | ham | 1 | 100 |  | 1.00 |  | warm-up (PGD-AT) |" in table
+
+
+def train_record(step: int, time: float, epoch: int, rate: float) -> dict:
+    return {"kind": "train", "step": step, "time": time, "epoch": epoch, "images_per_s": rate}
+
+
+def test_same_window_ratio_compares_only_intervals_both_runs_trained_through(tmp_path):
+    """Batch 10, 4 steps per epoch, a log every 2 steps (20 images per interval)."""
+    ham, ref = tmp_path / "ham", tmp_path / "ref"
+    ham.mkdir()
+    ref.mkdir()
+    epoch_end = {"kind": "epoch", "epoch": 1, "step": 4, "train_seconds": 0.0,
+                 "ledger": {"relative_to_pgd_at": 1.0}, "train_metrics": {}}
+    # HAM: epoch 0 at 10 img/s (2 s per interval), a restart at step 6, then 20 img/s.
+    (ham / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "run", "step": 0}, train_record(2, 2.0, 0, 10.0), train_record(4, 4.0, 0, 10.0),
+        epoch_end, {"kind": "run", "step": 6}, train_record(8, 11.0, 1, 20.0)]))
+    # The reference: 10 img/s until t = 6, then 5 img/s; nothing after t = 10.
+    (ref / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "run", "step": 0}, train_record(2, 2.0, 0, 10.0), train_record(4, 4.0, 0, 10.0),
+        epoch_end, train_record(6, 6.0, 1, 10.0), train_record(8, 10.0, 1, 5.0)]))
+    windows = fmc.train_windows(str(ham), batch=10)
+    assert windows == [(0, 0.0, 2.0, 10.0), (0, 2.0, 4.0, 10.0), (1, 10.0, 11.0, 20.0)]
+    ref_windows = fmc.train_windows(str(ref), batch=10)
+    assert ref_windows[-1] == (1, 6.0, 10.0, 5.0)
+    # Epoch 1 (0-based 0) ran beside the reference at the same rate; HAM's last interval
+    # (t 10-11) has no reference beside it, so epoch 2 gets no ratio.
+    assert fmc.same_window_ratios(windows, ref_windows) == {1: 1.0}
+    half = [(0, 6.0, 10.0, 10.0)]  # twice the reference's rate in its t 6-10 interval
+    assert fmc.same_window_ratios(half, ref_windows) == {1: 0.5}
 
 
 def test_readme_table_is_written_between_its_markers_only(tmp_path):
