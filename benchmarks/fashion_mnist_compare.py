@@ -394,7 +394,7 @@ def main() -> None:
                         help="one run per method and seed (seed 0 keeps the original workdirs)")
     parser.add_argument("--root", default=os.path.join(REPO, "runs", "fmnist_compare"))
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--autoattack_examples", type=int, default=1000,
+    parser.add_argument("--autoattack_examples", type=int, default=500,
                         help="AutoAttack (and PGD-20) on this many test images of every "
                              "finished run's best checkpoint; 0: none")
     parser.add_argument("--report_only", action="store_true",
