@@ -78,6 +78,29 @@ def test_driver_pads_unpads_and_resumes_any_chunking():
     assert resumed.images == len(population)
 
 
+def _rows_fn(params, batch, key):
+    """Per example: its index, and the number of rows the chunk ran on."""
+    del params, key
+    rows = jnp.full(batch["index"].shape, batch["index"].shape[0], jnp.int32)
+    return {"index": batch["index"], "rows": rows, "real": batch["mask"]}
+
+
+def test_a_short_last_chunk_runs_on_a_smaller_padded_size():
+    """Chunks of 16: a tail of 3 runs on 4 rows (16 / 4), a tail of 9 on the full 16; the
+    padding rows are masked and dropped, the results per example unchanged."""
+    driver = Driver(make_mesh(), 16)
+    assert [driver.chunk_size(c) for c in (1, 2, 3, 4, 5, 8, 9, 16)] == [2, 2, 4, 4, 8, 8, 16, 16]
+    n = 40
+    arrays = {"image": np.zeros((n, 2, 2, 1), np.uint8), "label": np.zeros(n, np.int32)}
+    for population, tail_rows in ((np.arange(19), 4), (np.arange(25), 16)):
+        reports = []
+        record = driver.run(_rows_fn, None, arrays, population, jax.random.PRNGKey(0),
+                            on_chunk=reports.append)
+        assert [int(r.outputs["rows"][0]) for r in reports] == [16, tail_rows]
+        assert all(r.outputs["real"].all() for r in reports)
+        np.testing.assert_array_equal(record.outputs["index"][population], population)
+
+
 def test_class_counts_are_exact_sums():
     counts = class_counts(np.array([1, 0, 1, 1], bool), np.array([0, 0, 2, 2]), 3)
     assert counts.to_json() == {"correct": [1, 0, 2], "total": [2, 0, 2]}

@@ -2,7 +2,8 @@
 
 A stage is a jittable per-chunk function `fn(params, batch, key) -> {name: per-example array}`.
 `Driver.run` walks a population of example positions in chunks of `batch_size` (the last one
-padded by `hamjax.data.padded_chunks`), feeds each process only its rows of every chunk
+padded by `hamjax.data.padded_chunks`, to the smallest of batch_size / 8, / 4, / 2 or batch_size
+that holds it: `Driver.chunk_size`), feeds each process only its rows of every chunk
 (`hamjax.sharding.process_rows`) as arrays sharded over the mesh, runs the function compiled
 once with replicated outputs (so every process reads every example's result), unpads, and writes
 each example's outputs at its position. The batch carries "index", the example's position, from
@@ -121,15 +122,27 @@ class Driver:
                               f"{n_dev} devices of the mesh")
         self.mesh = mesh
         self.batch_size = int(batch_size)
-        self.rows = process_rows(mesh, self.batch_size)
         self._compiled: dict[tuple, Any] = {}
+
+    def chunk_size(self, count: int) -> int:
+        """Rows a chunk of `count` real examples runs on: the smallest of batch_size / 8, / 4,
+        / 2 and batch_size (each a multiple of the device count) that holds them, so a short
+        last chunk (most of an AutoAttack stage after the first attacks) is not padded to a
+        whole batch. Each size compiles once per function."""
+        n_dev = int(self.mesh.devices.size)
+        for divisor in (8, 4, 2):
+            size = -(-(self.batch_size // divisor) // n_dev) * n_dev
+            if count <= size < self.batch_size:
+                return size
+        return self.batch_size
 
     def _batch(self, arrays: Mapping[str, np.ndarray], real: np.ndarray,
                padded: np.ndarray) -> dict[str, jax.Array]:
-        local = padded[self.rows]
+        padded = np.resize(padded, self.chunk_size(len(real)))  # wraps real positions only
+        local = padded[process_rows(self.mesh, len(padded))]
         batch = {k: np.asarray(v)[local] for k, v in arrays.items()}
         batch["index"] = local.astype(np.int32)
-        batch["mask"] = (np.arange(self.batch_size) < len(real))[self.rows]
+        batch["mask"] = (np.arange(len(padded)) < len(real))[process_rows(self.mesh, len(padded))]
         return shard_batch(batch, self.mesh)
 
     def _compile(self, fn: ChunkFn, args: tuple, record: StageRecord) -> Any:
