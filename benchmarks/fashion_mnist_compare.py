@@ -416,10 +416,10 @@ def main() -> None:
         if a is not None:
             r["autoattack"] = a
     per_seed = {}
+    batch = build_config(args.suite, suite_runs(args.suite)[names[0]], args.epochs,
+                         args.train_size).train.batch_size  # every run and seed of a suite
     for seed in args.seeds:
         dirs = {name: workdir_of(args.root, args.suite, name, seed) for name in names}
-        batch = build_config(args.suite, suite_runs(args.suite)[names[0]], args.epochs,
-                             args.train_size, seed).train.batch_size
         per_run = {name: [epoch_row(e) for e in epoch_records(d)] for name, d in dirs.items()}
         with_wall_ratios(per_run, windows={n: train_windows(d, batch) for n, d in dirs.items()})
         per_seed[seed] = per_run

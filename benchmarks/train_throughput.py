@@ -97,14 +97,19 @@ def make_config(model: str, method: str, batch: int) -> ml_collections.FrozenCon
     return ml_collections.FrozenConfigDict(config)
 
 
-def make_step(config, shape: tuple[int, int, int]):
-    """(jitted train step, initial state) on a StepContext built without a dataset."""
+def make_step(config, shape: tuple[int, int, int], mesh=None):
+    """(jitted train step, initial state, method) on a StepContext built without a dataset;
+    with a mesh, jitted over it (the batch split over its devices, the state replicated)."""
     ctx = StepContext(
         model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
         lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
-        class_counts=np.ones(NUM_CLASSES, np.int64), steps_per_epoch=1000, image_shape=shape)
+        class_counts=np.ones(NUM_CLASSES, np.int64), steps_per_epoch=1000, image_shape=shape,
+        mesh=mesh)
     method = get_method(config.method.name)
-    return jax.jit(make_train_step(ctx, method)), create_train_state(ctx, method, seed=0), method
+    state = create_train_state(ctx, method, seed=0)
+    if mesh is None:
+        return jax.jit(make_train_step(ctx, method)), state, method
+    return jit_train_step(make_train_step(ctx, method), mesh), put_replicated(state, mesh), method
 
 
 def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[str, Any]:
@@ -146,14 +151,7 @@ def vs_torch_cell(model: str, batch: int, repeats: int) -> dict[str, Any]:
     shape = SHAPES[model]
     config = make_config(model, "pgd_at", batch)
     mesh = make_mesh()
-    ctx = StepContext(
-        model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
-        lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
-        class_counts=np.ones(NUM_CLASSES, np.int64), steps_per_epoch=1000, image_shape=shape,
-        mesh=mesh)
-    method = get_method("pgd_at")
-    step = jit_train_step(make_train_step(ctx, method), mesh)
-    state = put_replicated(create_train_state(ctx, method, seed=0), mesh)
+    step, state, _ = make_step(config, shape, mesh)
     rs = np.random.RandomState(0)
     images = rs.rand(batch, *shape).astype(np.float32)
     labels = rs.randint(0, NUM_CLASSES, batch).astype(np.int32)

@@ -136,13 +136,15 @@ class Driver:
                 return size
         return self.batch_size
 
-    def _batch(self, arrays: Mapping[str, np.ndarray], real: np.ndarray,
-               padded: np.ndarray) -> dict[str, jax.Array]:
-        padded = np.resize(padded, self.chunk_size(len(real)))  # wraps real positions only
-        local = padded[process_rows(self.mesh, len(padded))]
+    def _batch(self, arrays: Mapping[str, np.ndarray], real: np.ndarray) -> dict[str, jax.Array]:
+        """This process's rows of the chunk of `real` positions, padded (as `padded_chunks`
+        pads: by wrapping its own positions) to `chunk_size` rows."""
+        size = self.chunk_size(len(real))
+        rows = process_rows(self.mesh, size)
+        local = np.resize(real, size)[rows]
         batch = {k: np.asarray(v)[local] for k, v in arrays.items()}
         batch["index"] = local.astype(np.int32)
-        batch["mask"] = (np.arange(len(padded)) < len(real))[process_rows(self.mesh, len(padded))]
+        batch["mask"] = (np.arange(size) < len(real))[rows]
         return shard_batch(batch, self.mesh)
 
     def _compile(self, fn: ChunkFn, args: tuple, record: StageRecord) -> Any:
@@ -187,8 +189,8 @@ class Driver:
         params, key = replicate(params, self.mesh), replicate(_raw_key(key), self.mesh)
         with tqdm(total=len(todo), desc=desc or name, unit="img",
                   disable=None if progress else True, leave=False, dynamic_ncols=True) as bar:
-            for c, (real, padded) in enumerate(chunks):
-                args = (params, self._batch(arrays, real, padded), key)
+            for c, (real, _) in enumerate(chunks):
+                args = (params, self._batch(arrays, real), key)
                 compiled = self._compile(fn, args, record)
                 t0 = time.perf_counter()
                 out = jax.device_get(compiled(*args))
