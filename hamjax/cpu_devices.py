@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-# XLA:CPU aborts the process when one host device reaches a collective 40 s before another
-# (a guard against deadlock). On an oversubscribed CPU (more busy processes than cores) a device
-# thread can be descheduled that long, so a healthy run died with SIGABRT; wait 20 minutes.
+# XLA:CPU aborts the process when one host device reaches a collective 40 s before another (a
+# guard against deadlock; the deadlock hamjax once hit is avoided in hamjax.train.dispatch). With
+# more busy processes than cores a healthy device thread can lag that long, so wait 5 minutes:
+# still a prompt failure (and a resumable run) if a real deadlock ever happens.
 COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
-COLLECTIVE_TIMEOUT_SECONDS = 1200
+COLLECTIVE_TIMEOUT_SECONDS = 300
 
 
 def cpu_device_count(setting: str, cores: int, batch_sizes: tuple[int, ...] = ()) -> int:

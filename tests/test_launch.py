@@ -56,7 +56,7 @@ def test_cpu_devices_auto_takes_the_most_cores_that_divide_every_batch():
 
 
 def test_cpu_devices_never_override_a_users_xla_flag():
-    patient = "--xla_cpu_collective_call_terminate_timeout_seconds=1200"
+    patient = "--xla_cpu_collective_call_terminate_timeout_seconds=300"
     assert with_cpu_devices("", 2) == f"--xla_force_host_platform_device_count=2 {patient}"
     assert with_cpu_devices("--xla_cpu_x=1", 1) == "--xla_cpu_x=1"
     mine = "--xla_force_host_platform_device_count=4"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import operator
 import signal
 import threading
 import time
@@ -52,6 +51,7 @@ from hamjax.paths import resolve
 from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.runlog import RunLogger
 from hamjax.sharding import make_mesh, process_rows, put_replicated, shard_batch
+from hamjax.train.dispatch import RunAhead, add_trees
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, TrainState, create_train_state
 from hamjax.train.step import jit_train_step, make_train_step
@@ -477,13 +477,15 @@ class Trainer:
         # Moved every step without a device sync; its values change at the log interval only.
         # Left open by a stop or an error, it is closed with the logs (`_close`).
         bar = self.log.epoch_bar(epoch, cfg.train.epochs, start, spe, cfg.train.batch_size)
+        in_flight = RunAhead(depth=1)  # see hamjax.train.dispatch: no unbounded run-ahead
         for i, batch in enumerate(batches, start=start):
             step = epoch * spe + i
             state, metrics = compiled(state, batch)
+            in_flight.dispatched(metrics["finite"])
             bar.step()
             pending.append((step + 1, metrics["finite"], metrics["loss"]))
             images += cfg.train.batch_size
-            sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
+            sums = metrics if sums is None else add_trees(sums, metrics)
             last_in_epoch = i + 1 == spe
             if (step + 1) % cfg.train.log_every_steps == 0 or last_in_epoch:
                 metrics = jax.device_get(metrics)
