@@ -39,6 +39,11 @@ import sys
 import time
 from typing import Any
 
+from hamjax.cpu_devices import setting_from_argv, use_cpu_devices
+
+if __name__ == "__main__":
+    use_cpu_devices(setting_from_argv(sys.argv[1:]) or "1")  # before jax starts its backend
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,7 +55,7 @@ from hamjax.evaluation.specs import parse_attacks
 from hamjax.models import build_model, init_variables, make_logits_fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_twins import torch_models  # noqa: E402  (benchmarks/ beside this file)
+from torch_twins import load_small_cnn_weights, torch_models  # noqa: E402  (benchmarks/ beside this file)
 
 NUM_CLASSES = 10
 EPS, STEP = 8 / 255, 2 / 255
@@ -94,19 +99,26 @@ def jax_pgd(model, variables, x: np.ndarray, repeats: int) -> dict[str, Any]:
             "first_call_seconds_incl_compile": compile_s, "fooled": statistics.mean(fooled)}
 
 
-def jax_autoattack(model, variables, x: np.ndarray, aa: dict, eps: float) -> dict[str, Any]:
+def jax_autoattack(model, variables, x: np.ndarray, aa: dict, eps: float,
+                   labels: np.ndarray | None = None, chunk: int | None = None) -> dict[str, Any]:
+    """hamjax's AutoAttack through `run_attacks` (labels: the model's predictions unless
+    given; chunk: the evaluation chunk, default all of x, rounded up to the device count)."""
     logits_fn = make_logits_fn(model, variables)
-    y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+    y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1)) if labels is None else labels
     comp = {"steps": aa["steps"], "n_target_classes": aa["n_target_classes"]}
     specs = parse_attacks("autoattack", eps=eps, num_classes=NUM_CLASSES, overrides={
         "apgd-ce": {"steps": aa["steps"]}, "apgd-t": comp, "fab-t": comp,
         "square": {"n_queries": aa["n_queries"]}})
+    n_dev = jax.device_count()
+    chunk = -(-(chunk or len(x)) // n_dev) * n_dev
     out = run_attacks(model, variables, x, y, NUM_CLASSES, specs, eps=eps, seed=0,
-                      batch_size=len(x), log=lambda s: None)
+                      batch_size=chunk, log=lambda s: None, progress=False)
     stages = {k: v for k, v in out.stages.items() if k.startswith("autoattack/")}
     seconds = sum(v["seconds"] for v in stages.values())
-    return {"images_per_s": len(x) / seconds, "seconds": seconds,
+    return {"images_per_s": len(x) / seconds, "seconds": seconds, "devices": n_dev,
+            "chunk": chunk,
             "compile_seconds": sum(v["compile_seconds"] for v in stages.values()),
+            "clean_accuracy": float(out.clean_correct.mean()),
             "robust_fraction": float(out.robust["autoattack"].mean()),
             "attacked_per_stage": {k.split("/")[1]: v["attacked"] for k, v in stages.items()},
             "seconds_per_stage": {k.split("/")[1]: round(v["seconds"], 3)
@@ -134,14 +146,15 @@ def torch_pgd(net, x, repeats: int) -> dict[str, Any]:
             "fooled": statistics.mean(fooled)}
 
 
-def torch_autoattack(net, x, aa: dict, eps: float) -> dict[str, Any]:
+def torch_autoattack(net, x, aa: dict, eps: float, labels=None) -> dict[str, Any]:
     """torchattacks.MultiAttack's loop (each attack on the examples still classified correctly),
-    written out so that each stage is timed."""
+    written out so that each stage is timed. labels: the model's predictions unless given."""
     import torch
     import torchattacks as ta
 
     with torch.no_grad():
-        y = net(x).argmax(1)
+        pred = net(x).argmax(1)
+    y = pred if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
     steps, n_cls = aa["steps"], aa["n_target_classes"] + 1  # torchattacks: targets = n_classes-1
     stages = {
         "apgd-ce": ta.APGD(net, eps=eps, steps=steps, loss="ce", n_restarts=1, seed=0),
@@ -150,7 +163,8 @@ def torch_autoattack(net, x, aa: dict, eps: float) -> dict[str, Any]:
                         n_restarts=1, seed=0),
         "square": ta.Square(net, eps=eps, n_queries=aa["n_queries"], n_restarts=1, seed=0),
     }
-    alive = torch.arange(len(x))
+    alive = torch.nonzero(pred == y).flatten()  # clean-correct: the rows either side attacks
+    clean_accuracy = len(alive) / len(x)
     seconds, attacked = {}, {}
     for name, attack in stages.items():
         attacked[name] = len(alive)
@@ -163,7 +177,7 @@ def torch_autoattack(net, x, aa: dict, eps: float) -> dict[str, Any]:
             alive = alive[net(adv).argmax(1) == y[alive]]
         seconds[name] = time.perf_counter() - t0
     total = sum(seconds.values())
-    return {"images_per_s": len(x) / total, "seconds": total,
+    return {"images_per_s": len(x) / total, "seconds": total, "clean_accuracy": clean_accuracy,
             "robust_fraction": len(alive) / len(x), "attacked_per_stage": attacked,
             "seconds_per_stage": {k: round(v, 3) for k, v in seconds.items()}}
 
@@ -254,6 +268,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def trained(args: argparse.Namespace) -> dict[str, Any]:
+    """AutoAttack on a trained small-CNN workdir's test images, at the run's eval eps with the
+    true labels: hamjax on the run's model, torchattacks on the twin holding the same weights
+    (checked: the two give the same clean logits)."""
+    import torch
+
+    from hamjax.evaluation.workdir import load_run
+    from hamjax.robust_eval import subset
+
+    run = load_run(args.workdir, args.checkpoint, log=lambda s: None)
+    if run.config.model.name != "small_cnn" or run.splits.num_classes != NUM_CLASSES:
+        raise SystemExit(f"--workdir={args.workdir}: needs a 10-class small_cnn run, this one "
+                         f"is {run.config.model.name} with {run.splits.num_classes} classes")
+    data = subset(run.splits.test, args.images, int(run.config.seed), NUM_CLASSES)
+    x = np.asarray(data.images, np.float32)
+    x = x / 255.0 if np.asarray(data.images).dtype == np.uint8 else x
+    y = np.asarray(data.labels, np.int64)
+    eps, aa = float(run.config.eval.eps), AA_SETTINGS[args.aa]
+
+    torch.manual_seed(0)
+    net = torch_models()["small_cnn"](x.shape[-1])
+    load_small_cnn_weights(net, jax.device_get(run.variables), run.model.mean, run.model.std)
+    net.eval()
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    jax_logits = np.asarray(make_logits_fn(run.model, run.variables)(jnp.asarray(x)))
+    with torch.no_grad():
+        torch_logits = net(xt).numpy()
+    result: dict[str, Any] = {
+        "benchmark": "eval_throughput/trained", "machine": machine(),
+        "workdir": os.path.abspath(args.workdir), "checkpoint": run.checkpoint,
+        "step": run.step, "epoch": run.epoch, "images": len(y), "eps": eps,
+        "settings": {"preset": args.aa, **aa,
+                     "components": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                     "timing": "one call each; hamjax stage times exclude compilation",
+                     "order": "torch first, then hamjax"},
+        "twin_max_abs_logit_difference": float(np.max(np.abs(jax_logits - torch_logits))),
+        "twin_same_predictions": bool(np.all(jax_logits.argmax(1) == torch_logits.argmax(1))),
+    }
+    result["torch"] = torch_autoattack(net, xt, aa, eps, labels=y)
+    result["jax"] = jax_autoattack(run.model, run.variables, x, aa, eps, labels=y,
+                                   chunk=args.chunk or int(run.config.eval.batch_size))
+    result["jax_over_torch"] = ratio(result["jax"], result["torch"])
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -269,8 +329,24 @@ def main() -> None:
                    help="timed PGD calls for PreAct-ResNet-18 (slow on a CPU)")
     p.add_argument("--aa", default="reduced", choices=sorted(AA_SETTINGS))
     p.add_argument("--aa_eps", type=float, default=1e-5)
+    p.add_argument("--workdir", default="",
+                   help="a trained 10-class small_cnn run: AutoAttack on its test images")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--images", type=int, default=500, help="class-stratified test images")
+    p.add_argument("--chunk", type=int, default=0, help="hamjax chunk (default: the run's "
+                   "eval.batch_size, as python -m hamjax.evaluate)")
+    p.add_argument("--cpu_devices", default="1",
+                   help="host devices for hamjax (read before jax starts; auto = one per core)")
+    p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args()
-    print(json.dumps(run(args), indent=1))
+    if args.workdir and args.aa == "reduced" and "--aa" not in " ".join(sys.argv):
+        args.aa = "standard"
+    result = trained(args) if args.workdir else run(args)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

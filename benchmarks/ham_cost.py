@@ -29,25 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from typing import Any
 
+from hamjax.cpu_devices import setting_from_argv, use_cpu_devices
 
-def _fake_cpu_devices(argv: list[str]) -> None:
-    """--devices N on the CPU: N host devices, set before jax starts its backend."""
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--devices=") else (
-            argv[i + 1] if arg == "--devices" and i + 1 < len(argv) else None)
-        if value is not None and int(value) > 1:
-            flag = f"--xla_force_host_platform_device_count={int(value)}"
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-
-
-if __name__ == "__main__":
-    _fake_cpu_devices(sys.argv[1:])
+if __name__ == "__main__" and int(setting_from_argv(sys.argv[1:], "--devices") or 1) > 1:
+    use_cpu_devices(setting_from_argv(sys.argv[1:], "--devices"))  # before jax starts
 
 import jax
 import jax.numpy as jnp

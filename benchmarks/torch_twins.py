@@ -108,3 +108,29 @@ def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr:
         return float(loss)
 
     return step
+
+
+def load_small_cnn_weights(net, variables, mean, std) -> None:
+    """Copies a trained hamjax SmallCNN (params and BN running statistics) into its torch twin,
+    with the run's normalisation: conv kernels HWIO -> OIHW, dense (in, out) -> (out, in)."""
+    import numpy as np
+    import torch
+
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def put(tensor, value) -> None:
+        tensor.data.copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(value, np.float32))))
+
+    norm = net.features[0]
+    put(norm.mean, np.reshape(mean, (1, -1, 1, 1)))
+    put(norm.std, np.reshape(std, (1, -1, 1, 1)))
+    for i in range(3):  # features: Normalize, then (conv, bn, relu) x 3
+        conv, bn = net.features[1 + 3 * i], net.features[2 + 3 * i]
+        put(conv.weight, np.transpose(params[f"conv{i + 1}"]["kernel"], (3, 2, 0, 1)))
+        put(bn.weight, params[f"bn{i + 1}"]["scale"])
+        put(bn.bias, params[f"bn{i + 1}"]["bias"])
+        put(bn.running_mean, stats[f"bn{i + 1}"]["mean"])
+        put(bn.running_var, stats[f"bn{i + 1}"]["var"])
+    for layer, name in ((net.head[0], "dense"), (net.head[2], "fc")):
+        put(layer.weight, np.transpose(params[name]["kernel"]))
+        put(layer.bias, params[name]["bias"])

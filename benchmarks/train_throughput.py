@@ -39,20 +39,10 @@ import sys
 import time
 from typing import Any
 
-from hamjax.cpu_devices import use_cpu_devices
+from hamjax.cpu_devices import setting_from_argv, use_cpu_devices
 
-
-def _early_cpu_devices(argv: list[str]) -> None:
-    """--cpu_devices before jax starts its backend (which reads XLA_FLAGS once)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--cpu_devices="):
-            use_cpu_devices(arg.split("=", 1)[1])
-        elif arg == "--cpu_devices" and i + 1 < len(argv):
-            use_cpu_devices(argv[i + 1])
-
-
-if __name__ == "__main__":
-    _early_cpu_devices(sys.argv[1:])
+if __name__ == "__main__" and setting_from_argv(sys.argv[1:]) is not None:
+    use_cpu_devices(setting_from_argv(sys.argv[1:]))  # before jax starts its backend
 
 import jax
 import jax.numpy as jnp

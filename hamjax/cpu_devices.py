@@ -44,3 +44,14 @@ def use_cpu_devices(setting: str, batch_sizes: tuple[int, ...] = ()) -> int:
     count = cpu_device_count(setting, len(os.sched_getaffinity(0)), batch_sizes)
     os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), count)
     return count
+
+
+def setting_from_argv(argv: list[str], flag: str = "--cpu_devices") -> str | None:
+    """`flag`'s value in argv (`--flag=V` or `--flag V`), for scripts that must set XLA_FLAGS
+    before their argument parser runs (the parser may come after `import jax`)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return None

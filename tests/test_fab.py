@@ -186,6 +186,43 @@ def test_projection_matches_linprog(n, seed, scale):
         np.testing.assert_allclose(d, np.where(w != 0, face - t, 0.0), atol=1e-6)
 
 
+def _sorted_projection_np(t, w, b):
+    """The reference's algorithm (sort the rooms, cumsum, pick the piece) in float64 NumPy."""
+    t, w, b = (np.asarray(a, np.float64) for a in (t, w, b))
+    excess = np.sum(w * t, -1) - b
+    w = w * np.where(excess >= 0, 1.0, -1.0)[:, None]
+    c, neg = np.abs(excess), w < 0
+    room, absw = np.where(neg, 1.0 - t, t), np.abs(w)
+    order = np.argsort(-room, axis=-1, kind="stable")
+    room_s, absw_s = np.take_along_axis(room, order, -1), np.take_along_axis(absw, order, -1)
+    spent = absw_s * room_s
+    tail = np.cumsum(spent[:, ::-1], -1)[:, ::-1] - spent
+    slope = np.cumsum(absw_s, -1)
+    g_at = tail + room_s * slope
+    piece = np.clip(np.sum(g_at > c[:, None], -1) - 1, 0, t.shape[-1] - 1)
+    tail_p, slope_p = (np.take_along_axis(a, piece[:, None], -1)[:, 0] for a in (tail, slope))
+    lam = np.maximum(np.where(slope_p > 0, (c - tail_p) / np.where(slope_p > 0, slope_p, 1), 0),
+                     0)[:, None]
+    d = np.where(neg, np.minimum(lam, 1.0 - t), np.maximum(-lam, -t))
+    d = np.where((g_at[:, 0] > c)[:, None], d, neg - t)
+    return np.where(w != 0, d, 0.0)
+
+
+def test_projection_matches_the_sorted_reference_at_image_size():
+    """MNIST-sized rows (D = 784) with coordinates on the faces, zero weights and offsets from
+    tiny to unreachable: the bisection gives the sorted-cumsum answer."""
+    rng = np.random.default_rng(1)
+    n, d = 64, 784
+    t = rng.uniform(size=(n, d)).astype(np.float32)
+    t[rng.uniform(size=(n, d)) < 0.2] = 0.0
+    t[rng.uniform(size=(n, d)) < 0.1] = 1.0
+    w = (rng.normal(size=(n, d)) * (rng.uniform(size=(n, d)) > 0.1)).astype(np.float32)
+    b = (np.sum(w * t, -1) + rng.normal(size=n) * np.geomspace(1e-4, 1e3, n)).astype(np.float32)
+    got = np.asarray(_projection(t, w, b))
+    want = _sorted_projection_np(t, w, b)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
 def test_projection_batched_rows_independent():
     """Rows of a batch give the same answer as alone (vectorised sort/cumsum, no leakage)."""
     rng = np.random.default_rng(0)

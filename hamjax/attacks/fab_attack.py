@@ -46,12 +46,12 @@ class FABInfo:
 def projection_linf(t: Array, w: Array, b: Array) -> Array:
     """Smallest L_inf step d with w.(t + d) = b and t + d in [0, 1], per row.
 
-    t, w: f32[N, D]; b: f32[N]. The reference `projection_linf`, vectorised: with the sign of w
+    t, w: f32[N, D]; b: f32[N]. The reference `projection_linf`'s answer: with the sign of w
     chosen so that w.z must fall by c >= 0, a radius lam buys g(lam) = sum_i |w_i| min(lam, room_i)
-    where room_i is how far z_i can move towards its box face. g is piecewise linear, so sorting
-    the rooms and one cumsum give it at every breakpoint, and lam solves g(lam) = c on the right
-    piece. When the box makes the hyperplane unreachable (g(max room) <= c) every coordinate
-    moves all the way to its face: the closest the box gets, which is what FAB needs.
+    where room_i is how far z_i can move towards its box face; g is piecewise linear and
+    non-decreasing, and lam solves g(lam) = c (`_solve_radius`). When the box makes the
+    hyperplane unreachable (g(max room) <= c) every coordinate moves all the way to its face:
+    the closest the box gets, which is what FAB needs.
     """
     t, w, b = (jnp.asarray(a, jnp.float32) for a in (t, w, b))
     excess = jnp.sum(w * t, axis=-1) - b
@@ -59,24 +59,44 @@ def projection_linf(t: Array, w: Array, b: Array) -> Array:
     c = jnp.abs(excess)
     neg = w < 0
     face = neg.astype(jnp.float32)
-    room = jnp.where(neg, 1.0 - t, t)
+    room = jnp.maximum(jnp.where(neg, 1.0 - t, t), 0.0) + 0.0  # +0.0: no -0.0 (see below)
     absw = jnp.abs(w)
-
-    neg_room, absw_s = jax.lax.sort((-room, absw), dimension=-1, num_keys=1)
-    room_s = -neg_room  # descending
-    spent = absw_s * room_s
-    tail = jnp.flip(jnp.cumsum(jnp.flip(spent, -1), axis=-1), -1) - spent  # sum over k' > k
-    slope = jnp.cumsum(absw_s, axis=-1)
-    g_at = tail + room_s * slope  # g(room_(k)), non-increasing in k
-    feasible = g_at[:, 0] > c
-    piece = jnp.clip(jnp.sum(g_at > c[:, None], axis=-1) - 1, 0, w.shape[-1] - 1)
-    tail_p = jnp.take_along_axis(tail, piece[:, None], axis=-1)[:, 0]
-    slope_p = jnp.take_along_axis(slope, piece[:, None], axis=-1)[:, 0]
-    safe = jnp.where(slope_p > 0, slope_p, 1.0)
-    lam = jnp.maximum(jnp.where(slope_p > 0, (c - tail_p) / safe, 0.0), 0.0)[:, None]
+    feasible = jnp.sum(absw * room, axis=-1) > c  # g(max room) > c
+    lam = _solve_radius(room, absw, c)[:, None]
     d_feasible = jnp.where(neg, jnp.minimum(lam, 1.0 - t), jnp.maximum(-lam, -t))
     d = jnp.where(feasible[:, None], d_feasible, face - t)
     return jnp.where(w != 0, d, 0.0)
+
+
+def _solve_radius(room: Array, absw: Array, c: Array) -> Array:
+    """lam >= 0 with sum_i absw_i min(lam, room_i) = c, per row (rows where no lam reaches c
+    get a value that is not used).
+
+    Bisection on the bit patterns of float32 (for floats >= +0 their order is that of the bits),
+    31 halvings of [0, max room]: the bracket ends as two adjacent floats lo < hi with no room
+    strictly between them, so the rooms split into those <= lo (spent whole) and >= hi (spending
+    lam each), and lam = (c - spent) / slope is exact on that piece, as the reference's sorted
+    cumsum gives it. Elementwise passes over D instead of a sort (XLA:CPU sorts slowly).
+    """
+
+    def g(bits: Array) -> Array:
+        lam = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return jnp.sum(absw * jnp.minimum(lam[:, None], room), axis=-1)
+
+    def halve(_, bracket):
+        lo, hi = bracket
+        mid = lo + (hi - lo) // 2
+        above = g(mid) > c
+        return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
+
+    hi = jax.lax.bitcast_convert_type(jnp.max(room, axis=-1), jnp.uint32)
+    lo, hi = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(hi), hi))
+    lo_f = jax.lax.bitcast_convert_type(lo, jnp.float32)[:, None]
+    hi_f = jax.lax.bitcast_convert_type(hi, jnp.float32)[:, None]
+    spent = jnp.sum(jnp.where(room <= lo_f, absw * room, 0.0), axis=-1)
+    slope = jnp.sum(jnp.where(room >= hi_f, absw, 0.0), axis=-1)
+    safe = jnp.where(slope > 0, slope, 1.0)
+    return jnp.maximum(jnp.where(slope > 0, (c - spent) / safe, 0.0), 0.0)
 
 
 def _per_example(v, batch: int) -> Array:
