@@ -149,17 +149,18 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed
         return json.load(f)
 
 
-def autoattack_one(workdir: str, examples: int, train: bool = True) -> dict | None:
-    """PGD-20 and AutoAttack (standard) on a class-stratified subset of `examples` test images,
-    best-on-validation checkpoint, through `python -m hamjax.evaluate` (resumable); None when
-    not run. Robust = correct clean and after both attacks."""
-    path = os.path.join(workdir, "eval", "test_best.json")
+def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
+                   train: bool = True) -> dict | None:
+    """PGD-20 and AutoAttack (standard) on a class-stratified subset of `examples` test images
+    of one checkpoint ("last" or "best" on validation), through `python -m hamjax.evaluate`
+    (resumable); None when not run. Robust = correct clean and after both attacks."""
+    path = os.path.join(workdir, "eval", f"test_{checkpoint}.json")
     if (train and examples > 0 and not os.path.exists(path)
             and os.path.exists(os.path.join(workdir, "report.json"))):
         with open(os.path.join(workdir, "stdout.log"), "a") as log:
             subprocess.run([sys.executable, "-m", "hamjax.evaluate", f"--workdir={workdir}",
                             "--attacks=pgd20,autoattack", f"--num_examples={examples}",
-                            "--cpu_devices=1"],
+                            f"--checkpoint={checkpoint}", "--cpu_devices=1"],
                            check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if not os.path.exists(path):
         return None
@@ -306,21 +307,26 @@ def table_line(label: str, m: dict, cost: float, seconds: float) -> str:
     return f"| {label} | {cells} | {cost:.2f} | {seconds:.0f} |"
 
 
+def spread_line(label: str, results: list[dict]) -> tuple[str, dict]:
+    """Mean over seeds of the headline numbers, with their spread (max - min) in the label."""
+    m = {k: sum(r[k] for r in results) / len(results) for k in HEADLINE}
+    spread = " / ".join(f"{100 * (max(r[k] for r in results) - min(r[k] for r in results)):.1f}"
+                        for k in HEADLINE)
+    return label.format(n=len(results), spread=spread), m
+
+
 def mean_rows(rows: list[dict]) -> list[str]:
-    """Per run, the mean and spread (min-max) over seeds of the validation-selected
-    checkpoint's numbers."""
+    """Per run and checkpoint, the mean and spread (max - min) over seeds."""
     lines = []
     for name in dict.fromkeys(r["run"] for r in rows):
-        mine = [r for r in rows if r["run"] == name and "best_on_val" in r]
-        if len(mine) < 2:
-            continue
-        m = {k: sum(r["best_on_val"][k] for r in mine) / len(mine) for k in HEADLINE}
-        values = {k: [r["best_on_val"][k] for r in mine] for k in HEADLINE}
-        spread = " / ".join(f"{100 * (max(v) - min(v)):.1f}" for v in values.values())
-        lines.append(table_line(
-            f"{name} (best_on_val, mean of {len(mine)} seeds; spread {spread})", m,
-            sum(r["cost_vs_pgd_at"] for r in mine) / len(mine),
-            sum(r["train_seconds"] for r in mine) / len(mine)))
+        for key in ("last", "best_on_val"):
+            mine = [r for r in rows if r["run"] == name and key in r]
+            if len(mine) < 2:
+                continue
+            label, m = spread_line(f"{name} ({key}, mean of {{n}} seeds; spread {{spread}})",
+                                   [r[key] for r in mine])
+            lines.append(table_line(label, m, sum(r["cost_vs_pgd_at"] for r in mine) / len(mine),
+                                    sum(r["train_seconds"] for r in mine) / len(mine)))
     return lines
 
 
@@ -336,13 +342,24 @@ def markdown(rows: list[dict]) -> str:
 
 
 def autoattack_markdown(rows: list[dict]) -> str:
-    lines = ["| run | seed | test images | clean avg | clean worst | AutoAttack avg "
-             "| AutoAttack worst |", "|---|---|---|---|---|---|---|"]
+    """Per run, seed and evaluated checkpoint; then per run and checkpoint the mean over seeds
+    with its spread."""
+    lines = ["| run | seed | checkpoint (epoch) | test images | clean avg | clean worst "
+             "| AutoAttack avg | AutoAttack worst |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        a = r.get("autoattack")
-        if a:
-            lines.append(f"| {r['run']} | {r['seed']} | {a['examples']} | "
+        for checkpoint, a in sorted(r.get("autoattack", {}).items(), reverse=True):
+            lines.append(f"| {r['run']} | {r['seed']} | {checkpoint} ({a['epoch']}) | "
+                         f"{a['examples']} | "
                          + " | ".join(f"{100 * a[k]:.1f}" for k in HEADLINE) + " |")
+    for name in dict.fromkeys(r["run"] for r in rows):
+        for checkpoint in ("last", "best"):
+            mine = [r["autoattack"][checkpoint] for r in rows
+                    if r["run"] == name and checkpoint in r.get("autoattack", {})]
+            if len(mine) < 2:
+                continue
+            label, m = spread_line(f"| {name} | mean of {{n}} (spread {{spread}}) | {checkpoint} "
+                                   f"| {mine[0]['examples']} |", mine)
+            lines.append(label + " " + " | ".join(f"{100 * m[k]:.1f}" for k in HEADLINE) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -396,7 +413,9 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--autoattack_examples", type=int, default=500,
                         help="AutoAttack (and PGD-20) on this many test images of every "
-                             "finished run's best checkpoint; 0: none")
+                             "finished run's checkpoints below; 0: none")
+    parser.add_argument("--autoattack_checkpoints", nargs="+", default=["last", "best"],
+                        choices=["last", "best"], help="evaluated in this order")
     parser.add_argument("--report_only", action="store_true",
                         help="write the tables from what the workdirs hold now; train nothing")
     args = parser.parse_args()
@@ -408,13 +427,14 @@ def main() -> None:
                                 job[1], train=not args.report_only), jobs))
     rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)
             if r is not None]
+    evals = [(r, c) for c in args.autoattack_checkpoints for r in rows]
     with ThreadPoolExecutor(args.parallel) as pool:
-        attacked = list(pool.map(lambda r: autoattack_one(
-            workdir_of(args.root, args.suite, r["run"], r["seed"]), args.autoattack_examples,
-            train=not args.report_only), rows))
-    for r, a in zip(rows, attacked, strict=True):
+        attacked = list(pool.map(lambda job: autoattack_one(
+            workdir_of(args.root, args.suite, job[0]["run"], job[0]["seed"]),
+            args.autoattack_examples, job[1], train=not args.report_only), evals))
+    for (r, checkpoint), a in zip(evals, attacked, strict=True):
         if a is not None:
-            r["autoattack"] = a
+            r.setdefault("autoattack", {})[checkpoint] = a
     per_seed = {}
     batch = build_config(args.suite, suite_runs(args.suite)[names[0]], args.epochs,
                          args.train_size).train.batch_size  # every run and seed of a suite
@@ -437,8 +457,9 @@ def main() -> None:
               "per_epoch": {str(k): v for k, v in per_seed.items()}}
     aa = autoattack_markdown(rows)
     text = (f"{markdown(rows)}\n\n"
-            + (f"AutoAttack (standard, best-on-validation checkpoint, robust = correct clean "
-               f"and after PGD-20 and AutoAttack):\n\n{aa}\n\n" if aa else "")
+            + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
+               f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
+               f"of the four numbers):\n\n{aa}\n\n" if aa else "")
             + f"Per epoch:\n\n{epochs_markdown(per_seed)}\n\n"
             f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
             f"{args.parallel} runs side by side).")

@@ -82,3 +82,18 @@ def test_readme_table_is_written_between_its_markers_only(tmp_path):
                                   "<!-- /fashion_mnist_x -->\nrest\n")
     assert not fmc.write_readme_table("y", "| other |", str(readme))  # no markers: untouched
     assert "other" not in readme.read_text()
+
+
+def test_autoattack_table_has_both_checkpoints_and_the_seed_spread():
+    def aa(avg, worst, epoch):
+        return {"examples": 500, "clean_avg": 0.8, "clean_worst": 0.5, "robust_avg": avg,
+                "robust_worst": worst, "epoch": epoch, "seconds": 1.0}
+
+    rows = [{"run": "ham", "seed": s, "autoattack": {"last": aa(0.5 + s / 100, 0.1 * s, 8),
+                                                     "best": aa(0.4, 0.2, 3)}} for s in (0, 1)]
+    table = fmc.autoattack_markdown(rows)
+    assert "| ham | 0 | last (8) | 500 | 80.0 | 50.0 | 50.0 | 0.0 |" in table
+    assert "| ham | 1 | best (3) | 500 | 80.0 | 50.0 | 40.0 | 20.0 |" in table
+    # last: robust avg 50.0 / 51.0 (spread 1.0), worst 0.0 / 10.0 (spread 10.0)
+    assert "| ham | mean of 2 (spread 0.0 / 0.0 / 1.0 / 10.0) | last | 500 | 80.0 | 50.0 | 50.5 " \
+           "| 5.0 |" in table
