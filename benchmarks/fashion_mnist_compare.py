@@ -155,6 +155,9 @@ def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
     of one checkpoint ("last" or "best" on validation), through `python -m hamjax.evaluate`
     (resumable); None when not run. Robust = correct clean and after both attacks."""
     path = os.path.join(workdir, "eval", f"test_{checkpoint}.json")
+    other = os.path.join(workdir, "eval", f"test_{'best' if checkpoint == 'last' else 'last'}.json")
+    if not os.path.exists(path) and os.path.exists(other) and best_is_last(workdir):
+        path = other  # the same weights: evaluated once
     if (train and examples > 0 and not os.path.exists(path)
             and os.path.exists(os.path.join(workdir, "report.json"))):
         with open(os.path.join(workdir, "stdout.log"), "a") as log:
@@ -171,6 +174,17 @@ def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
             "clean_worst": result["clean"]["worst"], "robust_avg": robust["average"],
             "robust_worst": robust["worst"], "seconds": round(result["seconds"], 1),
             "epoch": result.get("checkpoint_epoch")}
+
+
+def best_is_last(workdir: str) -> bool:
+    """Whether the validation-selected checkpoint is the last one (same step)."""
+    path = os.path.join(workdir, "report.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        results = json.load(f)["results"]
+    best = results.get("best_on_val")
+    return best is not None and best.get("step") == results["last"].get("step")
 
 
 def epoch_records(workdir: str) -> list[dict]:
