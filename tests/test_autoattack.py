@@ -15,6 +15,8 @@ from toy_models import toy_data, train_mlp
 
 from hamjax.attacks import STANDARD_ATTACKS, autoattack, chunked, pgd, run_autoattack
 from hamjax.attacks.checks import output_gap
+from hamjax.evaluation.driver import Driver
+from hamjax.sharding import make_mesh
 
 N, C, EPS = 48, 4, 0.15
 
@@ -116,14 +118,14 @@ def test_driver_matches_and_reattacks_only_robust_examples():
     np.testing.assert_allclose(x_adv, s["x_adv"])
     survivors = np.flatnonzero(s["clean_ok"] & ~s["fooled_a"])
     np.testing.assert_array_equal(np.unique(np.concatenate(seen_b)), survivors)
-    # Padded chunks of 16, the last one padded only to the smallest of 2, 4, 8 or 16 rows that
-    # holds it; one compile per attack and chunk size.
-    full, tail = divmod(len(survivors), 16)
-    sizes = [16] * full + ([next(r for r in (2, 4, 8, 16) if r >= tail)] if tail else [])
+    # Chunks of 16, the tail in pieces of 8, 4 or 2 rows (`Driver.chunk_plan`, tested in
+    # test_evaluation); one compile per attack and chunk size.
+    driver = Driver(make_mesh(), 16)
+    sizes = [driver.chunk_size(c) for c in driver.chunk_plan(len(survivors))]
     assert [len(batch) for batch in seen_b] == sizes
     assert len(traces_b) == len(set(sizes))
-    assert len(traces_a) == len({16} | ({next(r for r in (2, 4, 8, 16) if r >= N % 16)}
-                                        if N % 16 else set()))
+    attacked_a = int(s["clean_ok"].sum())
+    assert len(traces_a) == len({driver.chunk_size(c) for c in driver.chunk_plan(attacked_a)})
     assert res.fooled_by["B"][~(s["clean_ok"] & ~s["fooled_a"])].sum() == 0
     assert any(f"of {len(survivors)} attacked" in line for line in logs)
 

@@ -85,18 +85,28 @@ def _rows_fn(params, batch, key):
     return {"index": batch["index"], "rows": rows, "real": batch["mask"]}
 
 
-def test_a_short_last_chunk_runs_on_a_smaller_padded_size():
-    """Chunks of 16: a tail of 3 runs on 4 rows (16 / 4), a tail of 9 on the full 16; the
-    padding rows are masked and dropped, the results per example unchanged."""
+def test_a_short_tail_runs_in_smaller_pieces_with_little_padding():
+    """Chunks of 16 (sizes 16, 8, 4, 2): a tail of 3 runs on 4 rows, a tail of 9 as 8 + 1 (on
+    8 + 2 rows), never padded by as much as the smallest size; the padding rows are masked and
+    dropped, the results per example unchanged."""
     driver = Driver(make_mesh(), 16)
     assert [driver.chunk_size(c) for c in (1, 2, 3, 4, 5, 8, 9, 16)] == [2, 2, 4, 4, 8, 8, 16, 16]
+    assert driver.chunk_plan(19) == [16, 3]
+    assert driver.chunk_plan(25) == [16, 8, 1]
+    assert driver.chunk_plan(32) == [16, 16]
+    for count in range(1, 70):
+        plan = driver.chunk_plan(count)
+        assert sum(plan) == count
+        assert sum(driver.chunk_size(c) for c in plan) - count < 2
+    big = Driver(make_mesh(), 256)
+    assert big.chunk_plan(132) == [128, 4] and big.chunk_plan(180) == [128, 52]
     n = 40
     arrays = {"image": np.zeros((n, 2, 2, 1), np.uint8), "label": np.zeros(n, np.int32)}
-    for population, tail_rows in ((np.arange(19), 4), (np.arange(25), 16)):
+    for population, rows in ((np.arange(19), [16, 4]), (np.arange(25), [16, 8, 2])):
         reports = []
         record = driver.run(_rows_fn, None, arrays, population, jax.random.PRNGKey(0),
                             on_chunk=reports.append)
-        assert [int(r.outputs["rows"][0]) for r in reports] == [16, tail_rows]
+        assert [int(r.outputs["rows"][0]) for r in reports] == rows
         assert all(r.outputs["real"].all() for r in reports)
         np.testing.assert_array_equal(record.outputs["index"][population], population)
 

@@ -1,12 +1,13 @@
 """The one host driver of every evaluation: chunks of examples in, per-example results out.
 
 A stage is a jittable per-chunk function `fn(params, batch, key) -> {name: per-example array}`.
-`Driver.run` walks a population of example positions in chunks of `batch_size` (the last one
-padded by `hamjax.data.padded_chunks`, to the smallest of batch_size / 8, / 4, / 2 or batch_size
-that holds it: `Driver.chunk_size`), feeds each process only its rows of every chunk
-(`hamjax.sharding.process_rows`) as arrays sharded over the mesh, runs the function compiled
-once with replicated outputs (so every process reads every example's result), unpads, and writes
-each example's outputs at its position. The batch carries "index", the example's position, from
+`Driver.run` walks a population of example positions in chunks of `batch_size`, the tail split
+into pieces of batch_size / 2, / 4 or / 8 and the last piece padded to the smallest of those
+sizes that holds it, so padding stays under batch_size / 8 (`Driver.chunk_plan`). It feeds
+each process only its rows of every chunk (`hamjax.sharding.process_rows`) as arrays sharded
+over the mesh, runs the function compiled once per size with replicated outputs (so every
+process reads every example's result), unpads, and writes each example's outputs at its
+position. The batch carries "index", the example's position, from
 which attacks fold their per-example keys (`hamjax.attacks.rng.example_keys`), so a result
 depends on its example alone, never on the batch size or the chunking; and "mask" (False on
 padding rows) for functions that sum over the batch.
@@ -30,7 +31,6 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from hamjax.data.batching import padded_chunks
 from hamjax.errors import ConfigError
 from hamjax.metrics import PerClassCounts
 from hamjax.sharding import process_rows, put_replicated, replicated, shard_batch
@@ -124,17 +124,35 @@ class Driver:
         self.batch_size = int(batch_size)
         self._compiled: dict[tuple, Any] = {}
 
-    def chunk_size(self, count: int) -> int:
-        """Rows a chunk of `count` real examples runs on: the smallest of batch_size / 8, / 4,
-        / 2 and batch_size (each a multiple of the device count) that holds them, so a short
-        last chunk (most of an AutoAttack stage after the first attacks) is not padded to a
-        whole batch. Each size compiles once per function."""
+    def _sizes(self) -> list[int]:
+        """The row counts a chunk may run on, largest first: batch_size and batch_size / 2, / 4,
+        / 8, each rounded up to a multiple of the device count. Each compiles once per function."""
         n_dev = int(self.mesh.devices.size)
-        for divisor in (8, 4, 2):
-            size = -(-(self.batch_size // divisor) // n_dev) * n_dev
-            if count <= size < self.batch_size:
-                return size
-        return self.batch_size
+        sizes = {self.batch_size}
+        for divisor in (2, 4, 8):
+            sizes.add(min(self.batch_size, -(-(self.batch_size // divisor) // n_dev) * n_dev))
+        return sorted(sizes, reverse=True)
+
+    def chunk_size(self, count: int) -> int:
+        """Rows a chunk of `count` (<= batch_size) real examples runs on: the smallest size
+        that holds them."""
+        return min(s for s in self._sizes() if s >= count)
+
+    def chunk_plan(self, count: int) -> list[int]:
+        """Real examples per chunk for `count` examples: whole batches, then the tail in pieces
+        of the smaller sizes, so that padding stays under the smallest size (batch_size / 8).
+        AutoAttack's later attacks see only the survivors of the earlier ones: 132 of a 256
+        batch run as 128 + 4 (on 160 rows), not padded to 256."""
+        sizes, plan = self._sizes(), []
+        while count > 0:
+            snug = self.chunk_size(min(count, self.batch_size))
+            if count <= self.batch_size and snug - count < sizes[-1]:
+                plan.append(count)
+                break
+            take = max(s for s in sizes if s <= count)
+            plan.append(take)
+            count -= take
+        return plan
 
     def _batch(self, arrays: Mapping[str, np.ndarray], real: np.ndarray) -> dict[str, jax.Array]:
         """This process's rows of the chunk of `real` positions, padded (as `padded_chunks`
@@ -183,13 +201,13 @@ class Driver:
         record = StageRecord.empty(n) if record is None else record
         population = np.asarray(population, np.int64)
         todo = population[~record.done[population]]
-        chunks = list(padded_chunks(todo, self.batch_size))
-        if not chunks:
+        if not len(todo):
             return record
+        chunks = np.split(todo, np.cumsum(self.chunk_plan(len(todo)))[:-1])
         params, key = replicate(params, self.mesh), replicate(_raw_key(key), self.mesh)
         with tqdm(total=len(todo), desc=desc or name, unit="img",
                   disable=None if progress else True, leave=False, dynamic_ncols=True) as bar:
-            for c, (real, _) in enumerate(chunks):
+            for c, real in enumerate(chunks):
                 args = (params, self._batch(arrays, real), key)
                 compiled = self._compile(fn, args, record)
                 t0 = time.perf_counter()
