@@ -3,6 +3,10 @@
     python benchmarks/fashion_mnist_compare.py --suite=ham_full --seeds 0 1 2
                                       # the shipped configs/fashion_mnist_{pgdat,ham}.py on the
                                       # full training split (58,000 images), 8 epochs each
+    python benchmarks/fashion_mnist_compare.py --suite=noisy_full --seeds 0
+                                      # 20% pair-flip noise, full split: one PGD-AT warm start,
+                                      # then PGD-AT, TRADES, FRL, CAAT (faithful and floored)
+                                      # fine-tuned from it; per-class accuracy and routing
     python benchmarks/fashion_mnist_compare.py --suite=ham    # PGD-AT vs HAM, same budget
     python benchmarks/fashion_mnist_compare.py --suite=noisy  # 20% flip2 noise: PGD-AT, TRADES,
                                                               # FRL, CAAT (faithful and floored)
@@ -87,7 +91,29 @@ def suite_runs(suite: str) -> dict[str, dict]:
             # per epoch here the meta step never fires, so this run meta-updates every 10.
             "caat_meta10": {"method": "caat", "overrides": {"meta_interval": 10}},
         }
-    raise SystemExit(f"--suite={suite!r}: choose ham or noisy")
+    if suite == "noisy_full":
+        return noisy_full_runs()
+    raise SystemExit(f"--suite={suite!r}: choose ham_full, noisy_full, ham or noisy")
+
+
+NOISY_FULL_VARIANT = "pairflip20"  # 20% pair-flip (Meta-Weight-Net's flip2), CAAT's noisy runs
+
+
+def noisy_full_runs() -> dict[str, dict]:
+    """20% pair-flip noise on the full training split: a PGD-AT warm start (the shipped PGD-AT
+    config), then every method fine-tuned from it on the shipped CAAT config's budget (4 epochs
+    at lr 0.005, K = 5), as the official CAAT runs start from a robust model. Every run holds
+    out the same validation split and clean balanced meta set, so the training pools are
+    equal."""
+    runs: dict[str, dict] = {"warm_start": {"config_file": "configs/fashion_mnist_pgdat.py",
+                                            "first": True}}
+    for name, method, overrides in (
+            ("pgd_at", "pgd_at", {}), ("trades", "trades", {"beta": 6.0}),
+            ("frl_rwrm", "frl_rwrm", {}), ("caat", "caat", {}),
+            ("caat_floor0.5", "caat", {"adv_weight_floor": 0.5})):
+        runs[name] = {"config_file": "configs/fashion_mnist_caat.py", "method": method,
+                      "overrides": overrides, "init_from": "warm_start"}
+    return runs
 
 
 def shipped_config(path: str, seed: int):
@@ -103,11 +129,24 @@ def shipped_config(path: str, seed: int):
     return config
 
 
-def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int = 0):
+def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int = 0,
+                 root: str | None = None):
     from hamjax.config import base_config, method_config
 
     if "config_file" in run:
-        return shipped_config(run["config_file"], seed)
+        config = shipped_config(run["config_file"], seed)
+        if suite == "noisy_full":
+            from hamjax.methods.caat import apply_scenario
+
+            apply_scenario(config, NOISY_FULL_VARIANT)
+            config.data.val_size, config.data.meta_per_class = 2000, 100
+        if "method" in run:
+            config.method = method_config(run["method"], **run.get("overrides", {}))
+        if "init_from" in run:
+            if root is None:
+                raise ValueError(f"run {run} fine-tunes another run: pass root")
+            config.train.init_from = workdir_of(root, suite, run["init_from"], seed)
+        return config
     config = base_config()
     config.method = method_config(run["method"], **run.get("overrides", {}))
     # HAM's saving depends on K, so its suite keeps the paper's K = 10; the noisy suite uses
@@ -136,8 +175,8 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed
             "from fashion_mnist_compare import build_config, suite_runs\n"
             "from hamjax.train import train_and_evaluate\n"
             f"run = suite_runs({suite!r})[{name!r}]\n"
-            f"train_and_evaluate(build_config({suite!r}, run, {epochs}, {train_size}, {seed}), "
-            f"{workdir!r})\n"
+            f"train_and_evaluate(build_config({suite!r}, run, {epochs}, {train_size}, {seed}, "
+            f"{root!r}), {workdir!r})\n"
         )
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "stdout.log"), "a") as log:
@@ -214,6 +253,10 @@ def epoch_row(record: dict) -> dict:
               if k.startswith("bucket_share/") and v > 0}
     if shares:
         out["bucket_histogram"] = shares
+    method = record.get("method") or {}
+    if "per_class_adv_fraction" in method:  # CAAT: the share routed to the adversary, per class
+        out["adv_fraction"] = method.get("adv_fraction")
+        out["adv_fraction_per_class"] = method["per_class_adv_fraction"]
     if "val" in record:
         out["val_robust_avg"] = record["val"]["robust"]["average"]
         out["val_robust_worst"] = record["val"]["robust"]["worst"]
@@ -299,7 +342,8 @@ def row(name: str, seed: int, report: dict) -> dict:
         out[key] = {
             "clean_avg": res["clean"]["average"], "clean_worst": res["clean"]["worst"],
             "robust_avg": res["robust"]["average"], "robust_worst": res["robust"]["worst"],
-            "epoch": res.get("epoch"),
+            "epoch": res.get("epoch"), "clean_per_class": res["clean"].get("per_class"),
+            "robust_per_class": res["robust"].get("per_class"),
         }
     out["cost_vs_pgd_at"] = report["cost"]["relative_to_pgd_at"]
     out["train_seconds"] = report["cost"]["train_seconds_excluding_compile"]
@@ -399,6 +443,44 @@ def epochs_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def per_class_markdown(rows: list[dict], key: str = "last") -> str:
+    """Per run and seed, test clean / PGD-20 accuracy of every class (`key` checkpoint)."""
+    lines = []
+    for r in rows:
+        res = r.get(key) or {}
+        if not res.get("clean_per_class"):
+            continue
+        if not lines:
+            n = len(res["clean_per_class"])
+            lines = [f"| run | seed | {' | '.join(f'class {c}' for c in range(n))} |",
+                     "|---|---|" + "---|" * n]
+        cells = " | ".join(f"{100 * c:.0f} / {100 * p:.0f}" for c, p in
+                           zip(res["clean_per_class"], res["robust_per_class"], strict=True))
+        lines.append(f"| {r['run']} | {r['seed']} | {cells} |")
+    return "\n".join(lines)
+
+
+def routing_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
+    """Per CAAT run and epoch, the share of each class's examples routed to the adversary."""
+    lines = []
+    for seed, per_run in per_seed.items():
+        for name, epochs in per_run.items():
+            for e in epochs:
+                if "adv_fraction_per_class" not in e:
+                    continue
+                if not lines:
+                    n = len(e["adv_fraction_per_class"])
+                    lines = [f"| seed | run | epoch | all | "
+                             f"{' | '.join(f'class {c}' for c in range(n))} |",
+                             "|---|---|---|---|" + "---|" * n]
+                cells = " | ".join("" if v is None else f"{v:.2f}"
+                                   for v in e["adv_fraction_per_class"])
+                overall = e.get("adv_fraction")
+                lines.append(f"| {seed} | {name} | {e['epoch']} | "
+                             f"{'' if overall is None else f'{overall:.2f}'} | {cells} |")
+    return "\n".join(lines)
+
+
 def write_readme_table(suite: str, text: str, readme: str = os.path.join(REPO, "README.md")
                        ) -> bool:
     """Replaces the README's text between `<!-- fashion_mnist_<suite> -->` and
@@ -433,12 +515,20 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true",
                         help="write the tables from what the workdirs hold now; train nothing")
     args = parser.parse_args()
-    names = list(suite_runs(args.suite))
-    jobs = [(name, seed) for seed in args.seeds for name in names]
+    runs = suite_runs(args.suite)
+    names = list(runs)
+    # Runs others start from (init_from) go first, e.g. noisy_full's warm start.
+    jobs = sorted(((name, seed) for seed in args.seeds for name in names),
+                  key=lambda job: not runs[job[0]].get("first", False))
+    firsts = sum(1 for name, _ in jobs if runs[name].get("first"))
+
+    def train(job):
+        return run_one(args.suite, job[0], args.epochs, args.train_size, args.root, job[1],
+                       train=not args.report_only)
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        reports = list(pool.map(
-            lambda job: run_one(args.suite, job[0], args.epochs, args.train_size, args.root,
-                                job[1], train=not args.report_only), jobs))
+        reports = list(pool.map(train, jobs[:firsts]))
+        reports += list(pool.map(train, jobs[firsts:]))
     rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)
             if r is not None]
     evals = [(r, c) for c in args.autoattack_checkpoints for r in rows]
@@ -470,12 +560,18 @@ def main() -> None:
               "finished_runs": len(rows), "planned_runs": len(jobs), "rows": rows,
               "per_epoch": {str(k): v for k, v in per_seed.items()}}
     aa = autoattack_markdown(rows)
+    per_class = per_class_markdown(rows) if args.suite.startswith("noisy") else ""
+    routing = routing_markdown(per_seed)
     text = (f"{markdown(rows)}\n\n"
             + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
                f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
                f"of the four numbers):\n\n{aa}\n\n" if aa else "")
             + f"Per epoch:\n\n{epochs_markdown(per_seed)}\n\n"
-            f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
+            + (f"Per class, last checkpoint, test clean / PGD-20 (%):\n\n{per_class}\n\n"
+               if per_class else "")
+            + (f"Share of each class's examples CAAT routed to the adversary, per epoch:\n\n"
+               f"{routing}\n\n" if routing else "")
+            + f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
             f"{args.parallel} runs side by side).")
     out = os.path.join(REPO, "benchmarks", "results", f"fashion_mnist_{args.suite}")
     with open(out + ".json", "w") as f:

@@ -97,3 +97,33 @@ def test_autoattack_table_has_both_checkpoints_and_the_seed_spread():
     # last: robust avg 50.0 / 51.0 (spread 1.0), worst 0.0 / 10.0 (spread 10.0)
     assert "| ham | mean of 2 (spread 0.0 / 0.0 / 1.0 / 10.0) | last | 500 | 80.0 | 50.0 | 50.5 " \
            "| 5.0 |" in table
+
+
+def test_noisy_full_builds_valid_fine_tunes_of_one_warm_start(tmp_path):
+    from hamjax.config import validate_config
+
+    runs = fmc.suite_runs("noisy_full")
+    assert runs["warm_start"].get("first") and not runs["caat"].get("first")
+    configs = {name: fmc.build_config("noisy_full", run, 0, 0, seed=1, root=str(tmp_path))
+               for name, run in runs.items()}
+    warm = fmc.workdir_of(str(tmp_path), "noisy_full", "warm_start", 1)
+    for name, config in configs.items():
+        validate_config(config)
+        assert config.data.label_noise.rate == 0.2 and config.seed == 1
+        assert (config.data.val_size, config.data.meta_per_class) == (2000, 100)  # equal pools
+        assert config.train.init_from == ("" if name == "warm_start" else warm)
+    assert configs["warm_start"].method.name == "pgd_at"
+    assert configs["caat_floor0.5"].method.adv_weight_floor == 0.5
+    assert configs["caat"].method.adv_weight_floor == 0.0
+    assert configs["trades"].method.name == "trades"
+
+
+def test_routing_and_per_class_tables():
+    epoch = fmc.epoch_row({"epoch": 2, "train_seconds": 1.0, "ledger": {"relative_to_pgd_at": 2.0},
+                           "train_metrics": {}, "method": {"adv_fraction": 0.55,
+                                                            "per_class_adv_fraction": [0.9, None]}})
+    table = fmc.routing_markdown({0: {"caat": [epoch], "pgd_at": [{"epoch": 2}]}})
+    assert "| 0 | caat | 2 | 0.55 | 0.90 |  |" in table
+    rows = [{"run": "caat", "seed": 0, "last": {"clean_per_class": [0.9, 0.5],
+                                                "robust_per_class": [0.7, 0.0]}}]
+    assert "| caat | 0 | 90 / 70 | 50 / 0 |" in fmc.per_class_markdown(rows)
