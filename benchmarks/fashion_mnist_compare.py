@@ -531,14 +531,23 @@ def main() -> None:
         reports += list(pool.map(train, jobs[firsts:]))
     rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)
             if r is not None]
-    evals = [(r, c) for c in args.autoattack_checkpoints for r in rows]
+    def workdir_row(r: dict) -> str:
+        return workdir_of(args.root, args.suite, r["run"], r["seed"])
+
+    # A run whose best checkpoint is its last is attacked once (the same weights).
+    both = {"last", "best"} <= set(args.autoattack_checkpoints)
+    evals = [(r, c) for c in args.autoattack_checkpoints for r in rows
+             if not (both and c == "best" and best_is_last(workdir_row(r)))]
     with ThreadPoolExecutor(args.parallel) as pool:
         attacked = list(pool.map(lambda job: autoattack_one(
-            workdir_of(args.root, args.suite, job[0]["run"], job[0]["seed"]),
-            args.autoattack_examples, job[1], train=not args.report_only), evals))
+            workdir_row(job[0]), args.autoattack_examples, job[1], train=not args.report_only),
+            evals))
     for (r, checkpoint), a in zip(evals, attacked, strict=True):
         if a is not None:
             r.setdefault("autoattack", {})[checkpoint] = a
+    for r in rows:
+        if both and "last" in r.get("autoattack", {}) and best_is_last(workdir_row(r)):
+            r["autoattack"]["best"] = r["autoattack"]["last"]
     per_seed = {}
     batch = build_config(args.suite, suite_runs(args.suite)[names[0]], args.epochs,
                          args.train_size).train.batch_size  # every run and seed of a suite
