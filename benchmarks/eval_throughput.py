@@ -23,6 +23,9 @@ Labels are each model's own clean predictions, so every example is clean-correct
   `--aa reduced` (default, for a CPU) = 10 APGD/FAB steps, 3 targets, 100 Square queries;
   `--aa torchattacks` = what torchattacks.AutoAttack runs (10 steps, 9 targets, 5000 queries);
   `--aa standard` = the reference (100 steps, 9 targets, 5000 queries).
+- `--workdir DIR` (a trained 10-class small-CNN run): instead, standard AutoAttack on `--images`
+  class-stratified test images with their true labels at the run's eval eps, torchattacks on
+  the twin holding the run's weights (their clean logits are compared and reported).
 
 Prints one JSON object: machine (platform, CPU count, load average, versions), settings and
 per model/attack the images/s of each framework and jax/torch (> 1: hamjax is faster).
@@ -327,7 +330,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed PGD calls (median)")
     p.add_argument("--resnet_repeats", type=int, default=1,
                    help="timed PGD calls for PreAct-ResNet-18 (slow on a CPU)")
-    p.add_argument("--aa", default="reduced", choices=sorted(AA_SETTINGS))
+    p.add_argument("--aa", default=None, choices=sorted(AA_SETTINGS),
+                   help="default: standard with --workdir, reduced otherwise")
     p.add_argument("--aa_eps", type=float, default=1e-5)
     p.add_argument("--workdir", default="",
                    help="a trained 10-class small_cnn run: AutoAttack on its test images")
@@ -339,8 +343,7 @@ def main() -> None:
                    help="host devices for hamjax (read before jax starts; auto = one per core)")
     p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args()
-    if args.workdir and args.aa == "reduced" and "--aa" not in " ".join(sys.argv):
-        args.aa = "standard"
+    args.aa = args.aa or ("standard" if args.workdir else "reduced")
     result = trained(args) if args.workdir else run(args)
     text = json.dumps(result, indent=1)
     print(text)

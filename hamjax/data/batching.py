@@ -76,7 +76,8 @@ def padded_chunks(
     """Yield (real, padded) pairs over `positions` in order: `size` positions at a time, the
     last chunk padded to `size` by wrapping its own positions (valid inputs, static shapes).
 
-    The one padding rule of every evaluation (`eval_batches`, `hamjax.evaluation.driver`).
+    The padding rule of `eval_batches`; `hamjax.evaluation.driver` pads its chunks the same
+    way (wrapping their own positions) but to smaller sizes for a short tail.
     """
     if size < 1:
         raise ValueError(f"batch_size={size} must be >= 1")
