@@ -413,3 +413,60 @@ def test_validation_and_scenarios():
     assert caat.apply_scenario(base_config(), "flip40").data.label_noise.kind == "flip1"
     with pytest.raises(ConfigError, match="not understood"):
         caat.apply_scenario(base_config(), "noise20")
+
+
+# ---------------------------------------------------------------------- routing diagnostics
+def test_routing_report_matches_hand_counts():
+    from hamjax.methods.caat_routing import routing_report
+
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    clean = np.array([0, 1, 0, 1, 2, 2])  # examples 1 and 4 mislabelled
+    adv = np.array([True, True, False, False, False, True])
+    adv_init = np.array([True, False, False, False, False, True])
+    adv_no_class = np.ones(6, bool)
+    feats = np.arange(36, dtype=np.float64).reshape(6, 6)
+    r = routing_report(adv, adv_init, adv_no_class, labels, clean, 3,
+                       standardised_features=feats)
+    assert r["per_class_adv_fraction"] == [2 / 3, 0.0, 1.0]
+    # majorities: class 0 adv, class 1 anti, class 2 adv -> example 2 is the only one against
+    assert r["class_majority_agreement"] == pytest.approx(5 / 6)
+    assert r["agreement_with_initial_router"] == pytest.approx(5 / 6)
+    assert r["agreement_without_class_features"] == pytest.approx(3 / 6)
+    assert r["anti_share_mislabelled"] == pytest.approx(1 / 2)  # example 4 anti, 1 adv
+    assert r["anti_share_correctly_labelled"] == pytest.approx(2 / 4)
+    assert r["standardised_feature_mean"]["ce"] == {"adversary": (0 + 6 + 30) / 3,
+                                                    "anti_adversary": (12 + 18 + 24) / 3}
+
+
+def test_without_class_features_neutralises_only_the_class_columns():
+    from hamjax.methods.caat_routing import CLASS_FEATURES, without_class_features
+
+    f = jnp.asarray(np.random.default_rng(0).normal(size=(5, caat.NUM_FEATURES)), jnp.float32)
+    g = np.asarray(without_class_features(f))
+    for i in range(caat.NUM_FEATURES):
+        if i in CLASS_FEATURES:
+            np.testing.assert_allclose(g[:, i], np.full(5, np.mean(np.asarray(f)[:, i])),
+                                       rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(g[:, i], np.asarray(f)[:, i])
+
+
+def test_fresh_state_routes_like_its_initial_router():
+    """initial_meta_params rebuilds the trainer's seeded meta-net: zero drift, same decisions."""
+    from hamjax.methods.caat_routing import batch_routing, initial_meta_params, relative_drift
+
+    ctx = make_ctx()
+    state = create_train_state(ctx, get_method("caat"), seed=3)
+    ms = state.method_state
+    init = initial_meta_params(ctx, 3)
+    assert relative_drift(ms["meta_params"], init) == 0.0
+    other = initial_meta_params(ctx, 4)
+    assert relative_drift(ms["meta_params"], other) > 0.1
+    batch = make_batch()
+    a = batch_routing(ctx, state.params, state.batch_stats, ms, ms["meta_params"],
+                      batch["image"], batch["label"])
+    b = batch_routing(ctx, state.params, state.batch_stats, ms, init, batch["image"],
+                      batch["label"])
+    np.testing.assert_array_equal(np.asarray(a["adv"]), np.asarray(b["adv"]))
+    z = np.asarray(a["standardised_features"])
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)

@@ -1,0 +1,130 @@
+"""Why CAAT routes the way it does: its router's decisions on the training pool, explained.
+
+Faithful CAAT (T = 0.001) can send about half of the examples, and whole classes, to the
+anti-adversarial branch. These functions take a trained CAAT state and answer three questions
+from the model's own features:
+
+- Did the meta-net learn? Its weights' drift from their seeded initialisation, and how often the
+  trained router decides like the untrained one.
+- Is routing a class decision? How often an example goes where most of its class goes, and how
+  much the routing moves when the two class-level features (last epoch's class loss, class
+  proportion) are replaced by the batch mean (standardised to 0 by the router's BatchNorm).
+- Does it find the noisy labels? The anti-adversary share among mislabelled and correctly
+  labelled examples (the paper's theory sends mislabelled ones to the anti-adversary).
+
+Routing is computed batch by batch, as in training (the router's BatchNorm standardises with
+the batch's statistics under the official `meta_bn = "batch"`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hamjax.methods.caat import (
+    FEATURE_NAMES,
+    caat_init_state,
+    class_proportion,
+    make_meta_net,
+    meta_features,
+    route,
+)
+from hamjax.methods.common import forward
+
+Array = jax.Array
+CLASS_FEATURES = tuple(FEATURE_NAMES.index(n) for n in
+                       ("class_avg_loss_last_epoch", "class_proportion"))
+
+
+def without_class_features(features: Array) -> Array:
+    """Features with the class-level columns set to their batch mean (0 after the router's
+    batch standardisation): what the router decides from the per-example features alone."""
+    cols = jnp.asarray(CLASS_FEATURES)
+    means = jnp.mean(features[:, cols], axis=0)
+    return features.at[:, cols].set(jnp.broadcast_to(means, (features.shape[0], cols.size)))
+
+
+def batch_routing(ctx, params, batch_stats, method_state, meta_params, x, y) -> dict[str, Array]:
+    """One batch's routing (True = adversary, i.e. alpha > beta) by `meta_params`, from clean
+    logits in BatchNorm batch mode (as the training step sees them), with and without the
+    class-level features."""
+    mcfg = ctx.config.method
+    logits, _ = forward(ctx, params, batch_stats, x, bn_mode="batch")
+    features = meta_features(logits, y, method_state["class_loss_last"], class_proportion(ctx))
+    net = make_meta_net(mcfg)
+    batch_mode = mcfg.meta_bn == "batch"
+
+    def to_adv(f):
+        weights, _ = route(net, meta_params, method_state["meta_stats"], f,
+                           batch_stats=batch_mode)
+        return weights[:, 0] > weights[:, 1]
+
+    standardised = (features - jnp.mean(features, 0)) / jnp.sqrt(jnp.var(features, 0) + 1e-5)
+    return {"adv": to_adv(features),
+            "adv_without_class_features": to_adv(without_class_features(features)),
+            "standardised_features": standardised}
+
+
+def initial_meta_params(ctx, seed: int):
+    """The meta-net weights a run with `seed` started from (the trainer's method key)."""
+    method_rng = jax.random.split(jax.random.PRNGKey(seed), 3)[1]
+    return caat_init_state(ctx, method_rng)["meta_params"]
+
+
+def relative_drift(trained, initial) -> float:
+    """||trained - initial|| / ||initial|| over all meta-net weights."""
+    diff = jax.tree.map(lambda a, b: jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32),
+                        trained, initial)
+    sq = lambda t: sum(float(jnp.sum(jnp.square(v))) for v in jax.tree.leaves(t))  # noqa: E731
+    return float(np.sqrt(sq(diff) / max(sq(initial), 1e-30)))
+
+
+def _share(mask: np.ndarray, where: np.ndarray) -> float | None:
+    return float(mask[where].mean()) if where.any() else None
+
+
+def routing_report(adv: np.ndarray, adv_init: np.ndarray, adv_no_class: np.ndarray,
+                   labels: np.ndarray, clean_labels: np.ndarray, num_classes: int,
+                   standardised_features: np.ndarray | None = None) -> dict[str, Any]:
+    """Summary of per-example routing decisions (bool arrays, True = adversary).
+
+    standardised_features (optional, [N, 6], each batch's features standardised as the
+    router's BatchNorm does) gives each feature's mean on either branch.
+
+    class_majority_agreement: share of examples routed like most of their (given) label's class
+    (1.0: routing is a class decision; ~max(p, 1 - p) when it ignores the class);
+    agreement_with_initial_router / agreement_without_class_features: shares of equal decisions.
+    """
+    adv, adv_init, adv_no_class = (np.asarray(a, bool) for a in (adv, adv_init, adv_no_class))
+    labels, clean_labels = np.asarray(labels), np.asarray(clean_labels)
+    noisy = labels != clean_labels
+    per_class = [_share(adv, labels == c) for c in range(num_classes)]
+    majority = np.array([(p or 0.0) >= 0.5 for p in per_class])
+    out: dict[str, Any] = {
+        "examples": int(adv.size),
+        "adv_fraction": float(adv.mean()),
+        "per_class_adv_fraction": per_class,
+        "per_class_adv_fraction_initial_router": [_share(adv_init, labels == c)
+                                                  for c in range(num_classes)],
+        "per_class_adv_fraction_without_class_features": [
+            _share(adv_no_class, labels == c) for c in range(num_classes)],
+        "class_majority_agreement": float(np.mean(adv == majority[labels])),
+        "agreement_with_initial_router": float(np.mean(adv == adv_init)),
+        "agreement_without_class_features": float(np.mean(adv == adv_no_class)),
+        "mislabelled_fraction": float(noisy.mean()),
+        "anti_share_mislabelled": _share(~adv, noisy),
+        "anti_share_correctly_labelled": _share(~adv, ~noisy),
+    }
+    if standardised_features is not None:  # where each branch's examples sit in their batch
+        f = np.asarray(standardised_features, np.float64)
+        out["standardised_feature_mean"] = {
+            name: {"adversary": _mean(f[adv, i]), "anti_adversary": _mean(f[~adv, i])}
+            for i, name in enumerate(FEATURE_NAMES)}
+    return out
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
