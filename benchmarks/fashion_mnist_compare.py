@@ -215,6 +215,41 @@ def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
             "epoch": result.get("checkpoint_epoch")}
 
 
+def diagnose_routing(workdir: str, train: bool = True) -> dict | None:
+    """`benchmarks/caat_routing.py` on a finished CAAT run's last checkpoint (cached in
+    `<workdir>/routing_diagnosis.json`); None when not run."""
+    path = os.path.join(workdir, "routing_diagnosis.json")
+    if train and not os.path.exists(path) and os.path.exists(os.path.join(workdir,
+                                                                          "report.json")):
+        with open(os.path.join(workdir, "stdout.log"), "a") as log:
+            subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "caat_routing.py"),
+                            f"--workdir={workdir}", f"--out={path}"], check=True, stdout=log,
+                           stderr=subprocess.STDOUT, cwd=REPO)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def diagnosis_markdown(rows: list[dict]) -> str:
+    """Per diagnosed CAAT run: did the router learn, is it a class decision, does it find the
+    mislabelled examples (`hamjax.methods.caat_routing`)."""
+    lines = ["| run | seed | T | floor | meta steps | weight drift | same as initial router "
+             "| routed with class majority | same without class features | to adversary "
+             "| anti share: mislabelled / correct |", "|---" * 11 + "|"]
+    for r in rows:
+        d = r.get("routing_diagnosis")
+        if not d:
+            continue
+        lines.append(
+            f"| {r['run']} | {r['seed']} | {d['temperature']:g} | {d['adv_weight_floor']:g} | "
+            f"{d['meta_updates']} | {d['meta_weight_drift']:.4f} | "
+            f"{d['agreement_with_initial_router']:.3f} | {d['class_majority_agreement']:.3f} | "
+            f"{d['agreement_without_class_features']:.3f} | {d['adv_fraction']:.3f} | "
+            f"{d['anti_share_mislabelled']:.3f} / {d['anti_share_correctly_labelled']:.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def best_is_last(workdir: str) -> bool:
     """Whether the validation-selected checkpoint is the last one (same step)."""
     path = os.path.join(workdir, "report.json")
@@ -548,6 +583,10 @@ def main() -> None:
     for r in rows:
         if both and "last" in r.get("autoattack", {}) and best_is_last(workdir_row(r)):
             r["autoattack"]["best"] = r["autoattack"]["last"]
+        if "per_class_adv_fraction" in r.get("method_state_last_epoch", {}):  # a CAAT run
+            diagnosis = diagnose_routing(workdir_row(r), train=not args.report_only)
+            if diagnosis is not None:
+                r["routing_diagnosis"] = diagnosis
     per_seed = {}
     batch = build_config(args.suite, suite_runs(args.suite)[names[0]], args.epochs,
                          args.train_size).train.batch_size  # every run and seed of a suite
@@ -571,6 +610,7 @@ def main() -> None:
     aa = autoattack_markdown(rows)
     per_class = per_class_markdown(rows) if args.suite.startswith("noisy") else ""
     routing = routing_markdown(per_seed)
+    diagnosis = diagnosis_markdown(rows)
     text = (f"{markdown(rows)}\n\n"
             + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
                f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
@@ -580,6 +620,8 @@ def main() -> None:
                if per_class else "")
             + (f"Share of each class's examples CAAT routed to the adversary, per epoch:\n\n"
                f"{routing}\n\n" if routing else "")
+            + (f"CAAT's router on 20,000 training-pool examples, last checkpoint "
+               f"(`benchmarks/caat_routing.py`):\n\n{diagnosis}\n\n" if diagnosis else "")
             + f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
             f"{args.parallel} runs side by side).")
     out = os.path.join(REPO, "benchmarks", "results", f"fashion_mnist_{args.suite}")

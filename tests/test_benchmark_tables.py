@@ -127,3 +127,16 @@ def test_routing_and_per_class_tables():
     rows = [{"run": "caat", "seed": 0, "last": {"clean_per_class": [0.9, 0.5],
                                                 "robust_per_class": [0.7, 0.0]}}]
     assert "| caat | 0 | 90 / 70 | 50 / 0 |" in fmc.per_class_markdown(rows)
+
+
+def test_routing_diagnosis_table():
+    d = {"temperature": 0.001, "adv_weight_floor": 0.0, "meta_updates": 36,
+         "meta_weight_drift": 0.00312, "agreement_with_initial_router": 0.991,
+         "class_majority_agreement": 0.874, "agreement_without_class_features": 0.61,
+         "adv_fraction": 0.52, "anti_share_mislabelled": 0.5, "anti_share_correctly_labelled": 0.47}
+    rows = [{"run": "caat", "seed": 0, "routing_diagnosis": d}, {"run": "pgd_at", "seed": 0}]
+    table = fmc.diagnosis_markdown(rows)
+    assert ("| caat | 0 | 0.001 | 0 | 36 | 0.0031 | 0.991 | 0.874 | 0.610 | 0.520 "
+            "| 0.500 / 0.470 |") in table
+    assert "pgd_at" not in table
+    assert fmc.diagnosis_markdown(rows[1:]) == ""
