@@ -107,10 +107,11 @@ def noisy_full_runs() -> dict[str, dict]:
     equal."""
     runs: dict[str, dict] = {"warm_start": {"config_file": "configs/fashion_mnist_pgdat.py",
                                             "first": True}}
+    # PGD-AT and the CAAT variant first: with runs side by side, the main comparison lands first.
     for name, method, overrides in (
-            ("pgd_at", "pgd_at", {}), ("trades", "trades", {"beta": 6.0}),
-            ("frl_rwrm", "frl_rwrm", {}), ("caat", "caat", {}),
-            ("caat_floor0.5", "caat", {"adv_weight_floor": 0.5})):
+            ("pgd_at", "pgd_at", {}), ("caat_floor0.5", "caat", {"adv_weight_floor": 0.5}),
+            ("caat", "caat", {}), ("trades", "trades", {"beta": 6.0}),
+            ("frl_rwrm", "frl_rwrm", {})):
         runs[name] = {"config_file": "configs/fashion_mnist_caat.py", "method": method,
                       "overrides": overrides, "init_from": "warm_start"}
     return runs
