@@ -36,8 +36,9 @@ from typing import Any
 
 from hamjax.cpu_devices import setting_from_argv, use_cpu_devices
 
-if __name__ == "__main__" and int(setting_from_argv(sys.argv[1:], "--devices") or 1) > 1:
-    use_cpu_devices(setting_from_argv(sys.argv[1:], "--devices"))  # before jax starts
+if __name__ == "__main__" and int(_devices := setting_from_argv(sys.argv[1:], "--devices")
+                                  or 1) > 1:
+    use_cpu_devices(_devices)  # before jax starts
 
 import jax
 import jax.numpy as jnp

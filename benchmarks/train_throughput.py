@@ -41,8 +41,8 @@ from typing import Any
 
 from hamjax.cpu_devices import setting_from_argv, use_cpu_devices
 
-if __name__ == "__main__" and setting_from_argv(sys.argv[1:]) is not None:
-    use_cpu_devices(setting_from_argv(sys.argv[1:]))  # before jax starts its backend
+if __name__ == "__main__" and (_setting := setting_from_argv(sys.argv[1:])) is not None:
+    use_cpu_devices(_setting)  # before jax starts its backend
 
 import jax
 import jax.numpy as jnp
