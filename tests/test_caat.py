@@ -4,6 +4,8 @@ the state checkpoints, and the jitted train step fires the meta update every met
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -470,3 +472,31 @@ def test_fresh_state_routes_like_its_initial_router():
     np.testing.assert_array_equal(np.asarray(a["adv"]), np.asarray(b["adv"]))
     z = np.asarray(a["standardised_features"])
     np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+
+
+def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
+    """CAAT fine-tuned from a PGD-AT run (another method state): weights and BN statistics
+    come over, CAAT's own state stays fresh; another model's weights raise CheckpointError."""
+    from hamjax.errors import CheckpointError
+    from hamjax.train.loop import _load_init_weights
+
+    ctx = make_ctx()
+    source = create_train_state(ctx, get_method("pgd_at"), seed=7)
+    source = source.replace(batch_stats=jax.tree.map(lambda v: v + 0.5, source.batch_stats))
+    ckpt = Checkpointer(str(tmp_path / "warm"))
+    ckpt.save(5, source, {"epochs": [1]}, kind="best")
+    ckpt.close()
+    fresh = create_train_state(ctx, get_method("caat"), seed=0)
+    loaded = _load_init_weights(fresh, str(tmp_path / "warm"))
+    for got, want in zip(jax.tree.leaves((loaded.params, loaded.batch_stats)),
+                         jax.tree.leaves((source.params, source.batch_stats)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(loaded.step) == 0
+    for got, want in zip(jax.tree.leaves(loaded.method_state),
+                         jax.tree.leaves(fresh.method_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    wide = dataclasses.replace(ctx, model=TinyNet(num_classes=C + 1))
+    other = create_train_state(wide, get_method("caat"), seed=0)
+    with pytest.raises(CheckpointError, match="do not fit this run's model"):
+        _load_init_weights(other, str(tmp_path / "warm"))

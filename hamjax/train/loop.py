@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
 from hamjax import workdir_lock
@@ -50,7 +51,7 @@ from hamjax.models import build_model, eval_model
 from hamjax.paths import resolve
 from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.runlog import RunLogger
-from hamjax.sharding import make_mesh, process_rows, put_replicated, shard_batch
+from hamjax.sharding import make_mesh, place_like, process_rows, put_replicated, shard_batch
 from hamjax.train.dispatch import RunAhead, add_trees
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, TrainState, create_train_state
@@ -151,17 +152,35 @@ def where_text(root: epath.Path, best: tuple[int, int | None] | None, metrics_pa
 
 
 def _load_init_weights(state: TrainState, init_from: str) -> TrainState:
-    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint."""
+    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint.
+
+    Only those two are read, so the source may be a run of another method (a PGD-AT warm start
+    for CAAT, whose method state has a different shape); the model must be the same."""
     source = Checkpointer(init_from, read_only=True)  # looking creates nothing there
-    kind = BEST if source.latest_step(BEST) is not None else LAST
-    restored = source.restore(state, kind=kind)
-    if restored is None:
+    try:
+        kind = BEST if source.latest_step(BEST) is not None else LAST
+        saved = source.restore_host(kind=kind)
+    finally:
+        source.close()
+    if saved is None:
         raise CheckpointError(
             f"config.train.init_from={init_from!r} holds no checkpoint (looked in "
             f"{init_from}/best and {init_from}/checkpoints); point it at a finished run's workdir"
         )
-    source_state, _ = restored
-    return state.replace(params=source_state.params, batch_stats=source_state.batch_stats)
+    try:
+        wanted = {"params": state.params, "batch_stats": state.batch_stats}
+        got = {"params": saved["params"], "batch_stats": saved.get("batch_stats", {})}
+        shapes = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), got, wanted)
+        if not all(jax.tree.leaves(shapes)):
+            raise ValueError("array shapes differ")
+        params = place_like(got["params"], state.params)
+        batch_stats = place_like(got["batch_stats"], state.batch_stats)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"config.train.init_from={init_from!r}: its weights do not fit this run's model "
+            f"({type(err).__name__}: {err}); fine-tune from a run of the same config.model"
+        ) from err
+    return state.replace(params=params, batch_stats=batch_stats)
 
 
 def _attack_record(config) -> dict:
