@@ -8,7 +8,9 @@ six router features batch by batch on a shuffled part of the (noisy) training po
 reports (JSON, `hamjax.methods.caat_routing.routing_report`): the meta-net's weight drift from
 its seeded initialisation, the meta steps taken and their gradient norms (from metrics.jsonl),
 agreement with the untrained router, how much routing is a class decision, the routing with the
-class-level features neutralised, and the anti-adversary share among mislabelled examples.
+class-level features neutralised, the anti-adversary share among mislabelled examples, and
+where untrained routers of other initialisation seeds (`--init_seeds`) would send the same
+examples.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.errors import ConfigError
 from hamjax.methods import get_method
 from hamjax.methods.caat_routing import (
+    batch_features,
     batch_routing,
     initial_meta_params,
+    initialisation_lottery,
     relative_drift,
+    routed_to_adversary,
     routing_report,
 )
 
@@ -75,7 +80,8 @@ def meta_step_records(workdir: str) -> dict:
             else None}
 
 
-def analyse(workdir: str, checkpoint: str = "last", examples: int = 20000) -> dict:
+def analyse(workdir: str, checkpoint: str = "last", examples: int = 20000,
+            init_seeds: tuple[int, ...] = tuple(range(10))) -> dict:
     config, splits, ctx, state = load_caat_state(workdir, checkpoint)
     ms = state.method_state
     init_params = initial_meta_params(ctx, config.seed)
@@ -83,19 +89,27 @@ def analyse(workdir: str, checkpoint: str = "last", examples: int = 20000) -> di
     order = np.random.default_rng(config.seed).permutation(len(splits.train))
     order = order[: (min(examples, len(order)) // batch) * batch]
 
+    lottery_params = {s: initial_meta_params(ctx, s) for s in init_seeds}
+
     @jax.jit
     def both(x, y):
         trained = batch_routing(ctx, state.params, state.batch_stats, ms, ms["meta_params"], x, y)
-        initial = batch_routing(ctx, state.params, state.batch_stats, ms, init_params, x, y)
-        return trained, initial["adv"]
+        features = batch_features(ctx, state.params, state.batch_stats, ms, x, y)
+        initial = routed_to_adversary(ctx, ms, init_params, features)
+        lottery = {s: routed_to_adversary(ctx, ms, p, features)
+                   for s, p in lottery_params.items()}
+        return trained, initial, lottery
 
     from hamjax.data.augment import images_to_float
 
     parts: dict[str, list] = {"adv": [], "adv_init": [], "adv_no_class": [], "features": []}
+    lottery: dict[int, list] = {s: [] for s in init_seeds}
     for start in range(0, order.size, batch):
         idx = order[start:start + batch]
         x = images_to_float(splits.train.images[idx])
-        trained, adv_init = both(x, splits.train.labels[idx])
+        trained, adv_init, by_seed = both(x, splits.train.labels[idx])
+        for s, adv in by_seed.items():
+            lottery[s].append(np.asarray(adv))
         parts["adv"].append(np.asarray(trained["adv"]))
         parts["adv_no_class"].append(np.asarray(trained["adv_without_class_features"]))
         parts["features"].append(np.asarray(trained["standardised_features"]))
@@ -111,7 +125,10 @@ def analyse(workdir: str, checkpoint: str = "last", examples: int = 20000) -> di
             "meta_updates": int(ms["meta_updates"]),
             "meta_weight_drift": relative_drift(ms["meta_params"], init_params),
             "class_loss_last": [float(v) for v in np.asarray(ms["class_loss_last"])],
-            **meta_step_records(workdir), **report}
+            **meta_step_records(workdir), **report,
+            "initialisation_lottery": initialisation_lottery(
+                {s: np.concatenate(v) for s, v in lottery.items()}, splits.train.labels[order],
+                ctx.num_classes)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,9 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="last", choices=["last", "best"])
     parser.add_argument("--examples", type=int, default=20000,
                         help="training-pool examples to route (whole batches)")
+    parser.add_argument("--init_seeds", type=int, nargs="*", default=list(range(10)),
+                        help="meta-net initialisation seeds whose untrained routers to compare")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = analyse(os.path.abspath(args.workdir), args.checkpoint, args.examples)
+    result = analyse(os.path.abspath(args.workdir), args.checkpoint, args.examples,
+                     tuple(args.init_seeds))
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -500,3 +500,14 @@ def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
     other = create_train_state(wide, get_method("caat"), seed=0)
     with pytest.raises(CheckpointError, match="do not fit this run's model"):
         _load_init_weights(other, str(tmp_path / "warm"))
+
+
+def test_initialisation_lottery_counts_per_seed():
+    from hamjax.methods.caat_routing import initialisation_lottery
+
+    labels = np.array([0, 0, 1, 1])
+    out = initialisation_lottery({3: np.array([True, True, False, True]),
+                                  5: np.zeros(4, bool)}, labels, 2)
+    assert out[0] == {"seed": 3, "adv_fraction": 0.75, "per_class_adv_fraction": [1.0, 0.5],
+                      "class_majority_agreement": 0.75}  # a tie counts as adversary
+    assert out[1]["adv_fraction"] == 0.0 and out[1]["class_majority_agreement"] == 1.0

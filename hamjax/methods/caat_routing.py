@@ -47,24 +47,28 @@ def without_class_features(features: Array) -> Array:
     return features.at[:, cols].set(jnp.broadcast_to(means, (features.shape[0], cols.size)))
 
 
-def batch_routing(ctx, params, batch_stats, method_state, meta_params, x, y) -> dict[str, Array]:
-    """One batch's routing (True = adversary, i.e. alpha > beta) by `meta_params`, from clean
-    logits in BatchNorm batch mode (as the training step sees them), with and without the
-    class-level features."""
-    mcfg = ctx.config.method
+def routed_to_adversary(ctx, method_state, meta_params, features: Array) -> Array:
+    """bool[B]: alpha > beta for one batch's features under `meta_params` (as the real step)."""
+    weights, _ = route(make_meta_net(ctx.config.method), meta_params, method_state["meta_stats"],
+                       features, batch_stats=ctx.config.method.meta_bn == "batch")
+    return weights[:, 0] > weights[:, 1]
+
+
+def batch_features(ctx, params, batch_stats, method_state, x, y) -> Array:
+    """The router's six features from clean logits in BatchNorm batch mode (as the training
+    step sees them)."""
     logits, _ = forward(ctx, params, batch_stats, x, bn_mode="batch")
-    features = meta_features(logits, y, method_state["class_loss_last"], class_proportion(ctx))
-    net = make_meta_net(mcfg)
-    batch_mode = mcfg.meta_bn == "batch"
+    return meta_features(logits, y, method_state["class_loss_last"], class_proportion(ctx))
 
-    def to_adv(f):
-        weights, _ = route(net, meta_params, method_state["meta_stats"], f,
-                           batch_stats=batch_mode)
-        return weights[:, 0] > weights[:, 1]
 
+def batch_routing(ctx, params, batch_stats, method_state, meta_params, x, y) -> dict[str, Array]:
+    """One batch's routing (True = adversary) by `meta_params`, with and without the
+    class-level features, and the features as the router's BatchNorm standardises them."""
+    features = batch_features(ctx, params, batch_stats, method_state, x, y)
     standardised = (features - jnp.mean(features, 0)) / jnp.sqrt(jnp.var(features, 0) + 1e-5)
-    return {"adv": to_adv(features),
-            "adv_without_class_features": to_adv(without_class_features(features)),
+    return {"adv": routed_to_adversary(ctx, method_state, meta_params, features),
+            "adv_without_class_features": routed_to_adversary(
+                ctx, method_state, meta_params, without_class_features(features)),
             "standardised_features": standardised}
 
 
@@ -128,3 +132,18 @@ def routing_report(adv: np.ndarray, adv_init: np.ndarray, adv_no_class: np.ndarr
 
 def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
+
+
+def initialisation_lottery(adv_by_seed: dict[int, np.ndarray], labels: np.ndarray,
+                           num_classes: int) -> list[dict[str, Any]]:
+    """Per meta-net initialisation seed: where its untrained router sends the examples (the
+    share to the adversary, per class, and how much of it is a class decision)."""
+    out = []
+    for seed, adv in adv_by_seed.items():
+        adv = np.asarray(adv, bool)
+        per_class = [_share(adv, labels == c) for c in range(num_classes)]
+        majority = np.array([(p or 0.0) >= 0.5 for p in per_class])
+        out.append({"seed": int(seed), "adv_fraction": float(adv.mean()),
+                    "per_class_adv_fraction": per_class,
+                    "class_majority_agreement": float(np.mean(adv == majority[labels]))})
+    return out
