@@ -248,7 +248,19 @@ def diagnosis_markdown(rows: list[dict]) -> str:
             f"{d['agreement_with_initial_router']:.3f} | {d['class_majority_agreement']:.3f} | "
             f"{d['agreement_without_class_features']:.3f} | {d['adv_fraction']:.3f} | "
             f"{d['anti_share_mislabelled']:.3f} / {d['anti_share_correctly_labelled']:.3f} |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    if len(lines) == 2:
+        return ""
+    lottery = next((r["routing_diagnosis"].get("initialisation_lottery") for r in rows
+                    if r.get("routing_diagnosis", {}).get("initialisation_lottery")), None)
+    if lottery:  # the same examples and model, untrained routers of other seeds
+        lines += ["", "| meta-net init seed | to adversary | routed with class majority "
+                  "| classes sent >= 90% to the anti-adversary |", "|---|---|---|---|"]
+        for e in lottery:
+            anti = [str(c) for c, p in enumerate(e["per_class_adv_fraction"])
+                    if p is not None and p <= 0.1]
+            lines.append(f"| {e['seed']} | {e['adv_fraction']:.3f} | "
+                         f"{e['class_majority_agreement']:.3f} | {', '.join(anti) or '-'} |")
+    return "\n".join(lines)
 
 
 def best_is_last(workdir: str) -> bool:

@@ -140,3 +140,6 @@ def test_routing_diagnosis_table():
             "| 0.500 / 0.470 |") in table
     assert "pgd_at" not in table
     assert fmc.diagnosis_markdown(rows[1:]) == ""
+    d["initialisation_lottery"] = [{"seed": 4, "adv_fraction": 0.45, "class_majority_agreement":
+                                    0.9, "per_class_adv_fraction": [0.05, 1.0, None, 0.1]}]
+    assert "| 4 | 0.450 | 0.900 | 0, 3 |" in fmc.diagnosis_markdown(rows)
