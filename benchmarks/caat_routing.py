@@ -35,6 +35,7 @@ from hamjax.methods.caat_routing import (
     relative_drift,
     routed_to_adversary,
     routing_report,
+    untrained_meta_params,
 )
 
 
@@ -89,7 +90,7 @@ def analyse(workdir: str, checkpoint: str = "last", examples: int = 20000,
     order = np.random.default_rng(config.seed).permutation(len(splits.train))
     order = order[: (min(examples, len(order)) // batch) * batch]
 
-    lottery_params = {s: initial_meta_params(ctx, s) for s in init_seeds}
+    lottery_params = {s: untrained_meta_params(ctx, s) for s in init_seeds}
 
     @jax.jit
     def both(x, y):
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", type=int, default=20000,
                         help="training-pool examples to route (whole batches)")
     parser.add_argument("--init_seeds", type=int, nargs="*", default=list(range(10)),
-                        help="meta-net initialisation seeds whose untrained routers to compare")
+                        help="method.meta_init_seed values whose untrained routers to compare")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     result = analyse(os.path.abspath(args.workdir), args.checkpoint, args.examples,

@@ -511,3 +511,24 @@ def test_initialisation_lottery_counts_per_seed():
     assert out[0] == {"seed": 3, "adv_fraction": 0.75, "per_class_adv_fraction": [1.0, 0.5],
                       "class_majority_agreement": 0.75}  # a tie counts as adversary
     assert out[1]["adv_fraction"] == 0.0 and out[1]["class_majority_agreement"] == 1.0
+
+
+def test_meta_init_seed_fixes_the_router_apart_from_config_seed():
+    from hamjax.methods.caat_routing import (
+        initial_meta_params,
+        relative_drift,
+        untrained_meta_params,
+    )
+
+    ctx = make_ctx(meta_init_seed=11)
+    a = create_train_state(ctx, get_method("caat"), seed=0).method_state["meta_params"]
+    b = create_train_state(ctx, get_method("caat"), seed=1).method_state["meta_params"]
+    assert relative_drift(a, b) == 0.0  # config.seed no longer moves the router
+    assert relative_drift(a, initial_meta_params(ctx, 0)) == 0.0
+    assert relative_drift(a, untrained_meta_params(make_ctx(), 11)) == 0.0
+    assert relative_drift(a, untrained_meta_params(ctx, 12)) > 0.1
+    config = base_config()
+    config.method = method_config("caat", meta_init_seed=-2)
+    config.data.meta_per_class = 10
+    with pytest.raises(ConfigError, match=r"config\.method\.meta_init_seed=-2"):
+        caat.validate_caat(config)

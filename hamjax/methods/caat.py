@@ -102,6 +102,11 @@ DEFAULTS: dict[str, Any] = {
     # examples routed to the anti-adversary branch, so that a class routed there wholesale
     # still trains for robustness. 0 = faithful.
     "adv_weight_floor": 0.0,
+    # The meta-net's initialisation seed; -1: drawn from config.seed like every other weight.
+    # At T = 0.001 the router barely moves from its initialisation, so this seed alone decides
+    # where it sends each class (benchmarks/caat_routing.py): set it to vary the router while
+    # the data split and batch order (config.seed) stay fixed.
+    "meta_init_seed": -1,
 }
 
 
@@ -175,6 +180,9 @@ def validate_caat(config) -> None:
     floor = _get(config, "adv_weight_floor")
     _check(_is_num(floor) and 0.0 <= floor <= 1.0, "adv_weight_floor", floor,
            "must be in [0, 1] (0 = faithful)")
+    seed = config.method.get("meta_init_seed", -1)  # absent in runs saved before it existed
+    _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= -1,
+           "meta_init_seed", seed, "an int >= 0, or -1 to draw it from config.seed")
     if not config.data.meta_per_class:
         raise ConfigError(
             "config.data.meta_per_class=0: CAAT needs a clean, balanced meta set; set it > 0 "
@@ -558,13 +566,23 @@ def caat_loss(params, state, batch, rng, ctx):
 
 
 # ------------------------------------------------------------------------------ state, epochs
+def meta_net_rng(method_config, method_rng: Array) -> Array:
+    """The meta-net's init key: `method.meta_init_seed` when set (>= 0), else the run's."""
+    seed = int(method_config.get("meta_init_seed", -1))
+    return jax.random.PRNGKey(seed) if seed >= 0 else method_rng
+
+
+def init_meta_net(method_config, rng: Array) -> dict:
+    """A fresh meta-net's variables (params and BatchNorm statistics)."""
+    return make_meta_net(method_config).init(rng, jnp.zeros((2, NUM_FEATURES), jnp.float32),
+                                             use_running_average=False)
+
+
 def caat_init_state(ctx, rng) -> dict:
     """Multipliers at zero, a fresh meta-net and Adam state, empty accumulators."""
     mcfg = ctx.config.method
     c = ctx.num_classes
-    net = make_meta_net(mcfg)
-    variables = net.init(rng, jnp.zeros((2, NUM_FEATURES), jnp.float32),
-                         use_running_average=False)
+    variables = init_meta_net(mcfg, meta_net_rng(mcfg, rng))
     meta_params = variables["params"]
 
     def zeros():  # a fresh buffer per leaf: the jitted step donates the state

@@ -26,10 +26,11 @@ import numpy as np
 
 from hamjax.methods.caat import (
     FEATURE_NAMES,
-    caat_init_state,
     class_proportion,
+    init_meta_net,
     make_meta_net,
     meta_features,
+    meta_net_rng,
     route,
 )
 from hamjax.methods.common import forward
@@ -73,9 +74,15 @@ def batch_routing(ctx, params, batch_stats, method_state, meta_params, x, y) -> 
 
 
 def initial_meta_params(ctx, seed: int):
-    """The meta-net weights a run with `seed` started from (the trainer's method key)."""
+    """The meta-net weights a run with config.seed = `seed` started from (the trainer's method
+    key, or `method.meta_init_seed` when the config sets one)."""
     method_rng = jax.random.split(jax.random.PRNGKey(seed), 3)[1]
-    return caat_init_state(ctx, method_rng)["meta_params"]
+    return init_meta_net(ctx.config.method, meta_net_rng(ctx.config.method, method_rng))["params"]
+
+
+def untrained_meta_params(ctx, meta_init_seed: int):
+    """The meta-net weights `method.meta_init_seed = meta_init_seed` starts from."""
+    return init_meta_net(ctx.config.method, jax.random.PRNGKey(int(meta_init_seed)))["params"]
 
 
 def relative_drift(trained, initial) -> float:
