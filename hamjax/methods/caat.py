@@ -29,10 +29,11 @@ Notes from testing (tests/test_caat.py and tiny end-to-end runs):
   `routing_summary` / the per-class robust accuracy; `adv_weight_floor` is the documented
   remedy, off by default.
 - On all of Fashion-MNIST (fine-tuned from PGD-AT, 20% pair-flip noise) the same holds at
-  scale: after 22 meta steps the router's weights had moved 0.7% and it decided as its
-  initialisation on 99.8% of training examples. Untrained routers of 20 initialisation seeds
-  sent between 0% and 96.5% of the same examples to the adversary, most of them sending
-  whole classes one way (`benchmarks/caat_routing.py`; `meta_init_seed` picks one).
+  scale: after 32 meta steps the router's weights had moved 0.9% and it decided as its
+  initialisation on 99.8% of training examples. Untrained routers of 10 initialisation seeds
+  sent between 0% and 95% of the same examples to the adversary, 8 of them sending at least
+  one whole class (>= 90%) to the anti-adversary (`benchmarks/caat_routing.py`;
+  `meta_init_seed` picks one).
 - softmax(z / T) is computed as (sigma(d), sigma(-d)) with an exact derivative: the plain
   float32 softmax derivative is ~ulp(1) / T ~ 1e-4 per example where it should be ~0, and that
   round-off alone dominated the meta-gradient at T = 0.001.
