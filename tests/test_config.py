@@ -103,6 +103,7 @@ INVALID: dict[str, list] = {
     "method.meta_feature_grad": ["yes"],
     "method.initial_class_loss": ["x", INF],
     "method.adv_weight_floor": [1.5, -0.1],
+    "method.meta_init_seed": [-2, 1.5, True],
     "method.begin_epoch": [-1],
     "method.tau": [-1, 0.5],
 }
