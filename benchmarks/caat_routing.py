@@ -28,7 +28,6 @@ from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.errors import ConfigError
 from hamjax.methods import get_method
 from hamjax.methods.caat_routing import (
-    batch_features,
     batch_routing,
     initial_meta_params,
     initialisation_lottery,
@@ -95,7 +94,7 @@ def analyse(workdir: str, checkpoint: str = "last", examples: int = 20000,
     @jax.jit
     def both(x, y):
         trained = batch_routing(ctx, state.params, state.batch_stats, ms, ms["meta_params"], x, y)
-        features = batch_features(ctx, state.params, state.batch_stats, ms, x, y)
+        features = trained["features"]  # one forward pass serves every router
         initial = routed_to_adversary(ctx, ms, init_params, features)
         lottery = {s: routed_to_adversary(ctx, ms, p, features)
                    for s, p in lottery_params.items()}

@@ -612,7 +612,7 @@ def main() -> None:
         per_run = {name: [epoch_row(e) for e in epoch_records(d)] for name, d in dirs.items()}
         with_wall_ratios(per_run, windows={n: train_windows(d, batch) for n, d in dirs.items()})
         per_seed[seed] = per_run
-    shipped = args.suite in SHIPPED or args.suite == "noisy_full"  # shipped configs, full split
+    shipped = all("config_file" in r for r in runs.values())  # shipped configs, full split
     command = " ".join(["python benchmarks/fashion_mnist_compare.py", f"--suite={args.suite}",
                         *([] if shipped else [f"--epochs={args.epochs}",
                                               f"--train_size={args.train_size}"]),

@@ -64,13 +64,14 @@ def batch_features(ctx, params, batch_stats, method_state, x, y) -> Array:
 
 def batch_routing(ctx, params, batch_stats, method_state, meta_params, x, y) -> dict[str, Array]:
     """One batch's routing (True = adversary) by `meta_params`, with and without the
-    class-level features, and the features as the router's BatchNorm standardises them."""
+    class-level features, and the features (raw, and as the router's BatchNorm standardises
+    them)."""
     features = batch_features(ctx, params, batch_stats, method_state, x, y)
     standardised = (features - jnp.mean(features, 0)) / jnp.sqrt(jnp.var(features, 0) + 1e-5)
     return {"adv": routed_to_adversary(ctx, method_state, meta_params, features),
             "adv_without_class_features": routed_to_adversary(
                 ctx, method_state, meta_params, without_class_features(features)),
-            "standardised_features": standardised}
+            "features": features, "standardised_features": standardised}
 
 
 def initial_meta_params(ctx, seed: int):
@@ -97,6 +98,18 @@ def _share(mask: np.ndarray, where: np.ndarray) -> float | None:
     return float(mask[where].mean()) if where.any() else None
 
 
+def _per_class(adv: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    """Share of each class's examples routed to the adversary (None: class not present)."""
+    return [_share(adv, labels == c) for c in range(num_classes)]
+
+
+def _class_majority_agreement(adv: np.ndarray, labels: np.ndarray,
+                              per_class: list[float | None]) -> float:
+    """Share of examples routed like most of their class (a tie counts as adversary)."""
+    majority = np.array([(p or 0.0) >= 0.5 for p in per_class])
+    return float(np.mean(adv == majority[labels]))
+
+
 def routing_report(adv: np.ndarray, adv_init: np.ndarray, adv_no_class: np.ndarray,
                    labels: np.ndarray, clean_labels: np.ndarray, num_classes: int,
                    standardised_features: np.ndarray | None = None) -> dict[str, Any]:
@@ -112,17 +125,15 @@ def routing_report(adv: np.ndarray, adv_init: np.ndarray, adv_no_class: np.ndarr
     adv, adv_init, adv_no_class = (np.asarray(a, bool) for a in (adv, adv_init, adv_no_class))
     labels, clean_labels = np.asarray(labels), np.asarray(clean_labels)
     noisy = labels != clean_labels
-    per_class = [_share(adv, labels == c) for c in range(num_classes)]
-    majority = np.array([(p or 0.0) >= 0.5 for p in per_class])
+    per_class = _per_class(adv, labels, num_classes)
     out: dict[str, Any] = {
         "examples": int(adv.size),
         "adv_fraction": float(adv.mean()),
         "per_class_adv_fraction": per_class,
-        "per_class_adv_fraction_initial_router": [_share(adv_init, labels == c)
-                                                  for c in range(num_classes)],
-        "per_class_adv_fraction_without_class_features": [
-            _share(adv_no_class, labels == c) for c in range(num_classes)],
-        "class_majority_agreement": float(np.mean(adv == majority[labels])),
+        "per_class_adv_fraction_initial_router": _per_class(adv_init, labels, num_classes),
+        "per_class_adv_fraction_without_class_features": _per_class(adv_no_class, labels,
+                                                                    num_classes),
+        "class_majority_agreement": _class_majority_agreement(adv, labels, per_class),
         "agreement_with_initial_router": float(np.mean(adv == adv_init)),
         "agreement_without_class_features": float(np.mean(adv == adv_no_class)),
         "mislabelled_fraction": float(noisy.mean()),
@@ -148,9 +159,9 @@ def initialisation_lottery(adv_by_seed: dict[int, np.ndarray], labels: np.ndarra
     out = []
     for seed, adv in adv_by_seed.items():
         adv = np.asarray(adv, bool)
-        per_class = [_share(adv, labels == c) for c in range(num_classes)]
-        majority = np.array([(p or 0.0) >= 0.5 for p in per_class])
+        per_class = _per_class(adv, labels, num_classes)
         out.append({"seed": int(seed), "adv_fraction": float(adv.mean()),
                     "per_class_adv_fraction": per_class,
-                    "class_majority_agreement": float(np.mean(adv == majority[labels]))})
+                    "class_majority_agreement": _class_majority_agreement(adv, labels,
+                                                                          per_class)})
     return out
