@@ -6,8 +6,9 @@ Layout under a workdir:
 Saves are atomic (orbax writes to a temporary directory and renames it when complete), so a
 kill during a save leaves the previous checkpoint intact. They are asynchronous: `save` returns
 once the arrays are copied to host memory and the files are written by a background thread while
-training goes on; everything that reads or deletes checkpoints waits for that write first, and
-`close` finishes it. The workdir may be local or a `gs://` URL (every host of a multi-host run
+training goes on; everything that reads or deletes checkpoints waits for that write first, a
+save waits for the previous one of either kind (`checkpoints/` or `best/`), and `close` finishes
+it. The workdir may be local or a `gs://` URL (every host of a multi-host run
 must reach it).
 
 Every saved array is verified on restore: `save` stores a crc32 of each leaf's bytes in the
@@ -99,12 +100,9 @@ class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, keep: int = 2, read_only: bool = False):
         """read_only: only look and restore (evaluation): nothing is created or written."""
         self.workdir = resolve(workdir)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, enable_async_checkpointing=True,
-            read_only=read_only,
-        )
         self._managers = {
-            kind: ocp.CheckpointManager(self.workdir / kind, options=options)
+            kind: ocp.CheckpointManager(self.workdir / kind,
+                                        options=_manager_options(kind, keep, read_only))
             for kind in (LAST, BEST)
         }
         self._in_flight: dict[str, int] = {}  # the step of each kind's latest started save
@@ -141,7 +139,8 @@ class Checkpointer:
         Each leaf's checksum goes into it first, from host copies of `state` (so a donated or
         updated state cannot change them after save returns).
         """
-        manager = self._settled(kind)
+        self.wait()  # one save in flight at a time, whatever its kind (see _manager_options)
+        manager = self._managers[kind]
         meta = dict(copy.deepcopy(meta), **{INTEGRITY_KEY: {
             "algorithm": "crc32", "leaves": leaf_checksums(state)}})
         self._in_flight[kind] = step
@@ -257,6 +256,24 @@ class Checkpointer:
         for kind, manager in self._managers.items():
             with self._writing(kind):
                 manager.close()
+
+
+def _manager_options(kind: str, keep: int, read_only: bool) -> ocp.CheckpointManagerOptions:
+    """Async saves; each kind's manager with its own multi-host barrier names.
+
+    On several processes, an async save's background thread and the next save's start meet
+    the other hosts at barriers whose names orbax does not number ("...set_value_start"). Two
+    managers saving at once (the best-on-validation save, then the end-of-epoch one) used the
+    same names from two threads of one process: the hosts paired the wrong barriers and the
+    run died ("Barrier ... is already ongoing", tests/test_multi_host.py). So `save` waits for
+    every kind's write before starting another, and the names carry the kind as a prefix.
+    """
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, enable_async_checkpointing=True,
+        read_only=read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=f"hamjax_{kind}"),
+    )
 
 
 def _without_integrity(meta: Any) -> dict:

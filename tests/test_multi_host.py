@@ -95,6 +95,42 @@ CHILD = textwrap.dedent(
     "@EPOCHS@", str(EPOCHS))
 
 
+# Back-to-back saves of both kinds, as an epoch that improves on validation makes them (best,
+# then the end-of-epoch checkpoint), without the training around them.
+SAVER = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    rounds, workdir = int(sys.argv[1]), sys.argv[2]
+    num_processes, process_id, port, local_devices = (int(a) for a in sys.argv[3:7])
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                               num_processes=num_processes, process_id=process_id)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+    import numpy as np
+
+    from hamjax.checkpoint import BEST, LAST, Checkpointer
+    from hamjax.sharding import make_mesh, put_replicated
+
+    mesh = make_mesh()
+    checkpointer = Checkpointer(workdir, keep=2)
+    for step in range(1, rounds + 1):
+        state = put_replicated({"w": np.full(4096, step, np.float32), "step": np.int32(step)},
+                               mesh)
+        checkpointer.save(step, state, {"round": step}, kind=BEST)
+        checkpointer.save(step, state, {"round": step}, kind=LAST)
+    checkpointer.close()
+    print("child done", process_id, flush=True)
+    """
+)
+
+
 @dataclasses.dataclass
 class Child:
     """One process of a run and the files its output goes to (files, not pipes: a full pipe
@@ -265,3 +301,26 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path, method, lo
     assert "child done 1" in _tail(resumed[1].stdout)
     assert "checkpoint, test split" not in _tail(resumed[1].stdout, 100_000)
     assert "checkpoint, test split" in _tail(resumed[0].stdout, 100_000)
+
+
+def test_two_processes_save_both_kinds_back_to_back(tmp_path):
+    """Regression: a best-on-validation save followed at once by the end-of-epoch save killed
+    two-process runs now and then ("Barrier ... set_value_start is already ongoing": the two
+    managers' async saves met the other host at barriers of one name). 20 rounds of that
+    pattern failed on every try here before the fix."""
+    script = str(tmp_path / "saver.py")
+    with open(script, "w") as f:
+        f.write(SAVER)
+    logs, workdir = str(tmp_path / "logs"), str(tmp_path / "run")
+    os.makedirs(logs)
+    rounds = 20
+    children = _start(script, str(rounds), workdir, 2, logs, "saver", str(tmp_path / "cache"), 2)
+    try:
+        _wait(children, LAUNCH_TIMEOUT_S)
+    finally:
+        _kill(children)
+    checkpointer = Checkpointer(workdir, read_only=True)
+    for kind in ("checkpoints", "best"):
+        state = checkpointer.restore_host(kind=kind)
+        assert int(state["step"]) == rounds and float(state["w"][0]) == rounds, kind
+    checkpointer.close()
