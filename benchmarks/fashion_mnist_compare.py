@@ -533,6 +533,27 @@ def routing_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def carry_over(previous: dict | None, rows: list[dict], per_seed: dict[int, dict[str, list]],
+               seeds: list[int]) -> list[str]:
+    """Adds to `rows` and `per_seed` the runs of `seeds` that the suite's earlier JSON holds and
+    this machine's workdirs do not (run on an earlier machine whose `runs/` is gone); returns
+    their "run/seed" names. Runs with a workdir report here always win; the carried rows keep
+    their numbers, routing diagnosis and per-epoch records as they were written."""
+    if not previous:
+        return []
+    have = {(r["run"], r["seed"]) for r in rows}
+    carried = []
+    for r in previous.get("rows", []):
+        if r["seed"] in seeds and (r["run"], r["seed"]) not in have:
+            rows.append(r)
+            carried.append(f"{r['run']}/{r['seed']}")
+            old_epochs = previous.get("per_epoch", {}).get(str(r["seed"]), {}).get(r["run"])
+            mine = per_seed.setdefault(r["seed"], {})
+            if old_epochs and not mine.get(r["run"]):
+                mine[r["run"]] = old_epochs
+    return carried
+
+
 def write_readme_table(suite: str, text: str, readme: str = os.path.join(REPO, "README.md")
                        ) -> bool:
     """Replaces the README's text between `<!-- fashion_mnist_<suite> -->` and
@@ -564,19 +585,28 @@ def main() -> None:
                              "finished run's checkpoints below; 0: none")
     parser.add_argument("--autoattack_checkpoints", nargs="+", default=["last", "best"],
                         choices=["last", "best"], help="evaluated in this order")
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help="train (and attack) only these runs of the suite; the others are "
+                             "reported from their workdirs or carried over from the suite's JSON")
     parser.add_argument("--report_only", action="store_true",
                         help="write the tables from what the workdirs hold now; train nothing")
     args = parser.parse_args()
     runs = suite_runs(args.suite)
     names = list(runs)
+    unknown = sorted(set(args.runs or []) - set(names))
+    if unknown:
+        raise SystemExit(f"--runs: {unknown} are not runs of --suite={args.suite}: {names}")
     # Runs others start from (init_from) go first, e.g. noisy_full's warm start.
     jobs = sorted(((name, seed) for seed in args.seeds for name in names),
                   key=lambda job: not runs[job[0]].get("first", False))
     firsts = sum(1 for name, _ in jobs if runs[name].get("first"))
 
+    def selected(name: str) -> bool:
+        return not args.report_only and (args.runs is None or name in args.runs)
+
     def train(job):
         return run_one(args.suite, job[0], args.epochs, args.train_size, args.root, job[1],
-                       train=not args.report_only)
+                       train=selected(job[0]))
 
     with ThreadPoolExecutor(args.parallel) as pool:
         reports = list(pool.map(train, jobs[:firsts]))
@@ -592,7 +622,7 @@ def main() -> None:
              if not (both and c == "best" and best_is_last(workdir_row(r)))]
     with ThreadPoolExecutor(args.parallel) as pool:
         attacked = list(pool.map(lambda job: autoattack_one(
-            workdir_row(job[0]), args.autoattack_examples, job[1], train=not args.report_only),
+            workdir_row(job[0]), args.autoattack_examples, job[1], train=selected(job[0]["run"])),
             evals))
     for (r, checkpoint), a in zip(evals, attacked, strict=True):
         if a is not None:
@@ -601,7 +631,7 @@ def main() -> None:
         if both and "last" in r.get("autoattack", {}) and best_is_last(workdir_row(r)):
             r["autoattack"]["best"] = r["autoattack"]["last"]
         if "per_class_adv_fraction" in r.get("method_state_last_epoch", {}):  # a CAAT run
-            diagnosis = diagnose_routing(workdir_row(r), train=not args.report_only)
+            diagnosis = diagnose_routing(workdir_row(r), train=selected(r["run"]))
             if diagnosis is not None:
                 r["routing_diagnosis"] = diagnosis
     per_seed = {}
@@ -612,6 +642,16 @@ def main() -> None:
         per_run = {name: [epoch_row(e) for e in epoch_records(d)] for name, d in dirs.items()}
         with_wall_ratios(per_run, windows={n: train_windows(d, batch) for n, d in dirs.items()})
         per_seed[seed] = per_run
+    out = os.path.join(REPO, "benchmarks", "results", f"fashion_mnist_{args.suite}")
+    previous = None
+    if os.path.exists(out + ".json"):
+        with open(out + ".json") as f:
+            previous = json.load(f)
+    carried = carry_over(previous, rows, per_seed, args.seeds)
+    order = {name: i for i, name in enumerate(names)}
+    rows.sort(key=lambda r: (r["seed"], order.get(r["run"], len(order))))
+    for seed in per_seed:
+        per_seed[seed] = {n: per_seed[seed][n] for n in sorted(per_seed[seed], key=order.get)}
     shipped = all("config_file" in r for r in runs.values())  # shipped configs, full split
     command = " ".join(["python benchmarks/fashion_mnist_compare.py", f"--suite={args.suite}",
                         *([] if shipped else [f"--epochs={args.epochs}",
@@ -622,7 +662,8 @@ def main() -> None:
                           "parallel_runs": args.parallel},
               "epochs": None if shipped else args.epochs,
               "train_size": "full" if shipped else args.train_size, "seeds": args.seeds,
-              "finished_runs": len(rows), "planned_runs": len(jobs), "rows": rows,
+              "finished_runs": len(rows), "planned_runs": len(jobs),
+              "carried_over_from_earlier_json": carried, "rows": rows,
               "per_epoch": {str(k): v for k, v in per_seed.items()}}
     aa = autoattack_markdown(rows)
     per_class = per_class_markdown(rows) if args.suite.startswith("noisy") else ""
@@ -640,8 +681,9 @@ def main() -> None:
             + (f"CAAT's router on 20,000 training-pool examples, last checkpoint "
                f"(`benchmarks/caat_routing.py`):\n\n{diagnosis}\n\n" if diagnosis else "")
             + f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
-            f"{args.parallel} runs side by side).")
-    out = os.path.join(REPO, "benchmarks", "results", f"fashion_mnist_{args.suite}")
+            f"{args.parallel} runs side by side)."
+            + (f" Carried over from the earlier JSON (their workdirs were on an earlier "
+               f"machine): {', '.join(carried)}." if carried else ""))
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(out + ".md", "w") as f:

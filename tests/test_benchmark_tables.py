@@ -143,3 +143,19 @@ def test_routing_diagnosis_table():
     d["initialisation_lottery"] = [{"seed": 4, "adv_fraction": 0.45, "class_majority_agreement":
                                     0.9, "per_class_adv_fraction": [0.05, 1.0, None, 0.1]}]
     assert "| 4 | 0.450 | 0.900 | 0, 3 |" in fmc.diagnosis_markdown(rows)
+
+
+def test_carry_over_keeps_earlier_runs_and_lets_local_workdirs_win():
+    earlier = {"rows": [{"run": "pgd_at", "seed": 0, "last": {"clean_avg": 0.7}},
+                        {"run": "trades", "seed": 0, "last": {"clean_avg": 0.1}},
+                        {"run": "pgd_at", "seed": 1, "last": {"clean_avg": 0.6}}],
+               "per_epoch": {"0": {"pgd_at": [{"epoch": 1, "train_seconds": 5.0}],
+                                   "trades": [{"epoch": 1, "train_seconds": 9.0}]}}}
+    rows = [{"run": "trades", "seed": 0, "last": {"clean_avg": 0.5}}]  # trained here
+    per_seed = {0: {"pgd_at": [], "trades": [{"epoch": 1, "train_seconds": 7.0}]}}
+    carried = fmc.carry_over(earlier, rows, per_seed, seeds=[0])
+    assert carried == ["pgd_at/0"]  # seed 1 was not asked for; trades was trained here
+    assert [(r["run"], r["last"]["clean_avg"]) for r in rows] == [("trades", 0.5), ("pgd_at", 0.7)]
+    assert per_seed[0]["pgd_at"] == [{"epoch": 1, "train_seconds": 5.0}]
+    assert per_seed[0]["trades"] == [{"epoch": 1, "train_seconds": 7.0}]
+    assert fmc.carry_over(None, rows, per_seed, seeds=[0]) == []
