@@ -114,8 +114,8 @@ def noisy_full_runs() -> dict[str, dict]:
             # A router initialisation that sends about half of the examples, and most of
             # classes 1, 7, 8 and 9, to the anti-adversary (benchmarks/caat_routing.py).
             ("caat_floor0.5_init1", "caat", {"adv_weight_floor": 0.5, "meta_init_seed": 1}),
-            ("caat_init1", "caat", {"meta_init_seed": 1}),
-            ("trades", "trades", {"beta": 6.0}), ("frl_rwrm", "frl_rwrm", {})):
+            ("trades", "trades", {"beta": 6.0}), ("frl_rwrm", "frl_rwrm", {}),
+            ("caat_init1", "caat", {"meta_init_seed": 1})):
         runs[name] = {"config_file": "configs/fashion_mnist_caat.py", "method": method,
                       "overrides": overrides, "init_from": "warm_start"}
     return runs
@@ -168,9 +168,10 @@ def workdir_of(root: str, suite: str, name: str, seed: int) -> str:
 
 
 def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed: int,
-            train: bool = True) -> dict | None:
-    """Trains one run in a subprocess (isolates XLA memory; resumable) and reads its report
-    (None when it has none and `train` is False)."""
+            train: bool = True, cpu_devices: int = 1) -> dict | None:
+    """Trains one run in a subprocess (isolates XLA memory; resumable) on `cpu_devices` host
+    devices (an XLA_FLAGS device count of the caller's wins) and reads its report (None when it
+    has none and `train` is False)."""
     workdir = workdir_of(root, suite, name, seed)
     report_path = os.path.join(workdir, "report.json")
     if train and not os.path.exists(report_path):
@@ -186,11 +187,21 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "stdout.log"), "a") as log:
             subprocess.run([sys.executable, "-c", code], check=True, stdout=log,
-                           stderr=subprocess.STDOUT, cwd=REPO)
+                           stderr=subprocess.STDOUT, cwd=REPO, env=child_env(cpu_devices))
     if not os.path.exists(report_path):
         return None
     with open(report_path) as f:
         return json.load(f)
+
+
+def child_env(cpu_devices: int) -> dict[str, str]:
+    """The environment of a training child: `cpu_devices` host devices, as launch.py's
+    --cpu_devices sets them (the device count changes the float sums, so it is part of what
+    reproduces a run)."""
+    from hamjax.cpu_devices import with_cpu_devices
+
+    return dict(os.environ, XLA_FLAGS=with_cpu_devices(os.environ.get("XLA_FLAGS", ""),
+                                                      cpu_devices))
 
 
 def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
@@ -585,6 +596,9 @@ def main() -> None:
                              "finished run's checkpoints below; 0: none")
     parser.add_argument("--autoattack_checkpoints", nargs="+", default=["last", "best"],
                         choices=["last", "best"], help="evaluated in this order")
+    parser.add_argument("--cpu_devices", default="auto",
+                        help="host devices per training run: a count, or 'auto' (one per core, "
+                             "as launch.py; the most that divides the batch sizes)")
     parser.add_argument("--runs", nargs="+", default=None,
                         help="train (and attack) only these runs of the suite; the others are "
                              "reported from their workdirs or carried over from the suite's JSON")
@@ -604,9 +618,15 @@ def main() -> None:
     def selected(name: str) -> bool:
         return not args.report_only and (args.runs is None or name in args.runs)
 
+    from hamjax.cpu_devices import cpu_device_count
+
+    first = build_config(args.suite, runs[names[0]], args.epochs, args.train_size)
+    cpu_devices = cpu_device_count(args.cpu_devices, os.cpu_count() or 1,
+                                   (first.train.batch_size, first.eval.batch_size))
+
     def train(job):
         return run_one(args.suite, job[0], args.epochs, args.train_size, args.root, job[1],
-                       train=selected(job[0]))
+                       train=selected(job[0]), cpu_devices=cpu_devices)
 
     with ThreadPoolExecutor(args.parallel) as pool:
         reports = list(pool.map(train, jobs[:firsts]))
@@ -635,8 +655,7 @@ def main() -> None:
             if diagnosis is not None:
                 r["routing_diagnosis"] = diagnosis
     per_seed = {}
-    batch = build_config(args.suite, suite_runs(args.suite)[names[0]], args.epochs,
-                         args.train_size).train.batch_size  # every run and seed of a suite
+    batch = first.train.batch_size  # every run and seed of a suite
     for seed in args.seeds:
         dirs = {name: workdir_of(args.root, args.suite, name, seed) for name in names}
         per_run = {name: [epoch_row(e) for e in epoch_records(d)] for name, d in dirs.items()}
@@ -659,7 +678,7 @@ def main() -> None:
                         "--seeds", *map(str, args.seeds)])
     result = {"suite": args.suite, "command": command,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "parallel_runs": args.parallel},
+                          "parallel_runs": args.parallel, "cpu_devices_per_run": cpu_devices},
               "epochs": None if shipped else args.epochs,
               "train_size": "full" if shipped else args.train_size, "seeds": args.seeds,
               "finished_runs": len(rows), "planned_runs": len(jobs),
