@@ -544,25 +544,47 @@ def routing_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+EARLIER = " (earlier)"  # the label of a carried row whose run was trained again here
+
+
 def carry_over(previous: dict | None, rows: list[dict], per_seed: dict[int, dict[str, list]],
                seeds: list[int]) -> list[str]:
     """Adds to `rows` and `per_seed` the runs of `seeds` that the suite's earlier JSON holds and
     this machine's workdirs do not (run on an earlier machine whose `runs/` is gone); returns
-    their "run/seed" names. Runs with a workdir report here always win; the carried rows keep
-    their numbers, routing diagnosis and per-epoch records as they were written."""
+    their names ("run/seed"). A run trained here again that ended with other numbers keeps its
+    earlier row too, as "<run> (earlier)": runs fine-tuned from the earlier warm start are then
+    read against the baselines that came from it. Carried rows keep their numbers, routing
+    diagnosis and per-epoch records as they were written."""
     if not previous:
         return []
-    have = {(r["run"], r["seed"]) for r in rows}
+    here = {(r["run"], r["seed"]): r for r in rows}
     carried = []
     for r in previous.get("rows", []):
-        if r["seed"] in seeds and (r["run"], r["seed"]) not in have:
-            rows.append(r)
-            carried.append(f"{r['run']}/{r['seed']}")
-            old_epochs = previous.get("per_epoch", {}).get(str(r["seed"]), {}).get(r["run"])
-            mine = per_seed.setdefault(r["seed"], {})
-            if old_epochs and not mine.get(r["run"]):
-                mine[r["run"]] = old_epochs
+        if r["seed"] not in seeds:
+            continue
+        key = (r["run"], r["seed"])
+        if key in here and here[key].get("last") == r.get("last"):
+            continue  # the same run (its workdir is here): nothing to carry
+        name = r["run"] if key not in here else r["run"] + EARLIER
+        if (name, r["seed"]) in here:
+            continue
+        rows.append(dict(r, run=name))
+        carried.append(f"{name}/{r['seed']}")
+        old_epochs = previous.get("per_epoch", {}).get(str(r["seed"]), {}).get(r["run"])
+        mine = per_seed.setdefault(r["seed"], {})
+        if old_epochs and not mine.get(name):
+            mine[name] = old_epochs
     return carried
+
+
+def suite_order(names: list[str]):
+    """Sort key of a run name: the suite's order, each "<run> (earlier)" right after its run."""
+    order = {name: i for i, name in enumerate(names)}
+
+    def key(name: str) -> tuple[int, bool]:
+        base = name.removesuffix(EARLIER)
+        return order.get(base, len(order)), name.endswith(EARLIER)
+    return key
 
 
 def write_readme_table(suite: str, text: str, readme: str = os.path.join(REPO, "README.md")
@@ -667,10 +689,10 @@ def main() -> None:
         with open(out + ".json") as f:
             previous = json.load(f)
     carried = carry_over(previous, rows, per_seed, args.seeds)
-    order = {name: i for i, name in enumerate(names)}
-    rows.sort(key=lambda r: (r["seed"], order.get(r["run"], len(order))))
+    order = suite_order(names)
+    rows.sort(key=lambda r: (r["seed"], order(r["run"])))
     for seed in per_seed:
-        per_seed[seed] = {n: per_seed[seed][n] for n in sorted(per_seed[seed], key=order.get)}
+        per_seed[seed] = {n: per_seed[seed][n] for n in sorted(per_seed[seed], key=order)}
     shipped = all("config_file" in r for r in runs.values())  # shipped configs, full split
     command = " ".join(["python benchmarks/fashion_mnist_compare.py", f"--suite={args.suite}",
                         *([] if shipped else [f"--epochs={args.epochs}",
@@ -702,7 +724,8 @@ def main() -> None:
             + f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
             f"{args.parallel} runs side by side)."
             + (f" Carried over from the earlier JSON (their workdirs were on an earlier "
-               f"machine): {', '.join(carried)}." if carried else ""))
+               f"machine; \"(earlier)\": a run trained again here): {', '.join(carried)}."
+               if carried else ""))
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(out + ".md", "w") as f:

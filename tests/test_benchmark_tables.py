@@ -148,14 +148,25 @@ def test_routing_diagnosis_table():
 def test_carry_over_keeps_earlier_runs_and_lets_local_workdirs_win():
     earlier = {"rows": [{"run": "pgd_at", "seed": 0, "last": {"clean_avg": 0.7}},
                         {"run": "trades", "seed": 0, "last": {"clean_avg": 0.1}},
+                        {"run": "caat", "seed": 0, "last": {"clean_avg": 0.8}},
                         {"run": "pgd_at", "seed": 1, "last": {"clean_avg": 0.6}}],
                "per_epoch": {"0": {"pgd_at": [{"epoch": 1, "train_seconds": 5.0}],
                                    "trades": [{"epoch": 1, "train_seconds": 9.0}]}}}
-    rows = [{"run": "trades", "seed": 0, "last": {"clean_avg": 0.5}}]  # trained here
-    per_seed = {0: {"pgd_at": [], "trades": [{"epoch": 1, "train_seconds": 7.0}]}}
+    # Trained here: trades again with other numbers, caat again with the same ones.
+    rows = [{"run": "trades", "seed": 0, "last": {"clean_avg": 0.5}},
+            {"run": "caat", "seed": 0, "last": {"clean_avg": 0.8}}]
+    per_seed = {0: {"pgd_at": [], "trades": [{"epoch": 1, "train_seconds": 7.0}], "caat": []}}
     carried = fmc.carry_over(earlier, rows, per_seed, seeds=[0])
-    assert carried == ["pgd_at/0"]  # seed 1 was not asked for; trades was trained here
-    assert [(r["run"], r["last"]["clean_avg"]) for r in rows] == [("trades", 0.5), ("pgd_at", 0.7)]
+    assert carried == ["pgd_at/0", "trades (earlier)/0"]  # seed 1 was not asked for
+    assert [(r["run"], r["last"]["clean_avg"]) for r in rows] == [
+        ("trades", 0.5), ("caat", 0.8), ("pgd_at", 0.7), ("trades (earlier)", 0.1)]
     assert per_seed[0]["pgd_at"] == [{"epoch": 1, "train_seconds": 5.0}]
     assert per_seed[0]["trades"] == [{"epoch": 1, "train_seconds": 7.0}]
+    assert per_seed[0]["trades (earlier)"] == [{"epoch": 1, "train_seconds": 9.0}]
+    # Written out and read back: the same rows, nothing carried twice.
+    again = fmc.carry_over({"rows": [dict(r) for r in rows]}, rows, per_seed, seeds=[0])
+    assert again == [] and len(rows) == 4
     assert fmc.carry_over(None, rows, per_seed, seeds=[0]) == []
+    order = fmc.suite_order(["warm_start", "pgd_at", "trades", "caat"])
+    assert [r["run"] for r in sorted(rows, key=lambda r: order(r["run"]))] == [
+        "pgd_at", "trades", "trades (earlier)", "caat"]
