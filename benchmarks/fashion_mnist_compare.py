@@ -693,6 +693,7 @@ def main() -> None:
     rows.sort(key=lambda r: (r["seed"], order(r["run"])))
     for seed in per_seed:
         per_seed[seed] = {n: per_seed[seed][n] for n in sorted(per_seed[seed], key=order)}
+    finished = sum(not r["run"].endswith(EARLIER) for r in rows)  # an "(earlier)" row is extra
     shipped = all("config_file" in r for r in runs.values())  # shipped configs, full split
     command = " ".join(["python benchmarks/fashion_mnist_compare.py", f"--suite={args.suite}",
                         *([] if shipped else [f"--epochs={args.epochs}",
@@ -703,7 +704,7 @@ def main() -> None:
                           "parallel_runs": args.parallel, "cpu_devices_per_run": cpu_devices},
               "epochs": None if shipped else args.epochs,
               "train_size": "full" if shipped else args.train_size, "seeds": args.seeds,
-              "finished_runs": len(rows), "planned_runs": len(jobs),
+              "finished_runs": finished, "planned_runs": len(jobs),
               "carried_over_from_earlier_json": carried, "rows": rows,
               "per_epoch": {str(k): v for k, v in per_seed.items()}}
     aa = autoattack_markdown(rows)
@@ -721,7 +722,7 @@ def main() -> None:
                f"{routing}\n\n" if routing else "")
             + (f"CAAT's router on 20,000 training-pool examples, last checkpoint "
                f"(`benchmarks/caat_routing.py`):\n\n{diagnosis}\n\n" if diagnosis else "")
-            + f"`{command}` ({len(rows)} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
+            + f"`{command}` ({finished} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
             f"{args.parallel} runs side by side)."
             + (f" Carried over from the earlier JSON (their workdirs were on an earlier "
                f"machine; \"(earlier)\": a run trained again here): {', '.join(carried)}."
