@@ -289,6 +289,19 @@ def best_is_last(workdir: str) -> bool:
     return best is not None and best.get("step") == results["last"].get("step")
 
 
+def run_devices(workdir: str) -> list[str]:
+    """The devices a run trained on, from its metrics.jsonl `run` record ([] if none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("kind") == "run":
+                return list(record.get("devices", []))
+    return []
+
+
 def epoch_records(workdir: str) -> list[dict]:
     """The finished epochs' records of a run, finished or not (the last record of each epoch:
     a resumed run may have logged an epoch again)."""
@@ -626,7 +639,17 @@ def main() -> None:
                              "reported from their workdirs or carried over from the suite's JSON")
     parser.add_argument("--report_only", action="store_true",
                         help="write the tables from what the workdirs hold now; train nothing")
+    parser.add_argument("--tag", default="",
+                        help="results as fashion_mnist_<suite>_<tag> (JSON, .md, README "
+                             "markers), beside the suite's own, e.g. for another machine")
+    parser.add_argument("--trained_elsewhere", default="",
+                        help="with --report_only: what trained the workdirs under --root, and "
+                             "on what (a command and a machine); replaces this machine in the "
+                             "JSON and the caption")
     args = parser.parse_args()
+    if args.trained_elsewhere and not args.report_only:
+        raise SystemExit("--trained_elsewhere describes workdirs trained elsewhere: it needs "
+                         "--report_only (training here would make it untrue)")
     runs = suite_runs(args.suite)
     names = list(runs)
     unknown = sorted(set(args.runs or []) - set(names))
@@ -683,7 +706,8 @@ def main() -> None:
         per_run = {name: [epoch_row(e) for e in epoch_records(d)] for name, d in dirs.items()}
         with_wall_ratios(per_run, windows={n: train_windows(d, batch) for n, d in dirs.items()})
         per_seed[seed] = per_run
-    out = os.path.join(REPO, "benchmarks", "results", f"fashion_mnist_{args.suite}")
+    table = f"{args.suite}_{args.tag}" if args.tag else args.suite
+    out = os.path.join(REPO, "benchmarks", "results", f"fashion_mnist_{table}")
     previous = None
     if os.path.exists(out + ".json"):
         with open(out + ".json") as f:
@@ -699,9 +723,16 @@ def main() -> None:
                         *([] if shipped else [f"--epochs={args.epochs}",
                                               f"--train_size={args.train_size}"]),
                         "--seeds", *map(str, args.seeds)])
-    result = {"suite": args.suite, "command": command,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "parallel_runs": args.parallel, "cpu_devices_per_run": cpu_devices},
+    machine = ({"trained_elsewhere": args.trained_elsewhere} if args.trained_elsewhere else
+               {"platform": platform.platform(), "cpus": os.cpu_count(),
+                "parallel_runs": args.parallel, "cpu_devices_per_run": cpu_devices})
+    machine["devices_per_run"] = sorted({", ".join(d) for d in
+                                         (run_devices(workdir_row(r)) for r in rows) if d})
+    if args.trained_elsewhere:
+        command += f" --report_only --root=<the workdirs> --tag={args.tag}"
+    where = (args.trained_elsewhere if args.trained_elsewhere else
+             f"{os.cpu_count()} CPU cores, {args.parallel} runs side by side")
+    result = {"suite": args.suite, "command": command, "machine": machine,
               "epochs": None if shipped else args.epochs,
               "train_size": "full" if shipped else args.train_size, "seeds": args.seeds,
               "finished_runs": finished, "planned_runs": len(jobs),
@@ -722,8 +753,7 @@ def main() -> None:
                f"{routing}\n\n" if routing else "")
             + (f"CAAT's router on 20,000 training-pool examples, last checkpoint "
                f"(`benchmarks/caat_routing.py`):\n\n{diagnosis}\n\n" if diagnosis else "")
-            + f"`{command}` ({finished} of {len(jobs)} runs finished; {os.cpu_count()} CPU cores, "
-            f"{args.parallel} runs side by side)."
+            + f"`{command}` ({finished} of {len(jobs)} runs finished; {where})."
             + (f" Carried over from the earlier JSON (their workdirs were on an earlier "
                f"machine; \"(earlier)\": a run trained again here): {', '.join(carried)}."
                if carried else ""))
@@ -733,8 +763,8 @@ def main() -> None:
         f.write(text + "\n")
     print(json.dumps(result, indent=1))
     print(text)
-    if not write_readme_table(args.suite, text):
-        print(f"(README.md has no <!-- fashion_mnist_{args.suite} --> markers: not updated)")
+    if not write_readme_table(table, text):
+        print(f"(README.md has no <!-- fashion_mnist_{table} --> markers: not updated)")
 
 
 if __name__ == "__main__":

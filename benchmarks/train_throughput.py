@@ -134,9 +134,15 @@ def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[st
     return cell
 
 
-def vs_torch_cell(model: str, batch: int, repeats: int) -> dict[str, Any]:
-    """The jitted PGD-AT step over all host devices vs the eager PyTorch twin, interleaved."""
+def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu"
+                  ) -> dict[str, Any]:
+    """The jitted PGD-AT step over all of JAX's devices vs the eager PyTorch twin on
+    `torch_device`, interleaved. On CUDA the twin runs as research scripts run it there
+    (cudnn.benchmark on); its step ends with `float(loss)`, which waits for the GPU."""
     import torch
+
+    if torch_device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
 
     shape = SHAPES[model]
     config = make_config(model, "pgd_at", batch)
@@ -150,12 +156,12 @@ def vs_torch_cell(model: str, batch: int, repeats: int) -> dict[str, Any]:
 
     attack, train = config.attack, config.train
     twin = torch_models()[model]
-    net = twin(channels=shape[-1]) if model == "small_cnn" else twin()
+    net = (twin(channels=shape[-1]) if model == "small_cnn" else twin()).to(torch_device)
     torch_step = make_torch_pgd_at_step(
         net, eps=attack.eps, step_size=attack.step_size, steps=attack.steps, lr=train.lr,
         momentum=train.momentum, weight_decay=train.weight_decay)
-    x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    y_t = torch.from_numpy(labels.astype(np.int64))
+    x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(torch_device)
+    y_t = torch.from_numpy(labels.astype(np.int64)).to(torch_device)
 
     fresh = lambda s: jax.block_until_ready(jax.tree.map(jnp.copy, s))  # the step donates it
     t0 = time.perf_counter()
@@ -174,7 +180,8 @@ def vs_torch_cell(model: str, batch: int, repeats: int) -> dict[str, Any]:
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
     return {
         "batch": batch, "input_shape": list(shape), "attack_steps": int(attack.steps),
-        "jax_devices": len(mesh.devices.flat), "torch_threads": torch.get_num_threads(),
+        "jax_devices": len(mesh.devices.flat), "jax_backend": jax.default_backend(),
+        "torch_device": torch_device, "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "jax_seconds_per_step": round(jax_s, 4), "torch_seconds_per_step": round(torch_s, 4),
         "jax_images_per_s": round(batch / jax_s, 2),
@@ -209,7 +216,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["vs_torch"] = {}
         for model in args.models:
             batch = args.batch or (128 if model == "small_cnn" else 32)
-            result["vs_torch"][model] = vs_torch_cell(model, batch, args.repeats)
+            result["vs_torch"][model] = vs_torch_cell(model, batch, args.repeats,
+                                                      args.torch_device)
             print(f"# {model} vs torch: {json.dumps(result['vs_torch'][model])}",
                   file=sys.stderr, flush=True)
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -246,6 +254,9 @@ def main() -> None:
     p.add_argument("--vs_torch", action="store_true",
                    help="only the PGD-AT step against its eager PyTorch twin (needs torch); "
                         "default batch 128 small_cnn, 32 for the ResNets")
+    p.add_argument("--torch_device", default="cpu",
+                   help="where the PyTorch twin runs with --vs_torch: cpu, or cuda beside JAX "
+                        "on a GPU")
     p.add_argument("--cpu_devices", default="1",
                    help="host devices on the CPU ('auto': one per core); read before jax starts")
     args = p.parse_args()

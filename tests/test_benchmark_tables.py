@@ -170,3 +170,20 @@ def test_carry_over_keeps_earlier_runs_and_lets_local_workdirs_win():
     order = fmc.suite_order(["warm_start", "pgd_at", "trades", "caat"])
     assert [r["run"] for r in sorted(rows, key=lambda r: order(r["run"]))] == [
         "pgd_at", "trades", "trades (earlier)", "caat"]
+
+
+def test_run_devices_are_read_from_the_run_record(tmp_path):
+    """Tables of workdirs trained elsewhere (--trained_elsewhere) name the devices the runs
+    logged, not this machine's."""
+    assert fmc.run_devices(str(tmp_path)) == []  # no metrics.jsonl yet
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "run", "step": 0, "devices": ["cuda:0"]},
+        {"kind": "epoch", "epoch": 1, "step": 4}]))
+    assert fmc.run_devices(str(tmp_path)) == ["cuda:0"]
+
+
+def test_trained_elsewhere_needs_report_only(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["fashion_mnist_compare.py", "--suite=ham_full",
+                                      "--trained_elsewhere=an H200"])
+    with pytest.raises(SystemExit, match="needs --report_only"):
+        fmc.main()
