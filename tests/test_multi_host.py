@@ -1,7 +1,9 @@
 """Two processes on localhost as two hosts of one run (`jax.distributed`, CPU devices).
 
-For HAM (2 devices per process) and CAAT (1): both processes train into one workdir, are
-SIGKILLed after the first periodic checkpoint, are restarted with the same command and finish.
+For HAM (2 devices per process) and CAAT (1): both processes train into one workdir and are
+stopped after the first periodic checkpoint: HAM's both SIGKILLed (a crash), CAAT's by a SIGTERM
+to process 1 alone (a preemption notice that reached one host: both must stop at one step, with
+one checkpoint, and exit as interrupted). They are restarted with the same command and finish.
 Their final weights equal a one-process, one-device run of the same config and global batch
 (float tolerance: the cross-process sums reassociate), the per-class test counts are the same,
 and the logs and report are written by process 0 alone (each epoch recorded once, one
@@ -56,6 +58,7 @@ CHILD = textwrap.dedent(
     import numpy as np
 
     from hamjax.config import base_config, method_config
+    from hamjax.errors import TrainingInterrupted
     from hamjax.train import train_and_evaluate
 
     c = base_config()
@@ -88,7 +91,11 @@ CHILD = textwrap.dedent(
         # reassociated cross-device sum can flip a pixel's sign step; the sharded attack is
         # covered by HAM here.
         c.attack.eps, c.attack.steps = 0.0, 1
-    train_and_evaluate(c, workdir)
+    try:
+        train_and_evaluate(c, workdir)
+    except TrainingInterrupted as err:  # as launch.py ends an interrupted run
+        print("child interrupted", process_id, err, flush=True)
+        sys.exit(err.exit_code)
     print("child done", process_id, flush=True)
     """
 ).replace("@TRAIN_SIZE@", str(BATCH * STEPS_PER_EPOCH)).replace("@BATCH@", str(BATCH)).replace(
@@ -227,6 +234,32 @@ def _kill_after_first_checkpoint(children: list[Child], workdir: str, timeout: f
     return steps[0]
 
 
+def _sigterm_one_after_first_checkpoint(children: list[Child], workdir: str,
+                                        timeout: float) -> int:
+    """Once a periodic checkpoint is complete, SIGTERMs the last process only; every process
+    must then stop as interrupted (exit 143) at one step, saved. Returns that step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(c.proc.poll() is None for c in children):
+        if saved_steps(workdir):
+            children[-1].proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    else:
+        _kill(children)
+        pytest.fail(f"no checkpoint appeared in {workdir}/checkpoints before a process ended or"
+                    f" {timeout:.0f}s passed\n{_report(children)}")
+    while time.time() < deadline and any(c.proc.poll() is None for c in children):
+        time.sleep(0.1)
+    if any(c.proc.poll() is None for c in children):
+        _kill(children)
+        pytest.fail(f"a process did not stop after its peer's SIGTERM\n{_report(children)}")
+    codes = [c.proc.returncode for c in children]
+    assert codes == [143] * len(children), f"{codes}\n{_report(children)}"
+    assert "sent to another process" in _tail(children[0].stdout)
+    assert not os.path.exists(os.path.join(workdir, "report.json"))
+    return saved_steps(workdir)[-1]
+
+
 def _final_params(workdir: str) -> list[np.ndarray]:
     """The newest checkpoint's weights and BN statistics as host arrays, whatever the devices
     that saved them (the saving mesh does not exist in this process)."""
@@ -256,9 +289,11 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path, method, lo
         children = _start(script, method, single, 1, logs, "single", cache)
         _wait(children, LAUNCH_TIMEOUT_S)
 
-        children = _start(script, method, multi, 2, logs, "multi-killed", cache, local_devices)
-        killed_at = _kill_after_first_checkpoint(children, multi, LAUNCH_TIMEOUT_S)
-        assert 0 < killed_at < EPOCHS * STEPS_PER_EPOCH
+        children = _start(script, method, multi, 2, logs, "multi-stopped", cache, local_devices)
+        stop = _kill_after_first_checkpoint if method == "ham" else \
+            _sigterm_one_after_first_checkpoint
+        stopped_at = stop(children, multi, LAUNCH_TIMEOUT_S)
+        assert 0 < stopped_at < EPOCHS * STEPS_PER_EPOCH
 
         children = _start(script, method, multi, 2, logs, "multi-resumed", cache, local_devices)
         _wait(children, LAUNCH_TIMEOUT_S)

@@ -277,6 +277,7 @@ class Trainer:
                                       self.mesh, config.eval.batch_size)
         self._eval_cache: dict = {}
         self._stop_signal: int | None = None  # set by a SIGTERM/SIGINT during `run`
+        self._stop_agreed: int | None = None  # the signal every process stops for (`_should_stop`)
 
     # ----------------------------------------------------------------------------- state
     def initial_state(self) -> tuple[TrainState, dict]:
@@ -400,7 +401,7 @@ class Trainer:
         or a checkpoint write could leave either half done); a second one acts at once, as the
         previous handler would. Previous handlers come back on exit. Signals that were ignored
         stay ignored; off the main thread (where Python allows no handlers) nothing is caught."""
-        self._stop_signal = None
+        self._stop_signal = self._stop_agreed = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -426,10 +427,29 @@ class Trainer:
             for s, before in previous.items():
                 signal.signal(s, before if before is not None else signal.SIG_DFL)
 
+    def _should_stop(self) -> bool:
+        """Whether the run stops here for a SIGTERM/SIGINT. One process: whether it got one.
+        Several: whether any of them did, gathered from all (a collective, so it is asked at
+        the same steps on every process): a signal that reached one host, or reached the hosts
+        at different steps, stops them all at one step, with one checkpoint. Each deciding
+        alone, one host would save and leave while the others wait in its collectives."""
+        if self._stop_agreed is not None:
+            return True
+        if jax.process_count() == 1:
+            self._stop_agreed = self._stop_signal
+        else:
+            from jax.experimental import multihost_utils
+
+            signums = multihost_utils.process_allgather(np.int32(self._stop_signal or 0))
+            self._stop_agreed = int(np.max(signums)) or None
+        return self._stop_agreed is not None
+
     def _stop(self, state: TrainState) -> None:
         """Ends an interrupted run once its state is saved: one line saying how to resume."""
-        signum = self._stop_signal
+        signum = self._stop_agreed
         name = signal.Signals(signum).name
+        if signum != self._stop_signal:
+            name += " (sent to another process of this run)"
         saved = self.checkpointer.latest_step()  # waits for the write
         where = resolve(self.workdir) / "checkpoints"
         if saved is None:
@@ -478,11 +498,11 @@ class Trainer:
                        f"{spe} steps/epoch, {jax.device_count()} device(s)")
 
         while int(state.step) < total_steps:
-            if self._stop_signal is not None:  # the state here is already saved
+            if self._should_stop():  # the state here is already saved
                 self._stop(state)
             epoch, start = divmod(int(state.step), spe)
             state, meta = self._train_epoch(compiled, state, meta, epoch, start)
-        if self._stop_signal is not None:
+        if self._should_stop():
             self._stop(state)
         return state, meta
 
@@ -516,9 +536,13 @@ class Trainer:
                 self.log.write("train", step + 1, epoch=epoch, images_per_s=rate, **metrics)
                 self._check_finite(pending)
             # A signal is served like a periodic save: the partial-epoch record makes the resumed
-            # epoch's ledger and metrics exactly those of an uninterrupted one.
-            stopping = self._stop_signal is not None and not last_in_epoch
+            # epoch's ledger and metrics exactly those of an uninterrupted one. Several processes
+            # agree on it at log and checkpoint steps only (a collective); the epoch's end is
+            # served by `_train`.
             periodic = (step + 1) % cfg.train.checkpoint_every_steps == 0 and not last_in_epoch
+            asked = (jax.process_count() == 1 or periodic
+                     or (step + 1) % cfg.train.log_every_steps == 0)
+            stopping = not last_in_epoch and asked and self._should_stop()
             if periodic or stopping:
                 self._check_finite(pending)
                 epoch_record = _fold_sums(epoch_record, sums, i + 1 - counted_from)
