@@ -215,23 +215,27 @@ def _wait(children: list[Child], timeout: float) -> None:
         pytest.fail(f"a process failed\n{_report(children)}")
 
 
-def _kill_after_first_checkpoint(children: list[Child], workdir: str, timeout: float) -> int:
-    """SIGKILLs every process once a periodic checkpoint is complete; returns its step."""
-    deadline = time.time() + timeout
+def _first_checkpoint(children: list[Child], workdir: str, deadline: float) -> int:
+    """Waits until a periodic checkpoint is complete while every process runs; returns its
+    step, or kills them all and fails the test at the deadline or when one ends first."""
     while time.time() < deadline and all(c.proc.poll() is None for c in children):
         steps = saved_steps(workdir)
         if steps:
-            _kill(children)
-            break
+            return steps[0]
         time.sleep(0.02)
-    else:
-        _kill(children)
-        pytest.fail(f"no checkpoint appeared in {workdir}/checkpoints before a process ended or"
-                    f" {timeout:.0f}s passed\n{_report(children)}")
+    _kill(children)
+    pytest.fail(f"no checkpoint appeared in {workdir}/checkpoints before a process ended or"
+                f" the deadline passed\n{_report(children)}")
+
+
+def _kill_after_first_checkpoint(children: list[Child], workdir: str, timeout: float) -> int:
+    """SIGKILLs every process once a periodic checkpoint is complete; returns its step."""
+    step = _first_checkpoint(children, workdir, time.time() + timeout)
+    _kill(children)
     killed = [c.proc.returncode == -signal.SIGKILL for c in children]
     assert all(killed), f"a process ended before it could be killed\n{_report(children)}"
     assert not os.path.exists(os.path.join(workdir, "report.json"))
-    return steps[0]
+    return step
 
 
 def _sigterm_one_after_first_checkpoint(children: list[Child], workdir: str,
@@ -239,15 +243,8 @@ def _sigterm_one_after_first_checkpoint(children: list[Child], workdir: str,
     """Once a periodic checkpoint is complete, SIGTERMs the last process only; every process
     must then stop as interrupted (exit 143) at one step, saved. Returns that step."""
     deadline = time.time() + timeout
-    while time.time() < deadline and all(c.proc.poll() is None for c in children):
-        if saved_steps(workdir):
-            children[-1].proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    else:
-        _kill(children)
-        pytest.fail(f"no checkpoint appeared in {workdir}/checkpoints before a process ended or"
-                    f" {timeout:.0f}s passed\n{_report(children)}")
+    _first_checkpoint(children, workdir, deadline)
+    children[-1].proc.send_signal(signal.SIGTERM)
     while time.time() < deadline and any(c.proc.poll() is None for c in children):
         time.sleep(0.1)
     if any(c.proc.poll() is None for c in children):
