@@ -20,11 +20,11 @@ import json
 import os
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
+from hamjax.compile_options import jit
 from hamjax.errors import ConfigError
 from hamjax.methods import get_method
 from hamjax.methods.caat_routing import (
@@ -91,7 +91,7 @@ def analyse(workdir: str, checkpoint: str = "last", examples: int = 20000,
 
     lottery_params = {s: untrained_meta_params(ctx, s) for s in init_seeds}
 
-    @jax.jit
+    @jit
     def both(x, y):
         trained = batch_routing(ctx, state.params, state.batch_stats, ms, ms["meta_params"], x, y)
         features = trained["features"]  # one forward pass serves every router

@@ -53,6 +53,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.attacks import pgd
+from hamjax.compile_options import compiler_options, jit
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import parse_attacks
 from hamjax.models import build_model, init_variables, make_logits_fn
@@ -82,7 +83,7 @@ def jax_pgd(model, variables, x: np.ndarray, repeats: int) -> dict[str, Any]:
     logits_fn = make_logits_fn(model, variables)
     y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
 
-    @jax.jit
+    @jit
     def attack(variables, x, y, key):
         x_adv, info = pgd(make_logits_fn(model, variables), x, y, key, eps=EPS, step_size=STEP,
                           steps=20)
@@ -192,6 +193,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "jax": jax.__version__, "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
+        "compiler_options": compiler_options(),
         "load_average_at_start": list(os.getloadavg()),
     }
     try:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from hamjax.compile_options import compiler_options, jit
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.methods import available_methods, get_method
 from hamjax.models import build_model
@@ -98,7 +99,7 @@ def make_step(config, shape: tuple[int, int, int], mesh=None):
     method = get_method(config.method.name)
     state = create_train_state(ctx, method, seed=0)
     if mesh is None:
-        return jax.jit(make_train_step(ctx, method)), state, method
+        return jit(make_train_step(ctx, method)), state, method
     return jit_train_step(make_train_step(ctx, method), mesh), put_replicated(state, mesh), method
 
 
@@ -202,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "jax": jax.__version__, "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()],
+                    "compiler_options": compiler_options(),
                     "load_average_at_start": list(os.getloadavg())},
         "settings": {"training_attack": "PGD-10, eps 8/255, step 2/255 (base_config)",
                      "data": "random images and labels", "repeats": args.repeats,

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from hamjax.compile_options import jit
 from hamjax.errors import ConfigError
 from hamjax.metrics import PerClassCounts
 from hamjax.sharding import process_rows, put_replicated, replicated, shard_batch
@@ -170,7 +171,7 @@ class Driver:
         if key not in self._compiled:
             t0 = time.perf_counter()
             rep = replicated(self.mesh)
-            jitted = jax.jit(fn, in_shardings=(rep, None, rep), out_shardings=rep)
+            jitted = jit(fn, in_shardings=(rep, None, rep), out_shardings=rep)
             self._compiled[key] = jitted.lower(*args).compile()
             record.compile_seconds += time.perf_counter() - t0
         return self._compiled[key]

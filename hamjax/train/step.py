@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from hamjax.compile_options import jit
 from hamjax.data import augment, images_to_float
 from hamjax.sharding import batch_sharding, replicated
 from hamjax.train.optim import set_learning_rate
@@ -75,7 +76,7 @@ def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tu
 
 def jit_train_step(train_step, mesh: Mesh):
     """jit with the state replicated and the batch split on its leading axis; no pmap."""
-    return jax.jit(
+    return jit(
         train_step,
         in_shardings=(replicated(mesh), batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
