@@ -616,7 +616,7 @@ def write_readme_table(suite: str, text: str, readme: str = os.path.join(REPO, "
     return True
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--suite", default="ham")
     parser.add_argument("--epochs", type=int, default=4, help="(not for the shipped suites)")
@@ -646,7 +646,36 @@ def main() -> None:
                         help="with --report_only: what trained the workdirs under --root, and "
                              "on what (a command and a machine); replaces this machine in the "
                              "JSON and the caption")
-    args = parser.parse_args()
+    return parser
+
+
+# Options that shape no run or table: where the workdirs are is given as a placeholder instead.
+_NOT_REPRODUCED = {"suite", "seeds", "report_only", "trained_elsewhere", "root"}
+
+
+def reproducing_command(args: argparse.Namespace, shipped: bool) -> str:
+    """The command line that reproduces this invocation's tables: the suite, every option given
+    a value other than its default (--runs, the AutoAttack options, ...) and the seeds. Shipped
+    suites train on the full split, so --epochs/--train_size are left out for them."""
+    defaults = vars(make_parser().parse_args([]))
+    parts = ["python benchmarks/fashion_mnist_compare.py", f"--suite={args.suite}"]
+    for key, value in vars(args).items():
+        if key in _NOT_REPRODUCED or (shipped and key in ("epochs", "train_size")):
+            continue
+        if value == defaults[key] and (shipped or key not in ("epochs", "train_size")):
+            continue
+        parts += ([f"--{key}", *map(str, value)] if isinstance(value, list)
+                  else [f"--{key}={value}"])
+    parts += ["--seeds", *map(str, args.seeds)]
+    if args.trained_elsewhere:
+        parts += ["--report_only", "--root=<the workdirs>"]
+    elif args.root != defaults["root"]:
+        parts.append("--root=<the workdirs>")
+    return " ".join(parts)
+
+
+def main() -> None:
+    args = make_parser().parse_args()
     if args.trained_elsewhere and not args.report_only:
         raise SystemExit("--trained_elsewhere describes workdirs trained elsewhere: it needs "
                          "--report_only (training here would make it untrue)")
@@ -719,17 +748,12 @@ def main() -> None:
         per_seed[seed] = {n: per_seed[seed][n] for n in sorted(per_seed[seed], key=order)}
     finished = sum(not r["run"].endswith(EARLIER) for r in rows)  # an "(earlier)" row is extra
     shipped = all("config_file" in r for r in runs.values())  # shipped configs, full split
-    command = " ".join(["python benchmarks/fashion_mnist_compare.py", f"--suite={args.suite}",
-                        *([] if shipped else [f"--epochs={args.epochs}",
-                                              f"--train_size={args.train_size}"]),
-                        "--seeds", *map(str, args.seeds)])
+    command = reproducing_command(args, shipped)
     machine = ({"trained_elsewhere": args.trained_elsewhere} if args.trained_elsewhere else
                {"platform": platform.platform(), "cpus": os.cpu_count(),
                 "parallel_runs": args.parallel, "cpu_devices_per_run": cpu_devices})
     machine["devices_per_run"] = sorted({", ".join(d) for d in
                                          (run_devices(workdir_row(r)) for r in rows) if d})
-    if args.trained_elsewhere:
-        command += f" --report_only --root=<the workdirs> --tag={args.tag}"
     where = (args.trained_elsewhere if args.trained_elsewhere else
              f"{os.cpu_count()} CPU cores, {args.parallel} runs side by side")
     result = {"suite": args.suite, "command": command, "machine": machine,

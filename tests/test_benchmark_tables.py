@@ -187,3 +187,29 @@ def test_trained_elsewhere_needs_report_only(monkeypatch):
                                       "--trained_elsewhere=an H200"])
     with pytest.raises(SystemExit, match="needs --report_only"):
         fmc.main()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--suite=noisy_full", "--seeds", "0", "--autoattack_checkpoints", "last",
+      "--runs", "frl_rwrm", "caat_floor0.5"],
+     "python benchmarks/fashion_mnist_compare.py --suite=noisy_full --autoattack_checkpoints last"
+     " --runs frl_rwrm caat_floor0.5 --seeds 0"),
+    (["--suite=ham_full", "--seeds", "0", "1", "2", "--autoattack_examples=250", "--report_only",
+      "--tag=h200", "--trained_elsewhere=an H200", "--root=/data/runs"],
+     "python benchmarks/fashion_mnist_compare.py --suite=ham_full --autoattack_examples=250"
+     " --tag=h200 --seeds 0 1 2 --report_only --root=<the workdirs>"),
+    (["--suite=ham", "--seeds", "3"],
+     "python benchmarks/fashion_mnist_compare.py --suite=ham --epochs=4 --train_size=10000"
+     " --seeds 3"),
+])
+def test_recorded_command_reproduces_the_invocation(argv, expected):
+    args = fmc.make_parser().parse_args(argv)
+    shipped = all("config_file" in r for r in fmc.suite_runs(args.suite).values())
+    command = fmc.reproducing_command(args, shipped)
+    assert command == expected
+    # Parsing the recorded command gives back every option that shapes the runs and tables.
+    replayed = fmc.make_parser().parse_args(
+        command.replace(" --root=<the workdirs>", "").split()[2:])
+    for key in ("suite", "seeds", "runs", "autoattack_examples", "autoattack_checkpoints",
+                "epochs", "train_size", "tag", "parallel", "cpu_devices"):
+        assert getattr(replayed, key) == getattr(args, key), key
