@@ -351,15 +351,17 @@ def test_default_model_config_fields():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 0), (0, 0)), ((0, 1), (2, 0))])
-@pytest.mark.parametrize("size", [7, 8])
-def test_canonical_conv_matches_xla_value_and_gradients(stride, padding, size):
+@pytest.mark.parametrize(
+    "padding", [((1, 1), (1, 1)), ((0, 0), (0, 0)), ((0, 1), (2, 0)), ((2, 2), (3, 1))])
+@pytest.mark.parametrize("size", [7, 8])  # 8: stride 2's input gradient goes by phases
+@pytest.mark.parametrize("kernel", [1, 3])  # 1 at stride 2: phases no tap reaches
+def test_canonical_conv_matches_xla_value_and_gradients(stride, padding, size, kernel):
     """The CPU conv with a hand-written layout-canonical VJP is the same function as XLA's."""
     from hamjax.models.layers import canonical_conv
 
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(stride + size), 3)
     x = jax.random.normal(kx, (3, size, size, 4))
-    w = jax.random.normal(kw, (3, 3, 4, 5))
+    w = jax.random.normal(kw, (kernel, kernel, 4, 5))
     dn = ("NHWC", "HWIO", "NHWC")
 
     def ref(x, w):

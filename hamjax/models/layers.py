@@ -130,7 +130,9 @@ def classifier_head(
 # emits (transposed kernel, batch-as-feature weight gradient) run on a naive path ~30x slower once
 # they sit inside a `while` body (every PGD loop) or a `lax.switch` branch (HAM's buckets); see
 # jax-ml/jax#12868. `canonical_conv` has the same value and gradients but writes its VJP with
-# plain NHWC/HWIO convs, which stay fast everywhere. Used on CPU only; GPU/TPU keep XLA's own VJP.
+# plain NHWC/HWIO convs, which stay fast everywhere; a strided conv's input gradient goes by
+# output phases (`_strided_input_grad`) instead of an lhs-dilated conv that multiplies zeros.
+# Used on CPU only; GPU/TPU keep XLA's own VJP.
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -158,12 +160,54 @@ def _canonical_conv_fwd(x, w, strides, padding):
     return _canonical_conv(x, w, strides, padding), (x, w)
 
 
+def _phase_taps(n: int, k: int, s: int, lo: int, out: int, phase: int):
+    """One axis of a strided conv's input gradient, for the inputs j = s*a + phase: the kernel
+    taps that reach them (start c, count m: taps c, c+s, ...) and the (low, high) padding of the
+    output gradient for a stride-1 correlation with those taps reversed (n/s outputs)."""
+    c = (phase + lo) % s
+    m = -(-(k - c) // s) if k > c else 0
+    low = (m - 1) - (phase + lo) // s
+    return c, m, (low, n // s - out - low + m - 1)
+
+
+def _strided_input_grad(g, w, x_shape, strides, padding):
+    """dx of a strided conv as s_h * s_w stride-1 correlations of g, one per output phase,
+    interleaved: the same sums as the lhs-dilated conv without the (s_h s_w - 1)/(s_h s_w) of
+    its multiplies that fall on inserted zeros (XLA:CPU runs that conv 2-3x slower than the
+    forward). Needs each strided input size divisible by its stride."""
+    (n_h, n_w), (s_h, s_w) = x_shape[1:3], strides
+    rows = []
+    for p_h in range(s_h):
+        c_h, m_h, pad_h = _phase_taps(n_h, w.shape[0], s_h, padding[0][0], g.shape[1], p_h)
+        row = []
+        for p_w in range(s_w):
+            c_w, m_w, pad_w = _phase_taps(n_w, w.shape[1], s_w, padding[1][0], g.shape[2], p_w)
+            shape = (g.shape[0], n_h // s_h, n_w // s_w, x_shape[3])
+            if m_h == 0 or m_w == 0:  # no tap reaches this phase (e.g. a 1x1 stride-2 conv)
+                row.append(jnp.zeros(shape, g.dtype))
+                continue
+            taps = w[c_h:c_h + s_h * (m_h - 1) + 1:s_h, c_w:c_w + s_w * (m_w - 1) + 1:s_w]
+            taps = jnp.swapaxes(jnp.flip(taps, (0, 1)), 2, 3)
+            # a negative padding crops g (only with paddings wider than the kernel's reach)
+            crop = g[:, max(-pad_h[0], 0):g.shape[1] - max(-pad_h[1], 0),
+                     max(-pad_w[0], 0):g.shape[2] - max(-pad_w[1], 0)]
+            pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in (pad_h, pad_w))
+            row.append(jax.lax.conv_general_dilated(crop, taps, (1, 1), pads,
+                                                    dimension_numbers=_DN))
+        rows.append(jnp.stack(row, axis=3))  # B, n_h/s_h, n_w/s_w, s_w, C
+    phased = jnp.stack(rows, axis=2)  # B, n_h/s_h, s_h, n_w/s_w, s_w, C
+    return phased.reshape(x_shape[0], n_h, n_w, x_shape[3])
+
+
 def _canonical_conv_bwd(strides, padding, res, g):
     x, w = res
     lhs_pad, rhs_pad = _vjp_paddings(x.shape[1:3], w.shape[:2], strides, g.shape[1:3], padding)
-    w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
-    dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), lhs_pad, lhs_dilation=strides,
-                                      dimension_numbers=_DN)
+    if strides != (1, 1) and all(n % s == 0 for n, s in zip(x.shape[1:3], strides, strict=True)):
+        dx = _strided_input_grad(g, w, x.shape, strides, padding)
+    else:
+        w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
+        dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), lhs_pad, lhs_dilation=strides,
+                                          dimension_numbers=_DN)
     dw = jax.lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)),
                                       jnp.transpose(g, (1, 2, 0, 3)), (1, 1), rhs_pad,
                                       rhs_dilation=strides, dimension_numbers=_DN)
