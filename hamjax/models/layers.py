@@ -170,6 +170,39 @@ def _phase_taps(n: int, k: int, s: int, lo: int, out: int, phase: int):
     return c, m, (low, n // s - out - low + m - 1)
 
 
+def _flips_activations(g_shape, w_shape, padding) -> bool:
+    """Whether `_transposed_correlation` reverses g and its result instead of the kernel: when
+    the kernel holds more elements than both activations (deep layers at small spatial size)."""
+    out_hw = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(g_shape[1:3], padding, w_shape[:2],
+                                                            strict=True)]
+    activations = g_shape[0] * g_shape[1] * g_shape[2] * w_shape[3]
+    activations += g_shape[0] * out_hw[0] * out_hw[1] * w_shape[2]
+    return w_shape[0] * w_shape[1] * w_shape[2] * w_shape[3] > activations
+
+
+def _transposed_correlation(g, w, padding):
+    """Stride-1 correlation of g (B,H,W,O) with w (kh,kw,I,O) reversed in space and with its
+    channels swapped: a conv's input gradient. XLA:CPU runs the fused reverse+transpose of a
+    3x3x512x512 kernel 5x slower than a plain transpose (6 ms, inside every PGD iteration), so
+    when the kernel outweighs the activations the reversal moves onto them:
+    corr(g, flip(w)) = flip(corr(flip(g), w)) with the padding mirrored."""
+    w_io = jnp.swapaxes(w, 2, 3)
+    if not _flips_activations(g.shape, w.shape, padding):
+        return _correlate(g, jnp.flip(w_io, (0, 1)), padding)
+    mirrored = tuple((hi, lo) for lo, hi in padding)
+    return jnp.flip(_correlate(jnp.flip(g, (1, 2)), w_io, mirrored), (1, 2))
+
+
+def _correlate(g, w, padding):
+    """Stride-1 NHWC/HWIO correlation where a negative padding crops g by slicing: XLA:CPU's
+    conv with a negative low padding gets the last output column wrong (jaxlib 0.10.2; its own
+    VJP of a conv padded wider than the kernel's reach inherits the error)."""
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    crop = g[:, max(-lo_h, 0):g.shape[1] - max(-hi_h, 0), max(-lo_w, 0):g.shape[2] - max(-hi_w, 0)]
+    pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
+    return jax.lax.conv_general_dilated(crop, w, (1, 1), pads, dimension_numbers=_DN)
+
+
 def _strided_input_grad(g, w, x_shape, strides, padding):
     """dx of a strided conv as s_h * s_w stride-1 correlations of g, one per output phase,
     interleaved: the same sums as the lhs-dilated conv without the (s_h s_w - 1)/(s_h s_w) of
@@ -187,13 +220,7 @@ def _strided_input_grad(g, w, x_shape, strides, padding):
                 row.append(jnp.zeros(shape, g.dtype))
                 continue
             taps = w[c_h:c_h + s_h * (m_h - 1) + 1:s_h, c_w:c_w + s_w * (m_w - 1) + 1:s_w]
-            taps = jnp.swapaxes(jnp.flip(taps, (0, 1)), 2, 3)
-            # a negative padding crops g (only with paddings wider than the kernel's reach)
-            crop = g[:, max(-pad_h[0], 0):g.shape[1] - max(-pad_h[1], 0),
-                     max(-pad_w[0], 0):g.shape[2] - max(-pad_w[1], 0)]
-            pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in (pad_h, pad_w))
-            row.append(jax.lax.conv_general_dilated(crop, taps, (1, 1), pads,
-                                                    dimension_numbers=_DN))
+            row.append(_transposed_correlation(g, taps, (pad_h, pad_w)))
         rows.append(jnp.stack(row, axis=3))  # B, n_h/s_h, n_w/s_w, s_w, C
     phased = jnp.stack(rows, axis=2)  # B, n_h/s_h, s_h, n_w/s_w, s_w, C
     return phased.reshape(x_shape[0], n_h, n_w, x_shape[3])
@@ -204,6 +231,8 @@ def _canonical_conv_bwd(strides, padding, res, g):
     lhs_pad, rhs_pad = _vjp_paddings(x.shape[1:3], w.shape[:2], strides, g.shape[1:3], padding)
     if strides != (1, 1) and all(n % s == 0 for n, s in zip(x.shape[1:3], strides, strict=True)):
         dx = _strided_input_grad(g, w, x.shape, strides, padding)
+    elif strides == (1, 1):
+        dx = _transposed_correlation(g, w, lhs_pad)
     else:
         w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
         dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), lhs_pad, lhs_dilation=strides,
