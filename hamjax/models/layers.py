@@ -131,7 +131,7 @@ def classifier_head(
 # they sit inside a `while` body (every PGD loop) or a `lax.switch` branch (HAM's buckets); see
 # jax-ml/jax#12868. `canonical_conv` has the same value and gradients but writes its VJP with
 # plain NHWC/HWIO convs, which stay fast everywhere; a strided conv's input gradient goes by
-# output phases (`_strided_input_grad`) instead of an lhs-dilated conv that multiplies zeros.
+# output phases (`_phased_input_grad`) instead of an lhs-dilated conv that multiplies zeros.
 # Used on CPU only; GPU/TPU keep XLA's own VJP.
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -172,7 +172,8 @@ def _phase_taps(n: int, k: int, s: int, lo: int, out: int, phase: int):
 
 def _flips_activations(g_shape, w_shape, padding) -> bool:
     """Whether `_transposed_correlation` reverses g and its result instead of the kernel: when
-    the kernel holds more elements than both activations (deep layers at small spatial size)."""
+    the kernel holds more elements than g and the result together (deep layers at small spatial
+    size)."""
     out_hw = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(g_shape[1:3], padding, w_shape[:2],
                                                             strict=True)]
     activations = g_shape[0] * g_shape[1] * g_shape[2] * w_shape[3]
@@ -203,11 +204,11 @@ def _correlate(g, w, padding):
     return jax.lax.conv_general_dilated(crop, w, (1, 1), pads, dimension_numbers=_DN)
 
 
-def _strided_input_grad(g, w, x_shape, strides, padding):
-    """dx of a strided conv as s_h * s_w stride-1 correlations of g, one per output phase,
-    interleaved: the same sums as the lhs-dilated conv without the (s_h s_w - 1)/(s_h s_w) of
-    its multiplies that fall on inserted zeros (XLA:CPU runs that conv 2-3x slower than the
-    forward). Needs each strided input size divisible by its stride."""
+def _phased_input_grad(g, w, x_shape, strides, padding):
+    """dx of a conv as s_h * s_w stride-1 correlations of g, one per output phase, interleaved
+    (stride 1: one phase): the same sums as the lhs-dilated conv without the
+    (s_h s_w - 1)/(s_h s_w) of its multiplies that fall on inserted zeros (XLA:CPU runs that
+    conv 2-3x slower than the forward). Needs each input size divisible by its stride."""
     (n_h, n_w), (s_h, s_w) = x_shape[1:3], strides
     rows = []
     for p_h in range(s_h):
@@ -229,10 +230,8 @@ def _strided_input_grad(g, w, x_shape, strides, padding):
 def _canonical_conv_bwd(strides, padding, res, g):
     x, w = res
     lhs_pad, rhs_pad = _vjp_paddings(x.shape[1:3], w.shape[:2], strides, g.shape[1:3], padding)
-    if strides != (1, 1) and all(n % s == 0 for n, s in zip(x.shape[1:3], strides, strict=True)):
-        dx = _strided_input_grad(g, w, x.shape, strides, padding)
-    elif strides == (1, 1):
-        dx = _transposed_correlation(g, w, lhs_pad)
+    if all(n % s == 0 for n, s in zip(x.shape[1:3], strides, strict=True)):
+        dx = _phased_input_grad(g, w, x.shape, strides, padding)
     else:
         w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
         dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), lhs_pad, lhs_dilation=strides,
