@@ -1,4 +1,4 @@
-"""CAAT on Fashion-MNIST with the small CNN: a real run sized for 2 CPU cores.
+"""CAAT on Fashion-MNIST with the MNIST-family CNN: a real run sized for 2 CPU cores.
 
     python launch.py --config=configs/fashion_mnist_pgdat.py --workdir=runs/fmnist_pgdat
     python launch.py --config=configs/fashion_mnist_caat.py --workdir=runs/fmnist_caat \
@@ -22,9 +22,9 @@ def get_config(variant: str = ""):
     config.data.name = "fashion_mnist"
     config.data.val_size = 0
     config.data.meta_per_class = 100
-    config.data.augment.crop_pad = 2
+    config.data.augment.crop_pad = 0
     config.data.augment.flip = False
-    config.model.name = "small_cnn"
+    config.model.name = "fmnist_cnn"
     config.method = method_config("caat")
     config.attack.eps = 0.1
     config.attack.step_size = 0.025

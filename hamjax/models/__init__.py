@@ -11,12 +11,14 @@ from hamjax.models.api import (
     model_names,
     register_model,
 )
+from hamjax.models.fmnist_cnn import FashionMNISTCNN
 from hamjax.models.preact_resnet import PreActResNet18
 from hamjax.models.small_cnn import SmallCNN
 from hamjax.models.wide_resnet import WideResNet
 
 __all__ = [
     "BN_MODES",
+    "FashionMNISTCNN",
     "PreActResNet18",
     "SmallCNN",
     "WideResNet",

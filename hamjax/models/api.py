@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hamjax.errors import ConfigError
+from hamjax.models.fmnist_cnn import FashionMNISTCNN
 from hamjax.models.layers import compute_dtype
 from hamjax.models.preact_resnet import PreActResNet18
 from hamjax.models.small_cnn import SmallCNN
@@ -60,6 +61,7 @@ def _wrn_factory(default_depth: int | None, default_width: int | None) -> ModelF
 
 
 register_model("small_cnn", lambda cfg, c, m, s, d: SmallCNN(c, m, s, d))
+register_model("fmnist_cnn", lambda cfg, c, m, s, d: FashionMNISTCNN(c, m, s, d))
 register_model("preact_resnet18", lambda cfg, c, m, s, d: PreActResNet18(c, m, s, d))
 register_model("wrn34_10", _wrn_factory(34, 10))
 register_model("wideresnet", _wrn_factory(None, None))
