@@ -56,6 +56,7 @@ from hamjax.attacks import pgd
 from hamjax.compile_options import compiler_options, jit
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import parse_attacks
+from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.models import build_model, init_variables, make_logits_fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -99,8 +100,14 @@ def jax_pgd(model, variables, x: np.ndarray, repeats: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         fooled.append(float(np.mean(success)))
     sec = statistics.median(times)
+    args = (variables, x, y, jax.random.PRNGKey(0))
+    counted, notes = jaxpr_flops(attack, *args)
+    flop_fields = flop_report(counted, sec, "float32",
+                              xla_flops=compiled_flops(attack.lower(*args).compile()),
+                              notes=notes)
     return {"images_per_s": len(x) / sec, "seconds_per_batch": sec,
-            "first_call_seconds_incl_compile": compile_s, "fooled": statistics.mean(fooled)}
+            "first_call_seconds_incl_compile": compile_s, "fooled": statistics.mean(fooled),
+            **flop_fields}
 
 
 def jax_autoattack(model, variables, x: np.ndarray, aa: dict, eps: float,
@@ -193,8 +200,10 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "jax": jax.__version__, "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
-        "compiler_options": compiler_options(),
+        "compiler_options": compiler_options(), "cpu_isa": cpu_isa(),
         "load_average_at_start": list(os.getloadavg()),
+        "flops": "PGD cells count their FLOPs (hamjax.flops); AutoAttack's depend on which "
+                 "examples each stage still attacks and on Square's early stop: not counted",
     }
     try:
         import torch

@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.config import base_config, method_config
+from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import get_method
 from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes
 from hamjax.models import build_model
@@ -171,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         })
 
     device = jax.devices()[0]
+    pgd_flops, notes = jaxpr_flops(pgd_step, pgd_state, batch)
     return {
         "model": args.model, "batch": args.batch, "image_size": args.image_size,
         "K": steps, "M": m, "devices": devices,
@@ -178,6 +180,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats, "device": f"{device.platform}:{device.device_kind}",
         "conv": "hamjax.models.layers.conv_impl() = " + conv_impl().__name__,
         "pgd_at_seconds": round(statistics.median(t_pgd), 5),
+        # HAM's FLOPs depend on the hard set; PGD-AT's fix the scale (HAM's ~ ideal_ratio x these)
+        "pgd_at_flops": flop_report(pgd_flops, statistics.median(t_pgd), config.model.dtype,
+                                    list(mesh.devices.flat),
+                                    xla_flops=compiled_flops(pgd_step.lower(pgd_state, batch)
+                                                             .compile()), notes=notes),
+        "cpu_isa": cpu_isa() if device.platform == "cpu" else None,
         "ham": rows,
         "masked_reference_at_0.25": {
             "seconds": round(statistics.median(times["masked@0.25"]), 5),

@@ -8,8 +8,8 @@ NUM_CLASSES = 10
 
 
 def torch_models():
-    """The PyTorch twins of hamjax's SmallCNN and PreActResNet18 (same layers, BN eps/momentum,
-    normalisation inside forward, [0, 1] NCHW in, logits out)."""
+    """The PyTorch twins of hamjax's SmallCNN, FashionMNISTCNN and PreActResNet18 (same layers,
+    BN eps/momentum, normalisation inside forward, [0, 1] NCHW in, logits out)."""
     import torch
     from torch import nn
 
@@ -38,6 +38,23 @@ def torch_models():
 
         def forward(self, x):
             return self.head(self.features(x).mean(dim=(2, 3)))
+
+    class FashionMNISTCNN(nn.Module):
+        """Twin of hamjax's fmnist_cnn: two conv-BN-ReLU-maxpool blocks, dense 256."""
+
+        def __init__(self, channels: int = 1, num_classes: int = NUM_CLASSES):
+            super().__init__()
+            layers: list[nn.Module] = [Normalize(channels)]
+            for width in (32, 64):
+                layers += [nn.Conv2d(channels, width, 3, 1, 1, bias=False), bn(width),
+                           nn.ReLU(), nn.MaxPool2d(2)]
+                channels = width
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(7 * 7 * 64, 256), nn.ReLU(),
+                                      nn.Linear(256, num_classes))
+
+        def forward(self, x):
+            return self.head(self.features(x))
 
     class PreActBlock(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int):
@@ -73,7 +90,8 @@ def torch_models():
             out = self.blocks(self.conv1(self.norm(x)))
             return self.linear(torch.relu(self.bn(out)).mean(dim=(2, 3)))
 
-    return {"small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
+    return {"small_cnn": SmallCNN, "fmnist_cnn": FashionMNISTCNN,
+            "preact_resnet18": PreActResNet18}
 
 
 def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr: float,

@@ -51,6 +51,7 @@ import numpy as np
 
 from hamjax.compile_options import compiler_options, jit
 from hamjax.config import base_config, method_config, validate_config
+from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import available_methods, get_method
 from hamjax.models import build_model
 from hamjax.sharding import make_mesh, put_replicated, shard_batch
@@ -62,7 +63,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_twins import make_torch_pgd_at_step, torch_models  # benchmarks/ beside this file
 
 NUM_CLASSES = 10
-SHAPES = {"small_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3), "wrn34_10": (32, 32, 3)}
+SHAPES = {"small_cnn": (28, 28, 1), "fmnist_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3),
+          "wrn34_10": (32, 32, 3)}
 DEFAULT_METHODS = ("standard", "pgd_at", "trades", "ham", "caat")
 
 
@@ -103,6 +105,14 @@ def make_step(config, shape: tuple[int, int, int], mesh=None):
     return jit_train_step(make_train_step(ctx, method), mesh), put_replicated(state, mesh), method
 
 
+def step_flops(step, args: tuple, seconds: float, dtype: str, devices=None) -> dict[str, Any]:
+    """FLOPs of one step (jaxpr count, loops multiplied out; XLA's one-trip count beside it),
+    achieved FLOP/s and the fraction of the devices' peak (`hamjax.flops`)."""
+    counted, notes = jaxpr_flops(step, *args)
+    xla = compiled_flops(step.lower(*args).compile())
+    return flop_report(counted, seconds, str(dtype), devices, xla_flops=xla, notes=notes)
+
+
 def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[str, Any]:
     shape = SHAPES[model]
     config = make_config(model, method_name, batch)
@@ -123,10 +133,11 @@ def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[st
         jax.block_until_ready(step(state, data))
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
+    flop_fields = step_flops(step, (state, data), sec, config.model.dtype)
     passes = float(new_state.ledger.forward + new_state.ledger.backward) / batch
     cell = {"images_per_s": round(batch / sec, 3), "seconds_per_step": round(sec, 5),
             "first_call_seconds_incl_compile": round(compile_s, 2),
-            "example_passes_per_image": round(passes, 3)}
+            "example_passes_per_image": round(passes, 3), **flop_fields}
     extra = {k: round(float(v), 4) for k, v in metrics.items()
              if k in ("warmup", "hard_fraction", "train_fraction", "bucket_fraction",
                       "update_applied")}
@@ -157,7 +168,7 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
 
     attack, train = config.attack, config.train
     twin = torch_models()[model]
-    net = (twin(channels=shape[-1]) if model == "small_cnn" else twin()).to(torch_device)
+    net = (twin(channels=shape[-1]) if model.endswith("cnn") else twin()).to(torch_device)
     torch_step = make_torch_pgd_at_step(
         net, eps=attack.eps, step_size=attack.step_size, steps=attack.steps, lr=train.lr,
         momentum=train.momentum, weight_decay=train.weight_decay)
@@ -179,6 +190,8 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
         torch_step(x_t, y_t)
         torch_times.append(time.perf_counter() - t0)
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    flop_fields = step_flops(step, (fresh(state), data), jax_s, config.model.dtype,
+                             list(mesh.devices.flat))
     return {
         "batch": batch, "input_shape": list(shape), "attack_steps": int(attack.steps),
         "jax_devices": len(mesh.devices.flat), "jax_backend": jax.default_backend(),
@@ -190,6 +203,7 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
         "jax_first_call_seconds_incl_compile": round(compile_s, 2),
         "speed_jax_over_torch": round(statistics.median(
             t / j for t, j in zip(torch_times, jax_times, strict=True)), 3),
+        **flop_fields,
     }
 
 
@@ -203,12 +217,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "jax": jax.__version__, "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()],
-                    "compiler_options": compiler_options(),
+                    "compiler_options": compiler_options(), "cpu_isa": cpu_isa(),
                     "load_average_at_start": list(os.getloadavg())},
         "settings": {"training_attack": "PGD-10, eps 8/255, step 2/255 (base_config)",
                      "data": "random images and labels", "repeats": args.repeats,
                      "timing": "median of repeats after a compiling warm-up call",
-                     "batch": {m: args.batch or (64 if m == "small_cnn" else 4)
+                     "batch": {m: args.batch or (64 if m.endswith("cnn") else 4)
                                for m in args.models}},
         "results": {},
     }
@@ -217,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.vs_torch:
         result["vs_torch"] = {}
         for model in args.models:
-            batch = args.batch or (128 if model == "small_cnn" else 32)
+            batch = args.batch or (128 if model.endswith("cnn") else 32)
             result["vs_torch"][model] = vs_torch_cell(model, batch, args.repeats,
                                                       args.torch_device)
             print(f"# {model} vs torch: {json.dumps(result['vs_torch'][model])}",
@@ -225,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
         return result
     for model in args.models:
-        batch = args.batch or (64 if model == "small_cnn" else 4)
+        batch = args.batch or (64 if model.endswith("cnn") else 4)
         row = {}
         for method in methods:
             try:
