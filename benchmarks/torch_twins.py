@@ -95,18 +95,24 @@ def torch_models():
 
 
 def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr: float,
-                           momentum: float, weight_decay: float):
-    """An eager PyTorch PGD-AT step as the usual research scripts write it (and as hamjax's
-    `pgd_at` runs it): L_inf PGD-K with a uniform random start, BN in eval mode while
-    attacking, then one SGD(momentum, weight decay) update on the adversarial batch in train
-    mode. Returns step(x, y) -> loss (float)."""
+                           momentum: float, weight_decay: float, compile_mode: str | None = None):
+    """A PyTorch PGD-AT step as the usual research scripts write it (and as hamjax's `pgd_at`
+    runs it): L_inf PGD-K with a uniform random start, BN in eval mode while attacking, then one
+    SGD(momentum, weight decay) update on the adversarial batch in train mode. Eager by default;
+    compile_mode ("default", "reduce-overhead", "max-autotune") runs the network through
+    `torch.compile(net, mode=...)`, as a user who compiles would: forward and backward are
+    compiled (AOTAutograd), one graph for each BN mode; the PGD loop and the optimizer stay in
+    Python. Returns step(x, y) -> loss (float)."""
     import torch
     import torch.nn.functional as F
 
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    module = net
+    if compile_mode:
+        net = torch.compile(module, mode=compile_mode)
 
     def attack(x, y):
-        net.eval()
+        module.eval()
         x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -118,7 +124,7 @@ def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr:
 
     def step(x, y) -> float:
         x_adv = attack(x, y)
-        net.train()
+        module.train()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x_adv), y)
         loss.backward()

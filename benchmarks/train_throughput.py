@@ -146,11 +146,12 @@ def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[st
     return cell
 
 
-def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu"
-                  ) -> dict[str, Any]:
-    """The jitted PGD-AT step over all of JAX's devices vs the eager PyTorch twin on
-    `torch_device`, interleaved. On CUDA the twin runs as research scripts run it there
-    (cudnn.benchmark on); its step ends with `float(loss)`, which waits for the GPU."""
+def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu",
+                  compile_mode: str = "default") -> dict[str, Any]:
+    """The jitted PGD-AT step over all of JAX's devices vs its PyTorch twin on `torch_device`,
+    eager and (unless compile_mode is "none") through `torch.compile(mode=compile_mode)`, the
+    three interleaved within each repeat. On CUDA the twins run as research scripts run them
+    there (cudnn.benchmark on); their step ends with `float(loss)`, which waits for the GPU."""
     import torch
 
     if torch_device.startswith("cuda"):
@@ -168,43 +169,58 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
 
     attack, train = config.attack, config.train
     twin = torch_models()[model]
-    net = (twin(channels=shape[-1]) if model.endswith("cnn") else twin()).to(torch_device)
-    torch_step = make_torch_pgd_at_step(
-        net, eps=attack.eps, step_size=attack.step_size, steps=attack.steps, lr=train.lr,
-        momentum=train.momentum, weight_decay=train.weight_decay)
+
+    def torch_step(mode: str | None):
+        torch.manual_seed(0)
+        net = (twin(channels=shape[-1]) if model.endswith("cnn") else twin()).to(torch_device)
+        return make_torch_pgd_at_step(
+            net, eps=attack.eps, step_size=attack.step_size, steps=attack.steps, lr=train.lr,
+            momentum=train.momentum, weight_decay=train.weight_decay, compile_mode=mode)
+
     x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(torch_device)
     y_t = torch.from_numpy(labels.astype(np.int64)).to(torch_device)
-
     fresh = lambda s: jax.block_until_ready(jax.tree.map(jnp.copy, s))  # the step donates it
+    peers = {"torch": torch_step(None)}
+    if compile_mode != "none":
+        peers["torch_compiled"] = torch_step(compile_mode)
+
     t0 = time.perf_counter()
     jax.block_until_ready(step(fresh(state), data))
-    compile_s = time.perf_counter() - t0
-    torch_step(x_t, y_t)  # warm-up (allocator, thread pool)
-    jax_times, torch_times = [], []
+    warmup = {"jax": time.perf_counter() - t0}
+    for name, peer in peers.items():  # warm-up: allocator, thread pool, torch.compile's graphs
+        t0 = time.perf_counter()
+        peer(x_t, y_t)
+        peer(x_t, y_t)  # the second call compiles nothing new once both BN modes are seen
+        warmup[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {"jax": [], **{name: [] for name in peers}}
     for _ in range(repeats):
         copy = fresh(state)
         t0 = time.perf_counter()
         jax.block_until_ready(step(copy, data))
-        jax_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        torch_step(x_t, y_t)
-        torch_times.append(time.perf_counter() - t0)
-    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
-    flop_fields = step_flops(step, (fresh(state), data), jax_s, config.model.dtype,
-                             list(mesh.devices.flat))
-    return {
+        times["jax"].append(time.perf_counter() - t0)
+        for name, peer in peers.items():
+            t0 = time.perf_counter()
+            peer(x_t, y_t)
+            times[name].append(time.perf_counter() - t0)
+    jax_s = statistics.median(times["jax"])
+    cell: dict[str, Any] = {
         "batch": batch, "input_shape": list(shape), "attack_steps": int(attack.steps),
         "jax_devices": len(mesh.devices.flat), "jax_backend": jax.default_backend(),
         "torch_device": torch_device, "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "jax_seconds_per_step": round(jax_s, 4), "torch_seconds_per_step": round(torch_s, 4),
-        "jax_images_per_s": round(batch / jax_s, 2),
-        "torch_images_per_s": round(batch / torch_s, 2),
-        "jax_first_call_seconds_incl_compile": round(compile_s, 2),
-        "speed_jax_over_torch": round(statistics.median(
-            t / j for t, j in zip(torch_times, jax_times, strict=True)), 3),
-        **flop_fields,
+        "torch_version": torch.__version__, "torch_compile_mode": compile_mode,
+        "jax_seconds_per_step": round(jax_s, 4), "jax_images_per_s": round(batch / jax_s, 2),
+        "jax_first_call_seconds_incl_compile": round(warmup["jax"], 2),
     }
+    for name in peers:
+        sec = statistics.median(times[name])
+        cell[f"{name}_seconds_per_step"] = round(sec, 4)
+        cell[f"{name}_images_per_s"] = round(batch / sec, 2)
+        cell[f"{name}_warmup_seconds_incl_compile"] = round(warmup[name], 2)
+        cell[f"speed_jax_over_{name}"] = round(statistics.median(
+            t / j for t, j in zip(times[name], times["jax"], strict=True)), 3)
+    cell.update(step_flops(step, (fresh(state), data), jax_s, config.model.dtype,
+                           list(mesh.devices.flat)))
+    return cell
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for model in args.models:
             batch = args.batch or (128 if model.endswith("cnn") else 32)
             result["vs_torch"][model] = vs_torch_cell(model, batch, args.repeats,
-                                                      args.torch_device)
+                                                      args.torch_device, args.torch_compile_mode)
             print(f"# {model} vs torch: {json.dumps(result['vs_torch'][model])}",
                   file=sys.stderr, flush=True)
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -268,11 +284,15 @@ def main() -> None:
                    help="batch size (default: 64 small_cnn, 4 for the ResNets)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--vs_torch", action="store_true",
-                   help="only the PGD-AT step against its eager PyTorch twin (needs torch); "
+                   help="only the PGD-AT step against its PyTorch twin, eager and compiled "
+                        "(needs torch); "
                         "default batch 128 small_cnn, 32 for the ResNets")
     p.add_argument("--torch_device", default="cpu",
                    help="where the PyTorch twin runs with --vs_torch: cpu, or cuda beside JAX "
                         "on a GPU")
+    p.add_argument("--torch_compile_mode", default="default",
+                   help="torch.compile mode of the compiled PyTorch column with --vs_torch "
+                        "(default, reduce-overhead, max-autotune), or 'none' for eager only")
     p.add_argument("--cpu_devices", default="1",
                    help="host devices on the CPU ('auto': one per core); read before jax starts")
     args = p.parse_args()
