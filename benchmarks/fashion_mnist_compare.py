@@ -141,9 +141,9 @@ def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int 
     if "config_file" in run:
         config = shipped_config(run["config_file"], seed)
         if suite == "noisy_full":
-            from hamjax.methods.caat import apply_scenario
+            from hamjax.data.scenarios import apply_scenario
 
-            apply_scenario(config, NOISY_FULL_VARIANT)
+            apply_scenario(config.data, NOISY_FULL_VARIANT)
             config.data.val_size, config.data.meta_per_class = 2000, 100
         if "method" in run:
             config.method = method_config(run["method"], **run.get("overrides", {}))
@@ -249,7 +249,7 @@ def diagnose_routing(workdir: str, train: bool = True) -> dict | None:
 
 def diagnosis_markdown(rows: list[dict]) -> str:
     """Per diagnosed CAAT run: did the router learn, is it a class decision, does it find the
-    mislabelled examples (`hamjax.methods.caat_routing`)."""
+    mislabelled examples (`hamjax.analysis.caat_routing`)."""
     lines = ["| run | seed | T | floor | meta steps | weight drift | same as initial router "
              "| routed with class majority | same without class features | to adversary "
              "| anti share: mislabelled / correct |", "|---" * 11 + "|"]

@@ -20,7 +20,7 @@ routed to the anti-adversary branch).
 """
 
 from hamjax.config import base_config, method_config
-from hamjax.methods.caat import apply_scenario
+from hamjax.data.scenarios import apply_scenario
 
 
 def get_config(variant: str = ""):
@@ -49,5 +49,5 @@ def get_config(variant: str = ""):
     config.eval.eps = 8 / 255
     config.eval.step_size = 2 / 255
     config.eval.steps = 20
-    apply_scenario(config, variant)
+    apply_scenario(config.data, variant)
     return config

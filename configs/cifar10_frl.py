@@ -14,8 +14,8 @@ sum(w0 + w1) (`method.normalise = "joint"`); CAAT's formula normalises each term
 """
 
 from hamjax.config import base_config, method_config
+from hamjax.data.scenarios import apply_scenario
 from hamjax.errors import ConfigError
-from hamjax.methods.caat import apply_scenario
 
 _FLAVOURS = {"rw": "frl_rw", "rm": "frl_rm", "rwrm": "frl_rwrm"}
 
@@ -57,5 +57,5 @@ def get_config(variant: str = ""):
     config.eval.eps = 8 / 255
     config.eval.step_size = 2 / 255
     config.eval.steps = 20
-    apply_scenario(config, "+".join(t for t in tokens if t not in _FLAVOURS))
+    apply_scenario(config.data, "+".join(t for t in tokens if t not in _FLAVOURS))
     return config

@@ -13,7 +13,7 @@ FRL evaluation and the test report. Variant tokens as in configs/cifar10_caat.py
 """
 
 from hamjax.config import base_config, method_config
-from hamjax.methods.caat import apply_scenario
+from hamjax.data.scenarios import apply_scenario
 
 
 def get_config(variant: str = ""):
@@ -42,5 +42,5 @@ def get_config(variant: str = ""):
     config.train.momentum = 0.9
     config.train.weight_decay = 5e-4
     config.train.init_from = ""
-    apply_scenario(config, variant)
+    apply_scenario(config.data, variant)
     return config

@@ -13,17 +13,19 @@ from typing import Any
 
 import ml_collections
 
+from hamjax.data import default_data_config, validate_data_config
 from hamjax.errors import ConfigError
+from hamjax.methods import get_method
+from hamjax.models import default_model_config, model_names
 from hamjax.models.layers import compute_dtype
+from hamjax.optim import SCHEDULES
+from hamjax.paths import resolve
 
 BN_MODES_FOR_ATTACK = ("eval", "batch")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field an experiment may set, with the field's conventional default."""
-    from hamjax.data import default_data_config
-    from hamjax.models import default_model_config
-
     c = ml_collections.ConfigDict()
     c.seed = 1
     c.data = default_data_config()
@@ -75,8 +77,6 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
     Unknown override keys are rejected, so a typo never silently leaves a default in place.
     """
-    from hamjax.methods import get_method
-
     method = get_method(name)
     fields = dict(method.defaults)
     unknown = sorted(set(overrides) - set(fields))
@@ -164,8 +164,6 @@ def _validate_fields(config: ml_collections.ConfigDict, method) -> None:
 
 
 def _validate_model(model) -> None:
-    from hamjax.models import model_names
-
     _require(model.name in model_names(), "model.name", model.name,
              f"choose one of {sorted(model_names())}")
     compute_dtype(model.dtype, field="config.model.dtype")  # float16 refused with the fix
@@ -192,8 +190,6 @@ def _validate_attack(prefix: str, attack) -> None:
 
 
 def _validate_train(train, fresh_start: bool) -> None:
-    from hamjax.train.optim import SCHEDULES
-
     _int(train, "train", "epochs", 1)
     _int(train, "train", "batch_size", 1)
     _number(train, "train", "lr", lambda v: v > 0, "must be a finite number > 0")
@@ -225,8 +221,6 @@ def _validate_train(train, fresh_start: bool) -> None:
 def holds_checkpoint(workdir: str) -> bool:
     """Whether `workdir` (local or gs://) has a saved step in best/ or checkpoints/; only looks,
     never creates anything."""
-    from hamjax.paths import resolve
-
     root = resolve(workdir)
     for kind in ("best", "checkpoints"):
         folder = root / kind
@@ -260,9 +254,6 @@ def validate_config(config: ml_collections.ConfigDict, fresh_start: bool = False
     checkpoint), so a train.init_from must hold a checkpoint now; resuming a run, or reading a
     saved run's config, no longer needs the run it was fine-tuned from.
     """
-    from hamjax.data import validate_data_config
-    from hamjax.methods import get_method
-
     method = get_method(config.method.name)
     _validate_fields(config, method)
     _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed,

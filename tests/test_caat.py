@@ -17,13 +17,14 @@ import pytest
 from hamjax.attacks.losses import kl_divergence
 from hamjax.checkpoint import Checkpointer
 from hamjax.config import base_config, method_config
+from hamjax.data.scenarios import apply_scenario
 from hamjax.errors import ConfigError
 from hamjax.methods import caat, get_method
 from hamjax.methods.common import cross_entropy, forward
 from hamjax.methods.frl import frl_loss
 from hamjax.metrics import PerClassCounts
-from hamjax.train.optim import make_lr_fn, make_optimizer, set_learning_rate
-from hamjax.train.state import StepContext, create_train_state
+from hamjax.optim import make_lr_fn, make_optimizer, set_learning_rate
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 C = 3
@@ -408,18 +409,18 @@ def test_validation_and_scenarios():
     config.data.meta_per_class = 0
     with pytest.raises(ConfigError, match="meta_per_class"):
         get_method("caat").validate(config)
-    scenario = caat.apply_scenario(base_config(), "lt10+pairflip20")
-    assert scenario.data.imbalance_factor == 10.0
-    assert scenario.data.label_noise.kind == "flip2"
-    assert scenario.data.label_noise.rate == pytest.approx(0.2)
-    assert caat.apply_scenario(base_config(), "flip40").data.label_noise.kind == "flip1"
+    scenario = apply_scenario(base_config().data, "lt10+pairflip20")
+    assert scenario.imbalance_factor == 10.0
+    assert scenario.label_noise.kind == "flip2"
+    assert scenario.label_noise.rate == pytest.approx(0.2)
+    assert apply_scenario(base_config().data, "flip40").label_noise.kind == "flip1"
     with pytest.raises(ConfigError, match="not understood"):
-        caat.apply_scenario(base_config(), "noise20")
+        apply_scenario(base_config().data, "noise20")
 
 
 # ---------------------------------------------------------------------- routing diagnostics
 def test_routing_report_matches_hand_counts():
-    from hamjax.methods.caat_routing import routing_report
+    from hamjax.analysis.caat_routing import routing_report
 
     labels = np.array([0, 0, 0, 1, 1, 2])
     clean = np.array([0, 1, 0, 1, 2, 2])  # examples 1 and 4 mislabelled
@@ -441,7 +442,7 @@ def test_routing_report_matches_hand_counts():
 
 
 def test_without_class_features_neutralises_only_the_class_columns():
-    from hamjax.methods.caat_routing import CLASS_FEATURES, without_class_features
+    from hamjax.analysis.caat_routing import CLASS_FEATURES, without_class_features
 
     f = jnp.asarray(np.random.default_rng(0).normal(size=(5, caat.NUM_FEATURES)), jnp.float32)
     g = np.asarray(without_class_features(f))
@@ -455,7 +456,7 @@ def test_without_class_features_neutralises_only_the_class_columns():
 
 def test_fresh_state_routes_like_its_initial_router():
     """initial_meta_params rebuilds the trainer's seeded meta-net: zero drift, same decisions."""
-    from hamjax.methods.caat_routing import batch_routing, initial_meta_params, relative_drift
+    from hamjax.analysis.caat_routing import batch_routing, initial_meta_params, relative_drift
 
     ctx = make_ctx()
     state = create_train_state(ctx, get_method("caat"), seed=3)
@@ -478,7 +479,7 @@ def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
     """CAAT fine-tuned from a PGD-AT run (another method state): weights and BN statistics
     come over, CAAT's own state stays fresh; another model's weights raise CheckpointError."""
     from hamjax.errors import CheckpointError
-    from hamjax.train.loop import _load_init_weights
+    from hamjax.run import load_init_weights
 
     ctx = make_ctx()
     source = create_train_state(ctx, get_method("pgd_at"), seed=7)
@@ -487,7 +488,7 @@ def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
     ckpt.save(5, source, {"epochs": [1]}, kind="best")
     ckpt.close()
     fresh = create_train_state(ctx, get_method("caat"), seed=0)
-    loaded = _load_init_weights(fresh, str(tmp_path / "warm"))
+    loaded = load_init_weights(fresh, str(tmp_path / "warm"))
     for got, want in zip(jax.tree.leaves((loaded.params, loaded.batch_stats)),
                          jax.tree.leaves((source.params, source.batch_stats)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -499,11 +500,11 @@ def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
     wide = dataclasses.replace(ctx, model=TinyNet(num_classes=C + 1))
     other = create_train_state(wide, get_method("caat"), seed=0)
     with pytest.raises(CheckpointError, match="do not fit this run's model"):
-        _load_init_weights(other, str(tmp_path / "warm"))
+        load_init_weights(other, str(tmp_path / "warm"))
 
 
 def test_initialisation_lottery_counts_per_seed():
-    from hamjax.methods.caat_routing import initialisation_lottery
+    from hamjax.analysis.caat_routing import initialisation_lottery
 
     labels = np.array([0, 0, 1, 1])
     out = initialisation_lottery({3: np.array([True, True, False, True]),
@@ -514,7 +515,7 @@ def test_initialisation_lottery_counts_per_seed():
 
 
 def test_meta_init_seed_fixes_the_router_apart_from_config_seed():
-    from hamjax.methods.caat_routing import (
+    from hamjax.analysis.caat_routing import (
         initial_meta_params,
         relative_drift,
         untrained_meta_params,

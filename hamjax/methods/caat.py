@@ -41,13 +41,11 @@ Notes from testing (tests/test_caat.py and tiny end-to-end runs):
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -114,34 +112,6 @@ DEFAULTS: dict[str, Any] = {
     # the data split and batch order (config.seed) stay fixed.
     "meta_init_seed": -1,
 }
-
-
-# CAAT's learning scenarios (caat.md) as config-string tokens: noise kind per token prefix.
-_NOISE_TOKENS = {"uniform": "uniform", "flip": "flip1", "flip1_": "flip1", "flip2_": "flip2",
-                 "pairflip": "flip2"}
-
-
-def apply_scenario(config: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
-    """Applies tokens like "lt10", "pairflip20", "lt100+uniform40" to `config.data`, in place.
-
-    lt<IF>: long tail with imbalance factor IF. uniform<r>, flip<r> (= flip1_<r>), flip2_<r>
-    (= pairflip<r>): label noise at r percent on the training split. CAAT's "pair-flip" is
-    Meta-Weight-Net's flip2 (r/2 to each of two other classes); co-teaching's (c -> c+1) is
-    data.label_noise.kind="pair_flip". Unknown tokens raise ConfigError.
-    """
-    for token in filter(None, re.split(r"[+,\s]+", spec.strip().lower())):
-        if match := re.fullmatch(r"lt(\d+(?:\.\d+)?)", token):
-            config.data.imbalance_factor = float(match.group(1))
-            continue
-        match = re.fullmatch(r"(uniform|pairflip|flip1_|flip2_|flip)(\d+(?:\.\d+)?)", token)
-        if match is None:
-            raise ConfigError(
-                f"config variant {token!r} is not understood; use lt<IF> (lt10), uniform<r>, "
-                "flip<r>, flip2_<r> or pairflip<r> (r in percent), joined with '+'"
-            )
-        config.data.label_noise.kind = _NOISE_TOKENS[match.group(1)]
-        config.data.label_noise.rate = float(match.group(2)) / 100.0
-    return config
 
 
 def _get(config, name: str) -> Any:

@@ -31,7 +31,7 @@ from hamjax.config import (
     holds_checkpoint,
     validate_config,
 )
-from hamjax.data import DATASET_STATS, iterate_batches, load_splits, meta_batch, num_batches
+from hamjax.data import iterate_batches, load_splits, meta_batch, stratified_subset
 from hamjax.data.prefetch import prefetch
 from hamjax.errors import (
     CheckpointError,
@@ -39,6 +39,7 @@ from hamjax.errors import (
     TrainingDivergedError,
     TrainingInterrupted,
 )
+from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.methods import get_method
 from hamjax.metrics import (
     Ledger,
@@ -47,40 +48,14 @@ from hamjax.metrics import (
     fairness_summary,
     format_per_class_table,
 )
-from hamjax.models import build_model, eval_model
+from hamjax.models import eval_model
 from hamjax.paths import resolve
-from hamjax.robust_eval import PGDEvaluator, subset
+from hamjax.run import build_context, load_init_weights
 from hamjax.runlog import RunLogger
-from hamjax.sharding import make_mesh, place_like, process_rows, put_replicated, shard_batch
+from hamjax.sharding import make_mesh, process_rows, put_replicated, shard_batch
+from hamjax.state import TrainState, create_train_state
 from hamjax.train.dispatch import RunAhead, add_trees
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, TrainState, create_train_state
 from hamjax.train.step import jit_train_step, make_train_step
-
-
-def build_context(config, splits, mesh=None) -> StepContext:
-    """Everything static a step needs, from the config, the loaded data and the device mesh
-    the step will be jitted over (None: one device)."""
-    name = config.data.name
-    mean, std = DATASET_STATS.get(name, (None, None))
-    model = build_model(config.model, splits.num_classes, splits.image_shape, mean=mean, std=std)
-    steps_per_epoch = num_batches(len(splits.train), config.train.batch_size)
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"config.train.batch_size={config.train.batch_size} is larger than the training "
-            f"split ({len(splits.train)} examples); lower it"
-        )
-    return StepContext(
-        model=model,
-        tx=make_optimizer(config.train),
-        lr_fn=make_lr_fn(config.train, steps_per_epoch),
-        config=ml_collections.FrozenConfigDict(config),
-        num_classes=splits.num_classes,
-        class_counts=splits.train.class_counts(splits.num_classes),
-        steps_per_epoch=steps_per_epoch,
-        image_shape=tuple(splits.image_shape),
-        mesh=mesh,
-    )
 
 
 def _variables(state: TrainState) -> dict:
@@ -149,38 +124,6 @@ def where_text(root: epath.Path, best: tuple[int, int | None] | None, metrics_pa
     if tensorboard_logdir is not None:
         lines.append(f"  tensorboard:      tensorboard --logdir={tensorboard_logdir}")
     return "\n".join(lines)
-
-
-def _load_init_weights(state: TrainState, init_from: str) -> TrainState:
-    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint.
-
-    Only those two are read, so the source may be a run of another method (a PGD-AT warm start
-    for CAAT, whose method state has a different shape); the model must be the same."""
-    source = Checkpointer(init_from, read_only=True)  # looking creates nothing there
-    try:
-        kind = BEST if source.latest_step(BEST) is not None else LAST
-        saved = source.restore_host(kind=kind)
-    finally:
-        source.close()
-    if saved is None:
-        raise CheckpointError(
-            f"config.train.init_from={init_from!r} holds no checkpoint (looked in "
-            f"{init_from}/best and {init_from}/checkpoints); point it at a finished run's workdir"
-        )
-    try:
-        wanted = {"params": state.params, "batch_stats": state.batch_stats}
-        got = {"params": saved["params"], "batch_stats": saved.get("batch_stats", {})}
-        shapes = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), got, wanted)
-        if not all(jax.tree.leaves(shapes)):
-            raise ValueError("array shapes differ")
-        params = place_like(got["params"], state.params)
-        batch_stats = place_like(got["batch_stats"], state.batch_stats)
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(
-            f"config.train.init_from={init_from!r}: its weights do not fit this run's model "
-            f"({type(err).__name__}: {err}); fine-tune from a run of the same config.model"
-        ) from err
-    return state.replace(params=params, batch_stats=batch_stats)
 
 
 def _attack_record(config) -> dict:
@@ -299,7 +242,7 @@ class Trainer:
                     dict(change, step=int(state.step)) for change in changes]
             return state, meta
         if self.config.train.init_from:
-            state = _load_init_weights(state, self.config.train.init_from)
+            state = load_init_weights(state, self.config.train.init_from)
             if self.method.epoch_end is not None:
                 # FRL/CAAT scripts refit their class multipliers before every epoch, the first
                 # included, from the hot-start model; from scratch that refit would read noise.
@@ -335,7 +278,7 @@ class Trainer:
             if split is None:
                 raise ConfigError(f"split {split_name!r} is empty (config.data.val_size / "
                                   "meta_per_class is 0)")
-            split = subset(split, self.config.eval.num_examples, self.config.seed,
+            split = stratified_subset(split, self.config.eval.num_examples, self.config.seed,
                            self.splits.num_classes)
             rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
             self._eval_cache = {key: self.evaluator(_variables(state), split, rng,
@@ -650,7 +593,7 @@ class Trainer:
         return report
 
     def _test_results(self, state) -> dict[str, Any]:
-        split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
+        split = stratified_subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
                        self.splits.num_classes)
         clean, robust = self.evaluator(_variables(state), split,
                                        self.evaluator.attack_key(self.config.seed),
