@@ -2,20 +2,29 @@
 
 Configs hold only plain values (numbers, strings, tuples), never live objects, so they serialise
 into every result and can be swept from the command line (`--config.train.epochs=3`).
+
+A config file describes one setup (data, model, budget) and composes any registered method onto
+it from its argument: `--config=configs/FILE.py:method=NAME[,budget=B][,scenario=TOKENS]`
+(`compose`; ml_collections passes the text after ':' to the file's `get_config(arg)`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-from collections.abc import Mapping
+import os
+import sys
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
 from hamjax.data import default_data_config, validate_data_config
+from hamjax.data.scenarios import apply_scenario
 from hamjax.errors import ConfigError
-from hamjax.methods import get_method
+from hamjax.methods import available_methods, get_method
 from hamjax.models import default_model_config, model_names
 from hamjax.models.layers import compute_dtype
 from hamjax.optim import SCHEDULES
@@ -87,6 +96,98 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
         )
     fields.update(overrides)
     return ml_collections.ConfigDict({"name": name, **fields})
+
+
+VARIANT_KEYS = ("method", "budget", "scenario")
+Recipe = Callable[[ml_collections.ConfigDict], None]
+
+
+def parse_variant(arg: str | None) -> dict[str, str]:
+    """The argument after a config file's name: `method=trades,scenario=lt10+pairflip20` ->
+    {"method": "trades", "scenario": "lt10+pairflip20"}. A bare item (no '=') is the method when
+    it names one, else scenario tokens (`configs/cifar10_caat.py:pairflip20`)."""
+    choice: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, value = ("method" if item in available_methods() else "scenario"), item
+        key, value = key.strip(), value.strip()
+        if key not in VARIANT_KEYS:
+            raise ConfigError(
+                f"config argument {item!r}: {key!r} is not a variant; use "
+                f"{', '.join(k + '=...' for k in VARIANT_KEYS)} joined with ',' (fields: "
+                "--config.<section>.<field>=value)")
+        if key == "scenario" and choice.get(key):
+            value = f"{choice[key]}+{value}"
+        choice[key] = value
+    return choice
+
+
+def compose(setup: Callable[[], ml_collections.ConfigDict], arg: str | None, *,
+            default_method: str, meta_per_class: int,
+            recipes: Mapping[str, Recipe] | None = None,
+            budgets: Mapping[str, Recipe] | None = None) -> ml_collections.ConfigDict:
+    """A setup's config for the method and variants `arg` names (`parse_variant`).
+
+    setup() gives the data, model and budget; the method's fields are its defaults
+    (`method_config`), then `recipes[method]` (this setup's published settings of that method)
+    and `budgets[budget]` (e.g. a shorter fine-tuning schedule) change what they need. A method
+    that needs a meta set gets `meta_per_class` images per class when the setup holds none, so
+    every registered method runs on every setup; `scenario` tokens go to `apply_scenario`.
+    """
+    choice = parse_variant(arg)
+    config = setup()
+    name = choice.get("method", default_method)
+    config.method = method_config(name)
+    budgets = budgets or {}
+    if "budget" in choice:
+        if choice["budget"] not in budgets:
+            raise ConfigError(f"config argument budget={choice['budget']!r}: this setup has "
+                              f"budgets {sorted(budgets)}")
+        budgets[choice["budget"]](config)
+    recipe = (recipes or {}).get(name)
+    if recipe is not None:
+        recipe(config)
+    if get_method(name).needs_meta_batch and not config.data.meta_per_class:
+        config.data.meta_per_class = meta_per_class
+    apply_scenario(config.data, choice.get("scenario", ""))
+    return config
+
+
+def config_module(path: str | os.PathLike, sibling: str | None = None) -> types.ModuleType:
+    """A config file loaded as a module (once per path), as `--config=path` loads it; `sibling`:
+    the file of that name beside `path` (a config file reading configs/common.py)."""
+    path = os.path.abspath(os.path.join(os.path.dirname(path), sibling) if sibling else path)
+    name = "hamjax_config_file_" + "".join(c if c.isalnum() else "_" for c in path)
+    if name not in sys.modules:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config `--config=spec` gives: `FILE.py` or `FILE.py:ARG` (get_config(ARG))."""
+    path, sep, arg = spec.partition(":")
+    module = config_module(path)
+    return module.get_config(arg) if sep else module.get_config()
+
+
+def variant(path: str, setup_file: str, arg: str) -> Callable[..., ml_collections.ConfigDict]:
+    """`get_config` of a one-line variant file: the setup file beside `path` with `arg` first;
+    the caller's own argument follows, so `configs/cifar10_caat.py:pairflip20` adds to it."""
+
+    def get_config(extra: str | None = None) -> ml_collections.ConfigDict:
+        return config_module(path, setup_file).get_config(",".join(filter(None, (arg, extra))))
+
+    return get_config
 
 
 def _require(ok: bool, field: str, value, fix: str) -> None:
