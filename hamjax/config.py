@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import sys
 import types
@@ -27,8 +26,10 @@ from hamjax.errors import ConfigError
 from hamjax.methods import available_methods, get_method
 from hamjax.models import default_model_config, model_names
 from hamjax.models.layers import compute_dtype
+from hamjax.models.wide_resnet import check_wrn_shape
 from hamjax.optim import SCHEDULES
 from hamjax.paths import resolve
+from hamjax.validation import is_int, is_number, is_sequence, require
 
 BN_MODES_FOR_ATTACK = ("eval", "batch")
 
@@ -190,46 +191,26 @@ def variant(path: str, setup_file: str, arg: str) -> Callable[..., ml_collection
     return get_config
 
 
-def _require(ok: bool, field: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{field}={value!r}: {fix}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float (bools, NaN and infinities are not numbers here)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _is_sequence(value: Any) -> bool:
-    """A tuple or list (configs write tuples; JSON, e.g. a checkpoint's config, gives lists)."""
-    return isinstance(value, (tuple, list))
-
-
 def _int(section, prefix: str, name: str, minimum: int, fix: str = "") -> None:
     value = section[name]
-    _require(_is_int(value) and value >= minimum, f"{prefix}.{name}", value,
+    require(is_int(value) and value >= minimum, f"{prefix}.{name}", value,
              f"must be an int >= {minimum}{fix}")
 
 
 def _number(section, prefix: str, name: str, ok, fix: str) -> None:
     value = section[name]
-    _require(_is_number(value) and ok(value), f"{prefix}.{name}", value, fix)
+    require(is_number(value) and ok(value), f"{prefix}.{name}", value, fix)
 
 
 def _choice(section, prefix: str, name: str, choices: tuple) -> None:
     value = section[name]
-    _require(isinstance(value, str) and value in choices, f"{prefix}.{name}", value,
+    require(isinstance(value, str) and value in choices, f"{prefix}.{name}", value,
              f"choose one of {choices}")
 
 
 def _bool(section, prefix: str, name: str) -> None:
     value = section[name]
-    _require(isinstance(value, bool), f"{prefix}.{name}", value, "must be True or False")
+    require(isinstance(value, bool), f"{prefix}.{name}", value, "must be True or False")
 
 
 def _is_section(value: Any) -> bool:
@@ -265,20 +246,17 @@ def _validate_fields(config: ml_collections.ConfigDict, method) -> None:
 
 
 def _validate_model(model) -> None:
-    _require(model.name in model_names(), "model.name", model.name,
+    require(model.name in model_names(), "model.name", model.name,
              f"choose one of {sorted(model_names())}")
     compute_dtype(model.dtype, field="config.model.dtype")  # float16 refused with the fix
-    depth = model.depth
-    _require(_is_int(depth) and depth >= 10 and (depth - 4) % 6 == 0, "model.depth", depth,
-             "WideResNet depth must be an int 6n+4 >= 10, e.g. 28 or 34")
-    _int(model, "model", "width", 1, " (WideResNet width)")
+    check_wrn_shape(model.depth, model.width)
     for name in ("mean", "std"):
         value = model[name]
-        stats = value if _is_sequence(value) else [value]
-        ok = value is None or (bool(stats) and all(_is_number(v) for v in stats))
+        stats = value if is_sequence(value) else [value]
+        ok = value is None or (bool(stats) and all(is_number(v) for v in stats))
         if ok and value is not None and name == "std":
             ok = all(v > 0 for v in stats)
-        _require(ok, f"model.{name}", value,
+        require(ok, f"model.{name}", value,
                  "None (the dataset's statistics) or one finite number per channel"
                  + (", all > 0" if name == "std" else ""))
 
@@ -296,12 +274,12 @@ def _validate_train(train, fresh_start: bool) -> None:
     _number(train, "train", "lr", lambda v: v > 0, "must be a finite number > 0")
     _choice(train, "train", "lr_schedule", SCHEDULES)
     bounds, values = train.lr_boundaries, train.lr_values
-    _require(_is_sequence(bounds) and all(_is_number(b) and b >= 0 for b in bounds)
+    require(is_sequence(bounds) and all(is_number(b) and b >= 0 for b in bounds)
              and list(bounds) == sorted(bounds), "train.lr_boundaries", bounds,
              "must be a tuple of increasing epochs >= 0, e.g. (60, 90)")
-    _require(_is_sequence(values) and all(_is_number(v) and v >= 0 for v in values),
+    require(is_sequence(values) and all(is_number(v) and v >= 0 for v in values),
              "train.lr_values", values, "must be a tuple of learning rates >= 0")
-    _require(train.lr_schedule != "piecewise" or len(values) == len(bounds), "train.lr_values",
+    require(train.lr_schedule != "piecewise" or len(values) == len(bounds), "train.lr_values",
              values, f"needs one value per entry of config.train.lr_boundaries={bounds!r}")
     _number(train, "train", "momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
     _number(train, "train", "weight_decay", lambda v: v >= 0, "must be a number >= 0")
@@ -311,9 +289,9 @@ def _validate_train(train, fresh_start: bool) -> None:
     _int(train, "train", "keep_checkpoints", 1, " (the newest are kept: 2 keeps one to fall "
          "back on if the latest is damaged)")
     init_from = train.init_from
-    _require(isinstance(init_from, str), "train.init_from", init_from,
+    require(isinstance(init_from, str), "train.init_from", init_from,
              "a finished run's workdir, or '' to train from scratch")
-    _require(not (fresh_start and init_from) or holds_checkpoint(init_from), "train.init_from",
+    require(not (fresh_start and init_from) or holds_checkpoint(init_from), "train.init_from",
              init_from, "no such workdir, or it holds no checkpoint (a <step>/ directory in its "
              "best/ or checkpoints/); point it at a finished run's --workdir, or '' to train "
              "from scratch")
@@ -336,7 +314,7 @@ def _validate_eval(ev) -> None:
     _int(ev, "eval", "num_examples", 0, " (0: the whole split)")
     _choice(ev, "eval", "select_on", SELECT_ON)
     splits = ev.final_splits
-    _require(_is_sequence(splits) and bool(splits) and len(set(splits)) == len(splits)
+    require(is_sequence(splits) and bool(splits) and len(set(splits)) == len(splits)
              and all(s in FINAL_SPLITS for s in splits), "eval.final_splits", splits,
              f"a non-empty tuple of distinct names from {FINAL_SPLITS}")
     compute_dtype(ev.dtype, field="config.eval.dtype")
@@ -357,7 +335,7 @@ def validate_config(config: ml_collections.ConfigDict, fresh_start: bool = False
     """
     method = get_method(config.method.name)
     _validate_fields(config, method)
-    _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed,
+    require(is_int(config.seed) and config.seed >= 0, "seed", config.seed,
              "must be an int >= 0")
     validate_data_config(config.data)
     _validate_model(config.model)

@@ -76,6 +76,7 @@ from hamjax.metrics import Ledger
 from hamjax.models.layers import BN_EPSILON, BN_MOMENTUM, torch_default_bias_init
 from hamjax.models.layers import torch_default_kernel_init as _kernel_init
 from hamjax.sharding import place_like
+from hamjax.validation import is_int, is_number, method_field, require
 
 Array = jax.Array
 NUM_FEATURES = 6
@@ -114,50 +115,36 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _get(config, name: str) -> Any:
-    if name not in config.method:
-        raise ConfigError(
-            f"config.method.{name} is missing; start from "
-            "hamjax.config.method_config('caat')"
-        )
-    return config.method[name]
-
-
 def _check(ok: bool, name: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.method.{name}={value!r}: {fix}")
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    require(ok, f"method.{name}", value, fix)
 
 
 def validate_caat(config) -> None:
     """Checks CAAT's fields (and FRL's); raises ConfigError naming the field."""
     validate_frl_fields(config)
-    t = _get(config, "temperature")
-    _check(_is_num(t) and t > 0, "temperature", t, "must be > 0 (official 0.001)")
-    h = _get(config, "meta_hidden")
-    _check(isinstance(h, int) and not isinstance(h, bool) and h >= 1, "meta_hidden", h,
+    t = method_field(config, "temperature")
+    _check(is_number(t) and t > 0, "temperature", t, "must be > 0 (official 0.001)")
+    h = method_field(config, "meta_hidden")
+    _check(is_int(h) and h >= 1, "meta_hidden", h,
            "an int >= 1 (official 100)")
-    k = _get(config, "meta_interval")
-    _check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, "meta_interval", k,
+    k = method_field(config, "meta_interval")
+    _check(is_int(k) and k >= 1, "meta_interval", k,
            "an int >= 1 (official 50)")
-    lr = _get(config, "meta_lr")
-    _check(_is_num(lr) and lr > 0, "meta_lr", lr, "must be > 0 (official 1e-4)")
-    wd = _get(config, "meta_weight_decay")
-    _check(_is_num(wd) and wd >= 0, "meta_weight_decay", wd, "must be >= 0 (official 5e-4)")
-    bn = _get(config, "meta_bn")
+    lr = method_field(config, "meta_lr")
+    _check(is_number(lr) and lr > 0, "meta_lr", lr, "must be > 0 (official 1e-4)")
+    wd = method_field(config, "meta_weight_decay")
+    _check(is_number(wd) and wd >= 0, "meta_weight_decay", wd, "must be >= 0 (official 5e-4)")
+    bn = method_field(config, "meta_bn")
     _check(bn in META_BN_MODES, "meta_bn", bn, f"choose one of {META_BN_MODES}")
-    fg = _get(config, "meta_feature_grad")
+    fg = method_field(config, "meta_feature_grad")
     _check(isinstance(fg, bool), "meta_feature_grad", fg, "must be True or False")
-    c0 = _get(config, "initial_class_loss")
-    _check(_is_num(c0), "initial_class_loss", c0, "must be a finite number (official 5.0)")
-    floor = _get(config, "adv_weight_floor")
-    _check(_is_num(floor) and 0.0 <= floor <= 1.0, "adv_weight_floor", floor,
+    c0 = method_field(config, "initial_class_loss")
+    _check(is_number(c0), "initial_class_loss", c0, "must be a finite number (official 5.0)")
+    floor = method_field(config, "adv_weight_floor")
+    _check(is_number(floor) and 0.0 <= floor <= 1.0, "adv_weight_floor", floor,
            "must be in [0, 1] (0 = faithful)")
     seed = config.method.get("meta_init_seed", -1)  # absent in runs saved before it existed
-    _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= -1,
+    _check(is_int(seed) and seed >= -1,
            "meta_init_seed", seed, "an int >= 0, or -1 to draw it from config.seed")
     if not config.data.meta_per_class:
         raise ConfigError(
