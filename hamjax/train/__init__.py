@@ -10,7 +10,8 @@ from hamjax.optim import make_lr_fn, make_optimizer
 from hamjax.run import build_context
 from hamjax.sharding import make_mesh
 from hamjax.state import StepContext, TrainState, create_train_state
-from hamjax.train.loop import Trainer, summarize, train_and_evaluate
+from hamjax.train.loop import Trainer, train_and_evaluate
+from hamjax.train.report import summarize
 from hamjax.train.step import make_train_step
 
 __all__ = [
