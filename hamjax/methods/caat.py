@@ -57,12 +57,7 @@ from hamjax.methods.caat_meta import caat_pre_step
 from hamjax.methods.caat_objective import branch_terms, composite_loss, gates, perturbations
 from hamjax.methods.caat_router import class_proportion, make_meta_net, meta_features, route
 from hamjax.methods.caat_state import caat_epoch_end, caat_init_state, caat_summarize_state
-from hamjax.methods.common import (
-    accuracy,
-    attack_ledger,
-    step_aux,
-    training_ledger,
-)
+from hamjax.methods.common import accuracy, attack_ledger, step_aux, training_ledger
 from hamjax.methods.frl import (
     FRL_DEFAULTS,
     class_parameters,

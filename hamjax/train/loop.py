@@ -3,6 +3,7 @@
 Methods plug in through the registry (`hamjax.methods`); nothing here knows any method. The run
 is assembled by `hamjax.run`, ends early through `hamjax.train.lifecycle` (signals, divergence)
 and is reported through `hamjax.train.report`.
+
 A run never loses or poisons its workdir: one run per workdir (`hamjax.workdir_lock`), a
 non-finite step stops it before anything of that step is saved, and SIGTERM/SIGINT stop it after
 the current step with a checkpoint to resume from.
@@ -29,17 +30,10 @@ from hamjax.config import (
 )
 from hamjax.data import iterate_batches, load_splits, meta_batch, stratified_subset
 from hamjax.data.prefetch import prefetch
-from hamjax.errors import (
-    CheckpointError,
-    ConfigError,
-)
+from hamjax.errors import CheckpointError, ConfigError
 from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.methods import get_method
-from hamjax.metrics import (
-    Ledger,
-    PerClassCounts,
-    format_per_class_table,
-)
+from hamjax.metrics import Ledger, PerClassCounts, format_per_class_table
 from hamjax.models import eval_model
 from hamjax.paths import resolve
 from hamjax.run import build_context, load_init_weights
