@@ -5,7 +5,7 @@
 
 Loads the run's checkpoint (weights, meta-net, FRL multipliers, class losses), computes the
 six router features batch by batch on a shuffled part of the (noisy) training pool, and
-reports (JSON, `hamjax.methods.caat_routing.routing_report`): the meta-net's weight drift from
+reports (JSON, `hamjax.analysis.caat_routing.routing_report`): the meta-net's weight drift from
 its seeded initialisation, the meta steps taken and their gradient norms (from metrics.jsonl),
 agreement with the untrained router, how much routing is a class decision, the routing with the
 class-level features neutralised, the anti-adversary share among mislabelled examples, and
@@ -20,14 +20,9 @@ import json
 import os
 import sys
 
-import ml_collections
 import numpy as np
 
-from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.compile_options import jit
-from hamjax.errors import ConfigError
-from hamjax.methods import get_method
-from hamjax.methods.caat_routing import (
+from hamjax.analysis.caat_routing import (
     batch_routing,
     initial_meta_params,
     initialisation_lottery,
@@ -36,30 +31,22 @@ from hamjax.methods.caat_routing import (
     routing_report,
     untrained_meta_params,
 )
+from hamjax.checkpoint import BEST, LAST, Checkpointer
+from hamjax.compile_options import jit
+from hamjax.errors import ConfigError
+from hamjax.run import restore_run
 
 
 def load_caat_state(workdir: str, checkpoint: str):
     """(config, splits, ctx, state) of a CAAT run's `checkpoint` ("last" or "best")."""
-    from hamjax.data import load_splits
-    from hamjax.train.loop import build_context
-    from hamjax.train.state import create_train_state
-
-    kind = {"last": LAST, "best": BEST}[checkpoint]
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
-        meta = checkpointer.read_meta(kind)
-        if meta is None or "config" not in meta:
-            raise SystemExit(f"{workdir}: no {checkpoint} checkpoint written by hamjax.train")
-        config = ml_collections.ConfigDict(meta["config"])
-        if config.method.name != "caat":
-            raise ConfigError(f"{workdir} is a {config.method.name!r} run, not a CAAT run")
-        splits = load_splits(config.data, seed=config.seed)
-        ctx = build_context(config, splits)
-        like = create_train_state(ctx, get_method("caat"), config.seed)
-        state, _ = checkpointer.restore(like, kind=kind)
+        run = restore_run(checkpointer, {"last": LAST, "best": BEST}[checkpoint])
     finally:
         checkpointer.close()
-    return config, splits, ctx, state
+    if run.config.method.name != "caat":
+        raise ConfigError(f"{workdir} is a {run.config.method.name!r} run, not a CAAT run")
+    return run.config, run.splits, run.ctx, run.state
 
 
 def meta_step_records(workdir: str) -> dict:

@@ -288,14 +288,14 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
     (checked: the two give the same clean logits)."""
     import torch
 
+    from hamjax.data import stratified_subset
     from hamjax.evaluation.workdir import load_run
-    from hamjax.robust_eval import subset
 
     run = load_run(args.workdir, args.checkpoint, log=lambda s: None)
     if run.config.model.name != "small_cnn" or run.splits.num_classes != NUM_CLASSES:
         raise SystemExit(f"--workdir={args.workdir}: needs a 10-class small_cnn run, this one "
                          f"is {run.config.model.name} with {run.splits.num_classes} classes")
-    data = subset(run.splits.test, args.images, int(run.config.seed), NUM_CLASSES)
+    data = stratified_subset(run.splits.test, args.images, int(run.config.seed), NUM_CLASSES)
     x = np.asarray(data.images, np.float32)
     x = x / 255.0 if np.asarray(data.images).dtype == np.uint8 else x
     y = np.asarray(data.labels, np.int64)

@@ -51,9 +51,9 @@ from hamjax.methods import get_method
 from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes
 from hamjax.models import build_model
 from hamjax.models.layers import conv_impl
+from hamjax.optim import make_lr_fn, make_optimizer
 from hamjax.sharding import make_mesh, put_replicated, shard_batch
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, create_train_state
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import jit_train_step, make_train_step
 
 FRACTIONS = (0.15, 0.25, 0.35, 0.45, 0.6, 1.0)  # the hard fractions real runs see, and all

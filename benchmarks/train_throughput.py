@@ -54,9 +54,9 @@ from hamjax.config import base_config, method_config, validate_config
 from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import available_methods, get_method
 from hamjax.models import build_model
+from hamjax.optim import make_lr_fn, make_optimizer
 from hamjax.sharding import make_mesh, put_replicated, shard_batch
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, create_train_state
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import jit_train_step, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

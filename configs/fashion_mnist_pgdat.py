@@ -1,35 +1,10 @@
-"""PGD-AT on Fashion-MNIST with the field's MNIST-family CNN: a real run sized for 2 CPU cores.
+"""PGD-AT on Fashion-MNIST with the MNIST-family CNN (fmnist_cnn): a real run sized for 2 CPU cores.
 
-    python launch.py --config=configs/fashion_mnist_pgdat.py --workdir=runs/fmnist_pgdat
+    python launch.py --config=configs/fashion_mnist_pgdat.py --workdir=runs/fashion_mnist_pgdat
 
-Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (found automatically) or
-TFDS. The budget of the independent PyTorch reference the evidence is checked against: 55k/5k
-train/validation, no augmentation, 12 epochs, eps 0.1 (the usual MNIST-family budget is 0.1-0.3),
-PGD-10 with step 0.025, the lr dropping 10x at epochs 6 and 9 (HAM's 60/90 of 120, scaled).
+The same as `--config=configs/fashion_mnist.py:method=pgd_at` (see configs/fashion_mnist.py).
 """
 
-from hamjax.config import base_config
+from hamjax.config import variant
 
-
-def get_config():
-    config = base_config()
-    config.data.name = "fashion_mnist"
-    config.data.val_size = 5000
-    config.data.augment.crop_pad = 0
-    config.data.augment.flip = False
-    config.model.name = "fmnist_cnn"
-    config.method.name = "pgd_at"
-    config.attack.eps = 0.1
-    config.attack.step_size = 0.025
-    config.attack.steps = 10
-    config.eval.eps = 0.1
-    config.eval.step_size = 0.025
-    config.eval.steps = 20
-    config.eval.num_examples = 2000
-    config.train.epochs = 12
-    config.train.batch_size = 128
-    config.train.lr = 0.05
-    config.train.lr_boundaries = (6, 9)
-    config.train.lr_values = (0.005, 0.0005)
-    config.train.weight_decay = 5e-4
-    return config
+get_config = variant(__file__, "fashion_mnist.py", "method=pgd_at")

@@ -2,16 +2,9 @@
 
     python launch.py --config=configs/imagenette_ham.py --workdir=runs/imagenette_ham
 
-As CIFAR-10: PGD-10 at eps 8/255, M = 3, HAM from the 50th epoch, SGD 0.1 for 120 epochs.
+The same as `--config=configs/imagenette.py:method=ham` (see configs/imagenette.py).
 """
 
-from hamjax.config import base_config, method_config
+from hamjax.config import variant
 
-
-def get_config():
-    config = base_config()
-    config.data.name = "imagenette"
-    config.data.image_size = 32
-    config.model.name = "preact_resnet18"
-    config.method = method_config("ham", warmup_epochs=49, mining_step=3)
-    return config
+get_config = variant(__file__, "imagenette.py", "method=ham")

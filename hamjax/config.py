@@ -2,28 +2,40 @@
 
 Configs hold only plain values (numbers, strings, tuples), never live objects, so they serialise
 into every result and can be swept from the command line (`--config.train.epochs=3`).
+
+A config file describes one setup (data, model, budget) and composes any registered method onto
+it from its argument: `--config=configs/FILE.py:method=NAME[,budget=B][,scenario=TOKENS]`
+(`compose`; ml_collections passes the text after ':' to the file's `get_config(arg)`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
-from collections.abc import Mapping
+import os
+import sys
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
+from hamjax.data import default_data_config, validate_data_config
+from hamjax.data.scenarios import apply_scenario
 from hamjax.errors import ConfigError
+from hamjax.methods import available_methods, get_method
+from hamjax.models import default_model_config, model_names
 from hamjax.models.layers import compute_dtype
+from hamjax.models.wide_resnet import check_wrn_shape
+from hamjax.optim import SCHEDULES
+from hamjax.paths import resolve
+from hamjax.validation import is_int, is_number, is_sequence, require
 
 BN_MODES_FOR_ATTACK = ("eval", "batch")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field an experiment may set, with the field's conventional default."""
-    from hamjax.data import default_data_config
-    from hamjax.models import default_model_config
-
     c = ml_collections.ConfigDict()
     c.seed = 1
     c.data = default_data_config()
@@ -75,8 +87,6 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
     Unknown override keys are rejected, so a typo never silently leaves a default in place.
     """
-    from hamjax.methods import get_method
-
     method = get_method(name)
     fields = dict(method.defaults)
     unknown = sorted(set(overrides) - set(fields))
@@ -89,46 +99,118 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"name": name, **fields})
 
 
-def _require(ok: bool, field: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{field}={value!r}: {fix}")
+VARIANT_KEYS = ("method", "budget", "scenario")
+Recipe = Callable[[ml_collections.ConfigDict], None]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def parse_variant(arg: str | None) -> dict[str, str]:
+    """The argument after a config file's name: `method=trades,scenario=lt10+pairflip20` ->
+    {"method": "trades", "scenario": "lt10+pairflip20"}. A bare item (no '=') is the method when
+    it names one, else scenario tokens (`configs/cifar10_caat.py:pairflip20`)."""
+    choice: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, value = ("method" if item in available_methods() else "scenario"), item
+        key, value = key.strip(), value.strip()
+        if key not in VARIANT_KEYS:
+            raise ConfigError(
+                f"config argument {item!r}: {key!r} is not a variant; use "
+                f"{', '.join(k + '=...' for k in VARIANT_KEYS)} joined with ',' (fields: "
+                "--config.<section>.<field>=value)")
+        if key == "scenario" and choice.get(key):
+            value = f"{choice[key]}+{value}"
+        choice[key] = value
+    return choice
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float (bools, NaN and infinities are not numbers here)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+def compose(setup: Callable[[], ml_collections.ConfigDict], arg: str | None, *,
+            default_method: str, meta_per_class: int,
+            recipes: Mapping[str, Recipe] | None = None,
+            budgets: Mapping[str, Recipe] | None = None) -> ml_collections.ConfigDict:
+    """A setup's config for the method and variants `arg` names (`parse_variant`).
+
+    setup() gives the data, model and budget; the method's fields are its defaults
+    (`method_config`), then `recipes[method]` (this setup's published settings of that method)
+    and `budgets[budget]` (e.g. a shorter fine-tuning schedule) change what they need. A method
+    that needs a meta set gets `meta_per_class` images per class when the setup holds none, so
+    every registered method runs on every setup; `scenario` tokens go to `apply_scenario`.
+    """
+    choice = parse_variant(arg)
+    config = setup()
+    name = choice.get("method", default_method)
+    config.method = method_config(name)
+    budgets = budgets or {}
+    if "budget" in choice:
+        if choice["budget"] not in budgets:
+            raise ConfigError(f"config argument budget={choice['budget']!r}: this setup has "
+                              f"budgets {sorted(budgets)}")
+        budgets[choice["budget"]](config)
+    recipe = (recipes or {}).get(name)
+    if recipe is not None:
+        recipe(config)
+    if get_method(name).needs_meta_batch and not config.data.meta_per_class:
+        config.data.meta_per_class = meta_per_class
+    apply_scenario(config.data, choice.get("scenario", ""))
+    return config
 
 
-def _is_sequence(value: Any) -> bool:
-    """A tuple or list (configs write tuples; JSON, e.g. a checkpoint's config, gives lists)."""
-    return isinstance(value, (tuple, list))
+def config_module(path: str | os.PathLike, sibling: str | None = None) -> types.ModuleType:
+    """A config file loaded as a module (once per path), as `--config=path` loads it; `sibling`:
+    the file of that name beside `path` (a config file reading configs/common.py)."""
+    path = os.path.abspath(os.path.join(os.path.dirname(path), sibling) if sibling else path)
+    name = "hamjax_config_file_" + "".join(c if c.isalnum() else "_" for c in path)
+    if name not in sys.modules:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config `--config=spec` gives: `FILE.py` or `FILE.py:ARG` (get_config(ARG))."""
+    path, sep, arg = spec.partition(":")
+    module = config_module(path)
+    return module.get_config(arg) if sep else module.get_config()
+
+
+def variant(path: str, setup_file: str, arg: str) -> Callable[..., ml_collections.ConfigDict]:
+    """`get_config` of a one-line variant file: the setup file beside `path` with `arg` first;
+    the caller's own argument follows, so `configs/cifar10_caat.py:pairflip20` adds to it."""
+
+    def get_config(extra: str | None = None) -> ml_collections.ConfigDict:
+        return config_module(path, setup_file).get_config(",".join(filter(None, (arg, extra))))
+
+    return get_config
 
 
 def _int(section, prefix: str, name: str, minimum: int, fix: str = "") -> None:
     value = section[name]
-    _require(_is_int(value) and value >= minimum, f"{prefix}.{name}", value,
+    require(is_int(value) and value >= minimum, f"{prefix}.{name}", value,
              f"must be an int >= {minimum}{fix}")
 
 
 def _number(section, prefix: str, name: str, ok, fix: str) -> None:
     value = section[name]
-    _require(_is_number(value) and ok(value), f"{prefix}.{name}", value, fix)
+    require(is_number(value) and ok(value), f"{prefix}.{name}", value, fix)
 
 
 def _choice(section, prefix: str, name: str, choices: tuple) -> None:
     value = section[name]
-    _require(isinstance(value, str) and value in choices, f"{prefix}.{name}", value,
+    require(isinstance(value, str) and value in choices, f"{prefix}.{name}", value,
              f"choose one of {choices}")
 
 
 def _bool(section, prefix: str, name: str) -> None:
     value = section[name]
-    _require(isinstance(value, bool), f"{prefix}.{name}", value, "must be True or False")
+    require(isinstance(value, bool), f"{prefix}.{name}", value, "must be True or False")
 
 
 def _is_section(value: Any) -> bool:
@@ -164,22 +246,17 @@ def _validate_fields(config: ml_collections.ConfigDict, method) -> None:
 
 
 def _validate_model(model) -> None:
-    from hamjax.models import model_names
-
-    _require(model.name in model_names(), "model.name", model.name,
+    require(model.name in model_names(), "model.name", model.name,
              f"choose one of {sorted(model_names())}")
     compute_dtype(model.dtype, field="config.model.dtype")  # float16 refused with the fix
-    depth = model.depth
-    _require(_is_int(depth) and depth >= 10 and (depth - 4) % 6 == 0, "model.depth", depth,
-             "WideResNet depth must be an int 6n+4 >= 10, e.g. 28 or 34")
-    _int(model, "model", "width", 1, " (WideResNet width)")
+    check_wrn_shape(model.depth, model.width)
     for name in ("mean", "std"):
         value = model[name]
-        stats = value if _is_sequence(value) else [value]
-        ok = value is None or (bool(stats) and all(_is_number(v) for v in stats))
+        stats = value if is_sequence(value) else [value]
+        ok = value is None or (bool(stats) and all(is_number(v) for v in stats))
         if ok and value is not None and name == "std":
             ok = all(v > 0 for v in stats)
-        _require(ok, f"model.{name}", value,
+        require(ok, f"model.{name}", value,
                  "None (the dataset's statistics) or one finite number per channel"
                  + (", all > 0" if name == "std" else ""))
 
@@ -192,19 +269,17 @@ def _validate_attack(prefix: str, attack) -> None:
 
 
 def _validate_train(train, fresh_start: bool) -> None:
-    from hamjax.train.optim import SCHEDULES
-
     _int(train, "train", "epochs", 1)
     _int(train, "train", "batch_size", 1)
     _number(train, "train", "lr", lambda v: v > 0, "must be a finite number > 0")
     _choice(train, "train", "lr_schedule", SCHEDULES)
     bounds, values = train.lr_boundaries, train.lr_values
-    _require(_is_sequence(bounds) and all(_is_number(b) and b >= 0 for b in bounds)
+    require(is_sequence(bounds) and all(is_number(b) and b >= 0 for b in bounds)
              and list(bounds) == sorted(bounds), "train.lr_boundaries", bounds,
              "must be a tuple of increasing epochs >= 0, e.g. (60, 90)")
-    _require(_is_sequence(values) and all(_is_number(v) and v >= 0 for v in values),
+    require(is_sequence(values) and all(is_number(v) and v >= 0 for v in values),
              "train.lr_values", values, "must be a tuple of learning rates >= 0")
-    _require(train.lr_schedule != "piecewise" or len(values) == len(bounds), "train.lr_values",
+    require(train.lr_schedule != "piecewise" or len(values) == len(bounds), "train.lr_values",
              values, f"needs one value per entry of config.train.lr_boundaries={bounds!r}")
     _number(train, "train", "momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
     _number(train, "train", "weight_decay", lambda v: v >= 0, "must be a number >= 0")
@@ -214,9 +289,9 @@ def _validate_train(train, fresh_start: bool) -> None:
     _int(train, "train", "keep_checkpoints", 1, " (the newest are kept: 2 keeps one to fall "
          "back on if the latest is damaged)")
     init_from = train.init_from
-    _require(isinstance(init_from, str), "train.init_from", init_from,
+    require(isinstance(init_from, str), "train.init_from", init_from,
              "a finished run's workdir, or '' to train from scratch")
-    _require(not (fresh_start and init_from) or holds_checkpoint(init_from), "train.init_from",
+    require(not (fresh_start and init_from) or holds_checkpoint(init_from), "train.init_from",
              init_from, "no such workdir, or it holds no checkpoint (a <step>/ directory in its "
              "best/ or checkpoints/); point it at a finished run's --workdir, or '' to train "
              "from scratch")
@@ -225,8 +300,6 @@ def _validate_train(train, fresh_start: bool) -> None:
 def holds_checkpoint(workdir: str) -> bool:
     """Whether `workdir` (local or gs://) has a saved step in best/ or checkpoints/; only looks,
     never creates anything."""
-    from hamjax.paths import resolve
-
     root = resolve(workdir)
     for kind in ("best", "checkpoints"):
         folder = root / kind
@@ -241,7 +314,7 @@ def _validate_eval(ev) -> None:
     _int(ev, "eval", "num_examples", 0, " (0: the whole split)")
     _choice(ev, "eval", "select_on", SELECT_ON)
     splits = ev.final_splits
-    _require(_is_sequence(splits) and bool(splits) and len(set(splits)) == len(splits)
+    require(is_sequence(splits) and bool(splits) and len(set(splits)) == len(splits)
              and all(s in FINAL_SPLITS for s in splits), "eval.final_splits", splits,
              f"a non-empty tuple of distinct names from {FINAL_SPLITS}")
     compute_dtype(ev.dtype, field="config.eval.dtype")
@@ -260,12 +333,9 @@ def validate_config(config: ml_collections.ConfigDict, fresh_start: bool = False
     checkpoint), so a train.init_from must hold a checkpoint now; resuming a run, or reading a
     saved run's config, no longer needs the run it was fine-tuned from.
     """
-    from hamjax.data import validate_data_config
-    from hamjax.methods import get_method
-
     method = get_method(config.method.name)
     _validate_fields(config, method)
-    _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed,
+    require(is_int(config.seed) and config.seed >= 0, "seed", config.seed,
              "must be an int >= 0")
     validate_data_config(config.data)
     _validate_model(config.model)

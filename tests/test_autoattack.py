@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from toy_models import toy_data, train_mlp
 
-from hamjax.attacks import STANDARD_ATTACKS, autoattack, chunked, pgd, run_autoattack
+from hamjax.attacks import STANDARD_ATTACKS, autoattack, chunked, pgd
 from hamjax.attacks.checks import output_gap
+from hamjax.evaluation.autoattack import run_autoattack
 from hamjax.evaluation.driver import Driver
 from hamjax.sharding import make_mesh
 
@@ -330,7 +331,7 @@ def test_attacks_are_importable_by_their_names():
     import hamjax.attacks as attacks
 
     for name in ("pgd", "fgsm", "apgd", "apgd_targeted", "fab", "fab_targeted", "square",
-                 "autoattack", "run_autoattack", "ham_mine", "mine_hard"):
+                 "autoattack", "ham_mine", "mine_hard"):
         assert callable(getattr(attacks, name)), name
     for module in ("pgd_attack", "apgd_attack", "fab_attack", "square_attack",
                    "autoattack_ensemble", "checks", "losses", "mining", "rng"):

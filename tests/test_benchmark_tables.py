@@ -1,5 +1,6 @@
-"""The Fashion-MNIST driver's per-epoch table (benchmarks/fashion_mnist_compare.py): wall and
-ledger ratios, the bucket histogram, and the README writer, on hand-made epoch records."""
+"""The Fashion-MNIST driver (benchmarks/fashion_mnist_*.py): wall and ledger ratios, the bucket
+histogram and the other tables on hand-made epoch records, where results are written, and the
+suites' configs read from configs/fashion_mnist.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import fashion_mnist_compare as fmc  # noqa: E402
+import fashion_mnist_logs as logs  # noqa: E402
+import fashion_mnist_results as results  # noqa: E402
+import fashion_mnist_suites as suites  # noqa: E402
+import fashion_mnist_tables as tables  # noqa: E402
 
 
 def record(epoch: int, seconds: float, ledger: float, **metrics) -> dict:
@@ -27,11 +32,11 @@ def test_epoch_rows_wall_ratios_and_histogram(tmp_path):
     # A resumed run logs an epoch again: the last record of each epoch counts.
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [ham[0], *ham]))
-    assert [r["epoch"] for r in fmc.epoch_records(str(tmp_path))] == [1, 2, 3]
+    assert [r["epoch"] for r in logs.epoch_records(str(tmp_path))] == [1, 2, 3]
 
-    per_run = {"pgd_at": [fmc.epoch_row(r) for r in pgd],
-               "ham": [fmc.epoch_row(r) for r in ham]}
-    fmc.with_wall_ratios(per_run)
+    per_run = {"pgd_at": [logs.epoch_row(r) for r in pgd],
+               "ham": [logs.epoch_row(r) for r in ham]}
+    logs.with_wall_ratios(per_run)
     third = per_run["ham"][2]
     assert third["wall_ratio_vs_pgd_at"] == pytest.approx(63.0 / 105.0, abs=1e-3)
     assert third["wall_ratio_vs_own_warmup"] == pytest.approx(63.0 / 105.0, abs=1e-3)
@@ -39,7 +44,7 @@ def test_epoch_rows_wall_ratios_and_histogram(tmp_path):
     assert "wall_ratio_vs_own_warmup" not in per_run["ham"][0]  # warm-up epochs are the base
     assert per_run["pgd_at"][1]["wall_ratio_vs_pgd_at"] == 1.0
 
-    table = fmc.epochs_markdown({0: per_run})
+    table = tables.epochs_markdown({0: per_run})
     assert "| 0 | ham | 3 | 63 |  | 0.52 | 0.250 | 0.25: 0.40, 0.3125: 0.60 |" in table
     assert "| 0 | ham | 1 | 100 |  | 1.00 |  | warm-up (PGD-AT) |" in table
 
@@ -63,25 +68,42 @@ def test_same_window_ratio_compares_only_intervals_both_runs_trained_through(tmp
     (ref / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"kind": "run", "step": 0}, train_record(2, 2.0, 0, 10.0), train_record(4, 4.0, 0, 10.0),
         epoch_end, train_record(6, 6.0, 1, 10.0), train_record(8, 10.0, 1, 5.0)]))
-    windows = fmc.train_windows(str(ham), batch=10)
+    windows = logs.train_windows(str(ham), batch=10)
     assert windows == [(0, 0.0, 2.0, 10.0), (0, 2.0, 4.0, 10.0), (1, 10.0, 11.0, 20.0)]
-    ref_windows = fmc.train_windows(str(ref), batch=10)
+    ref_windows = logs.train_windows(str(ref), batch=10)
     assert ref_windows[-1] == (1, 6.0, 10.0, 5.0)
     # Epoch 1 (0-based 0) ran beside the reference at the same rate; HAM's last interval
     # (t 10-11) has no reference beside it, so epoch 2 gets no ratio.
-    assert fmc.same_window_ratios(windows, ref_windows) == {1: 1.0}
+    assert logs.same_window_ratios(windows, ref_windows) == {1: 1.0}
     half = [(0, 6.0, 10.0, 10.0)]  # twice the reference's rate in its t 6-10 interval
-    assert fmc.same_window_ratios(half, ref_windows) == {1: 0.5}
+    assert logs.same_window_ratios(half, ref_windows) == {1: 0.5}
 
 
-def test_readme_table_is_written_between_its_markers_only(tmp_path):
+def test_results_go_to_docs_results_and_never_into_the_readme(tmp_path):
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- fashion_mnist_x -->\nold\n<!-- /fashion_mnist_x -->\nrest\n")
-    assert fmc.write_readme_table("x", "| new |", str(readme))
-    assert readme.read_text() == ("intro\n<!-- fashion_mnist_x -->\n| new |\n"
-                                  "<!-- /fashion_mnist_x -->\nrest\n")
-    assert not fmc.write_readme_table("y", "| other |", str(readme))  # no markers: untouched
-    assert "other" not in readme.read_text()
+    readme.write_text("intro\n<!-- fashion_mnist_x -->\nold\n<!-- /fashion_mnist_x -->\n")
+    before = readme.read_text()
+    json_path, md_path = results.write_results("x", {"rows": [1]}, "| new |", repo=str(tmp_path))
+    assert md_path == str(tmp_path / "docs" / "results" / "fashion_mnist_x.md")
+    assert (tmp_path / "docs" / "results" / "fashion_mnist_x.md").read_text() == "| new |\n"
+    assert results.read_previous("x", repo=str(tmp_path)) == {"rows": [1]}
+    assert results.read_previous("y", repo=str(tmp_path)) is None
+    assert readme.read_text() == before
+
+
+def test_shipped_suite_trains_the_setup_as_configured(tmp_path):
+    """ham_full reads configs/fashion_mnist.py: the shipped files' configs, but for the seed
+    and the save interval."""
+    from hamjax.config import load_config
+
+    for name, shipped in (("pgd_at", "fashion_mnist_pgdat"), ("ham", "fashion_mnist_ham")):
+        config = suites.build_config("ham_full", suites.suite_runs("ham_full")[name], 0, 0,
+                                     seed=2)
+        expected = load_config(os.path.join(suites.REPO, "configs", f"{shipped}.py"))
+        expected.seed, expected.train.checkpoint_every_steps = 2, 150
+        assert config.to_dict() == expected.to_dict()
+    assert suites.is_shipped("ham_full") and not suites.is_shipped("noisy")
 
 
 def test_autoattack_table_has_both_checkpoints_and_the_seed_spread():
@@ -91,7 +113,7 @@ def test_autoattack_table_has_both_checkpoints_and_the_seed_spread():
 
     rows = [{"run": "ham", "seed": s, "autoattack": {"last": aa(0.5 + s / 100, 0.1 * s, 8),
                                                      "best": aa(0.4, 0.2, 3)}} for s in (0, 1)]
-    table = fmc.autoattack_markdown(rows)
+    table = tables.autoattack_markdown(rows)
     assert "| ham | 0 | last (8) | 500 | 80.0 | 50.0 | 50.0 | 0.0 |" in table
     assert "| ham | 1 | best (3) | 500 | 80.0 | 50.0 | 40.0 | 20.0 |" in table
     # last: robust avg 50.0 / 51.0 (spread 1.0), worst 0.0 / 10.0 (spread 10.0)
@@ -102,11 +124,11 @@ def test_autoattack_table_has_both_checkpoints_and_the_seed_spread():
 def test_noisy_full_builds_valid_fine_tunes_of_one_warm_start(tmp_path):
     from hamjax.config import validate_config
 
-    runs = fmc.suite_runs("noisy_full")
+    runs = suites.suite_runs("noisy_full")
     assert runs["warm_start"].get("first") and not runs["caat"].get("first")
-    configs = {name: fmc.build_config("noisy_full", run, 0, 0, seed=1, root=str(tmp_path))
+    configs = {name: suites.build_config("noisy_full", run, 0, 0, seed=1, root=str(tmp_path))
                for name, run in runs.items()}
-    warm = fmc.workdir_of(str(tmp_path), "noisy_full", "warm_start", 1)
+    warm = suites.workdir_of(str(tmp_path), "noisy_full", "warm_start", 1)
     for name, config in configs.items():
         validate_config(config)
         assert config.data.label_noise.rate == 0.2 and config.seed == 1
@@ -119,14 +141,14 @@ def test_noisy_full_builds_valid_fine_tunes_of_one_warm_start(tmp_path):
 
 
 def test_routing_and_per_class_tables():
-    epoch = fmc.epoch_row({"epoch": 2, "train_seconds": 1.0, "ledger": {"relative_to_pgd_at": 2.0},
+    epoch = logs.epoch_row({"epoch": 2, "train_seconds": 1.0, "ledger": {"relative_to_pgd_at": 2.0},
                            "train_metrics": {}, "method": {"adv_fraction": 0.55,
                                                             "per_class_adv_fraction": [0.9, None]}})
-    table = fmc.routing_markdown({0: {"caat": [epoch], "pgd_at": [{"epoch": 2}]}})
+    table = tables.routing_markdown({0: {"caat": [epoch], "pgd_at": [{"epoch": 2}]}})
     assert "| 0 | caat | 2 | 0.55 | 0.90 |  |" in table
     rows = [{"run": "caat", "seed": 0, "last": {"clean_per_class": [0.9, 0.5],
                                                 "robust_per_class": [0.7, 0.0]}}]
-    assert "| caat | 0 | 90 / 70 | 50 / 0 |" in fmc.per_class_markdown(rows)
+    assert "| caat | 0 | 90 / 70 | 50 / 0 |" in tables.per_class_markdown(rows)
 
 
 def test_routing_diagnosis_table():
@@ -135,14 +157,14 @@ def test_routing_diagnosis_table():
          "class_majority_agreement": 0.874, "agreement_without_class_features": 0.61,
          "adv_fraction": 0.52, "anti_share_mislabelled": 0.5, "anti_share_correctly_labelled": 0.47}
     rows = [{"run": "caat", "seed": 0, "routing_diagnosis": d}, {"run": "pgd_at", "seed": 0}]
-    table = fmc.diagnosis_markdown(rows)
+    table = tables.diagnosis_markdown(rows)
     assert ("| caat | 0 | 0.001 | 0 | 36 | 0.0031 | 0.991 | 0.874 | 0.610 | 0.520 "
             "| 0.500 / 0.470 |") in table
     assert "pgd_at" not in table
-    assert fmc.diagnosis_markdown(rows[1:]) == ""
+    assert tables.diagnosis_markdown(rows[1:]) == ""
     d["initialisation_lottery"] = [{"seed": 4, "adv_fraction": 0.45, "class_majority_agreement":
                                     0.9, "per_class_adv_fraction": [0.05, 1.0, None, 0.1]}]
-    assert "| 4 | 0.450 | 0.900 | 0, 3 |" in fmc.diagnosis_markdown(rows)
+    assert "| 4 | 0.450 | 0.900 | 0, 3 |" in tables.diagnosis_markdown(rows)
 
 
 def test_carry_over_keeps_earlier_runs_and_lets_local_workdirs_win():
@@ -156,7 +178,7 @@ def test_carry_over_keeps_earlier_runs_and_lets_local_workdirs_win():
     rows = [{"run": "trades", "seed": 0, "last": {"clean_avg": 0.5}},
             {"run": "caat", "seed": 0, "last": {"clean_avg": 0.8}}]
     per_seed = {0: {"pgd_at": [], "trades": [{"epoch": 1, "train_seconds": 7.0}], "caat": []}}
-    carried = fmc.carry_over(earlier, rows, per_seed, seeds=[0])
+    carried = results.carry_over(earlier, rows, per_seed, seeds=[0])
     assert carried == ["pgd_at/0", "trades (earlier)/0"]  # seed 1 was not asked for
     assert [(r["run"], r["last"]["clean_avg"]) for r in rows] == [
         ("trades", 0.5), ("caat", 0.8), ("pgd_at", 0.7), ("trades (earlier)", 0.1)]
@@ -164,10 +186,10 @@ def test_carry_over_keeps_earlier_runs_and_lets_local_workdirs_win():
     assert per_seed[0]["trades"] == [{"epoch": 1, "train_seconds": 7.0}]
     assert per_seed[0]["trades (earlier)"] == [{"epoch": 1, "train_seconds": 9.0}]
     # Written out and read back: the same rows, nothing carried twice.
-    again = fmc.carry_over({"rows": [dict(r) for r in rows]}, rows, per_seed, seeds=[0])
+    again = results.carry_over({"rows": [dict(r) for r in rows]}, rows, per_seed, seeds=[0])
     assert again == [] and len(rows) == 4
-    assert fmc.carry_over(None, rows, per_seed, seeds=[0]) == []
-    order = fmc.suite_order(["warm_start", "pgd_at", "trades", "caat"])
+    assert results.carry_over(None, rows, per_seed, seeds=[0]) == []
+    order = results.suite_order(["warm_start", "pgd_at", "trades", "caat"])
     assert [r["run"] for r in sorted(rows, key=lambda r: order(r["run"]))] == [
         "pgd_at", "trades", "trades (earlier)", "caat"]
 
@@ -175,11 +197,11 @@ def test_carry_over_keeps_earlier_runs_and_lets_local_workdirs_win():
 def test_run_devices_are_read_from_the_run_record(tmp_path):
     """Tables of workdirs trained elsewhere (--trained_elsewhere) name the devices the runs
     logged, not this machine's."""
-    assert fmc.run_devices(str(tmp_path)) == []  # no metrics.jsonl yet
+    assert logs.run_devices(str(tmp_path)) == []  # no metrics.jsonl yet
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"kind": "run", "step": 0, "devices": ["cuda:0"]},
         {"kind": "epoch", "epoch": 1, "step": 4}]))
-    assert fmc.run_devices(str(tmp_path)) == ["cuda:0"]
+    assert logs.run_devices(str(tmp_path)) == ["cuda:0"]
 
 
 def test_trained_elsewhere_needs_report_only(monkeypatch):
@@ -204,8 +226,7 @@ def test_trained_elsewhere_needs_report_only(monkeypatch):
 ])
 def test_recorded_command_reproduces_the_invocation(argv, expected):
     args = fmc.make_parser().parse_args(argv)
-    shipped = all("config_file" in r for r in fmc.suite_runs(args.suite).values())
-    command = fmc.reproducing_command(args, shipped)
+    command = fmc.reproducing_command(args, suites.is_shipped(args.suite))
     assert command == expected
     # Parsing the recorded command gives back every option that shapes the runs and tables.
     replayed = fmc.make_parser().parse_args(

@@ -17,13 +17,14 @@ import pytest
 from hamjax.attacks.losses import kl_divergence
 from hamjax.checkpoint import Checkpointer
 from hamjax.config import base_config, method_config
+from hamjax.data.scenarios import apply_scenario
 from hamjax.errors import ConfigError
-from hamjax.methods import caat, get_method
+from hamjax.methods import caat, caat_meta, caat_objective, caat_router, caat_state, get_method
 from hamjax.methods.common import cross_entropy, forward
-from hamjax.methods.frl import frl_loss
+from hamjax.methods.frl import class_parameters, frl_loss
 from hamjax.metrics import PerClassCounts
-from hamjax.train.optim import make_lr_fn, make_optimizer, set_learning_rate
-from hamjax.train.state import StepContext, create_train_state
+from hamjax.optim import make_lr_fn, make_optimizer, set_learning_rate
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 C = 3
@@ -114,11 +115,11 @@ def test_virtual_step_equals_real_optax_update(momentum):
     lr = 0.037
     updates, _ = ctx.tx.update(grads, set_learning_rate(state.opt_state, lr), state.params)
     expected = optax.apply_updates(state.params, updates)
-    got = caat.virtual_sgd_step(state.params, grads, state.opt_state, lr,
+    got = caat_meta.virtual_sgd_step(state.params, grads, state.opt_state, lr,
                                 momentum=momentum, weight_decay=5e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  got, expected)
-    assert (caat.momentum_trace(state.opt_state) is None) == (momentum == 0.0)
+    assert (caat_meta.momentum_trace(state.opt_state) is None) == (momentum == 0.0)
 
 
 # ---------------------------------------------------------------------- meta-gradient
@@ -134,20 +135,20 @@ def _meta_setup(temperature: float, lr: float = 1.0, tie: bool = False):
     batch = make_batch(1)
     x, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
     xm, ym = jnp.asarray(batch["meta_image"]), jnp.asarray(batch["meta_label"])
-    _, _, mult = caat.class_parameters(ms["lambdas"], ctx.config.method)
+    _, _, mult = class_parameters(ms["lambdas"], ctx.config.method)
     key1, key2 = jax.random.split(jax.random.PRNGKey(5))
-    train_inputs = (x, y, *caat.perturbations(ctx, state.params, state.batch_stats, x, y,
+    train_inputs = (x, y, *caat_objective.perturbations(ctx, state.params, state.batch_stats, x, y,
                                               BASE_EPS * mult[y], key1))
-    meta_pert = caat.perturbations(ctx, state.params, state.batch_stats, xm, ym,
+    meta_pert = caat_objective.perturbations(ctx, state.params, state.batch_stats, xm, ym,
                                    BASE_EPS * mult[ym], key2)
     meta_params = ms["meta_params"]
     if tie:
-        terms, _ = caat.branch_terms(ctx, state.params, state.batch_stats, *train_inputs,
+        terms, _ = caat_objective.branch_terms(ctx, state.params, state.batch_stats, *train_inputs,
                                      bn_mode="batch")
-        feats = caat.meta_features(terms.clean_logits, y, ms["class_loss_last"],
-                                   caat.class_proportion(ctx))
-        unit_t = caat.MetaNet(hidden=ctx.config.method.meta_hidden, temperature=1.0)
-        w = caat.route(unit_t, meta_params, ms["meta_stats"], feats, batch_stats=True)[0]
+        feats = caat_router.meta_features(terms.clean_logits, y, ms["class_loss_last"],
+                                   caat_router.class_proportion(ctx))
+        unit_t = caat_router.MetaNet(hidden=ctx.config.method.meta_hidden, temperature=1.0)
+        w = caat_router.route(unit_t, meta_params, ms["meta_stats"], feats, batch_stats=True)[0]
         dz = np.log(np.asarray(w[:, 0])) - np.log(np.asarray(w[:, 1]))
         k = int(np.argmin(np.abs(dz)))
         out = dict(meta_params["out"])
@@ -156,13 +157,13 @@ def _meta_setup(temperature: float, lr: float = 1.0, tie: bool = False):
 
     @jax.jit
     def objective(meta_params):
-        w_hat = caat.virtual_model(ctx, state, meta_params, train_inputs, lr)
-        return caat.meta_objective(w_hat, ctx, state.batch_stats, (xm, ym, *meta_pert),
+        w_hat = caat_meta.virtual_model(ctx, state, meta_params, train_inputs, lr)
+        return caat_meta.meta_objective(w_hat, ctx, state.batch_stats, (xm, ym, *meta_pert),
                                    ms["lambdas"])
 
     @jax.jit
     def gradient(meta_params):
-        return caat.meta_gradient(ctx, state, meta_params, train_inputs, (xm, ym), key2, lr,
+        return caat_meta.meta_gradient(ctx, state, meta_params, train_inputs, (xm, ym), key2, lr,
                                   meta_perturbations=meta_pert)
 
     return meta_params, objective, gradient
@@ -230,10 +231,10 @@ def test_adversary_and_anti_adversary_in_their_own_bounds():
     state = make_state(ctx)
     batch = make_batch(2)
     x, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
-    _, _, mult = caat.class_parameters(state.method_state["lambdas"], ctx.config.method)
+    _, _, mult = class_parameters(state.method_state["lambdas"], ctx.config.method)
     eps = BASE_EPS * mult[y]
     assert len(np.unique(np.round(np.asarray(eps), 6))) == C  # bounds differ across classes
-    x_adv, x_anti = caat.perturbations(ctx, state.params, state.batch_stats, x, y, eps,
+    x_adv, x_anti = caat_objective.perturbations(ctx, state.params, state.batch_stats, x, y, eps,
                                        jax.random.PRNGKey(0))
     for xp in (x_adv, x_anti):
         dist = np.max(np.abs(np.asarray(xp - x)).reshape(B, -1), axis=1)
@@ -260,7 +261,7 @@ def test_meta_features_match_numpy():
     logits = rng.normal(size=(B, C)).astype(np.float32)
     labels = np.arange(B) % C
     last, prop = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.3, 0.2])
-    got = np.asarray(caat.meta_features(jnp.asarray(logits), jnp.asarray(labels),
+    got = np.asarray(caat_router.meta_features(jnp.asarray(logits), jnp.asarray(labels),
                                         jnp.asarray(last, jnp.float32),
                                         jnp.asarray(prop, jnp.float32)))
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -298,7 +299,7 @@ def test_all_adversary_routing_equals_frl():
     ms = caat_aux["method_state"]
     np.testing.assert_allclose(ms["route_adv"], ms["route_total"])
     np.testing.assert_allclose(ms["class_count"], np.bincount(batch["label"], minlength=C))
-    summary = caat.routing_summary(ms)
+    summary = caat_state.routing_summary(ms)
     assert summary["adv_fraction"] == 1.0 and summary["per_class_adv_fraction"] == [1.0] * C
 
 
@@ -408,18 +409,18 @@ def test_validation_and_scenarios():
     config.data.meta_per_class = 0
     with pytest.raises(ConfigError, match="meta_per_class"):
         get_method("caat").validate(config)
-    scenario = caat.apply_scenario(base_config(), "lt10+pairflip20")
-    assert scenario.data.imbalance_factor == 10.0
-    assert scenario.data.label_noise.kind == "flip2"
-    assert scenario.data.label_noise.rate == pytest.approx(0.2)
-    assert caat.apply_scenario(base_config(), "flip40").data.label_noise.kind == "flip1"
+    scenario = apply_scenario(base_config().data, "lt10+pairflip20")
+    assert scenario.imbalance_factor == 10.0
+    assert scenario.label_noise.kind == "flip2"
+    assert scenario.label_noise.rate == pytest.approx(0.2)
+    assert apply_scenario(base_config().data, "flip40").label_noise.kind == "flip1"
     with pytest.raises(ConfigError, match="not understood"):
-        caat.apply_scenario(base_config(), "noise20")
+        apply_scenario(base_config().data, "noise20")
 
 
 # ---------------------------------------------------------------------- routing diagnostics
 def test_routing_report_matches_hand_counts():
-    from hamjax.methods.caat_routing import routing_report
+    from hamjax.analysis.caat_routing import routing_report
 
     labels = np.array([0, 0, 0, 1, 1, 2])
     clean = np.array([0, 1, 0, 1, 2, 2])  # examples 1 and 4 mislabelled
@@ -441,11 +442,12 @@ def test_routing_report_matches_hand_counts():
 
 
 def test_without_class_features_neutralises_only_the_class_columns():
-    from hamjax.methods.caat_routing import CLASS_FEATURES, without_class_features
+    from hamjax.analysis.caat_routing import CLASS_FEATURES, without_class_features
 
-    f = jnp.asarray(np.random.default_rng(0).normal(size=(5, caat.NUM_FEATURES)), jnp.float32)
+    size = (5, caat_router.NUM_FEATURES)
+    f = jnp.asarray(np.random.default_rng(0).normal(size=size), jnp.float32)
     g = np.asarray(without_class_features(f))
-    for i in range(caat.NUM_FEATURES):
+    for i in range(caat_router.NUM_FEATURES):
         if i in CLASS_FEATURES:
             np.testing.assert_allclose(g[:, i], np.full(5, np.mean(np.asarray(f)[:, i])),
                                        rtol=1e-6)
@@ -455,7 +457,7 @@ def test_without_class_features_neutralises_only_the_class_columns():
 
 def test_fresh_state_routes_like_its_initial_router():
     """initial_meta_params rebuilds the trainer's seeded meta-net: zero drift, same decisions."""
-    from hamjax.methods.caat_routing import batch_routing, initial_meta_params, relative_drift
+    from hamjax.analysis.caat_routing import batch_routing, initial_meta_params, relative_drift
 
     ctx = make_ctx()
     state = create_train_state(ctx, get_method("caat"), seed=3)
@@ -478,7 +480,7 @@ def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
     """CAAT fine-tuned from a PGD-AT run (another method state): weights and BN statistics
     come over, CAAT's own state stays fresh; another model's weights raise CheckpointError."""
     from hamjax.errors import CheckpointError
-    from hamjax.train.loop import _load_init_weights
+    from hamjax.run import load_init_weights
 
     ctx = make_ctx()
     source = create_train_state(ctx, get_method("pgd_at"), seed=7)
@@ -487,7 +489,7 @@ def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
     ckpt.save(5, source, {"epochs": [1]}, kind="best")
     ckpt.close()
     fresh = create_train_state(ctx, get_method("caat"), seed=0)
-    loaded = _load_init_weights(fresh, str(tmp_path / "warm"))
+    loaded = load_init_weights(fresh, str(tmp_path / "warm"))
     for got, want in zip(jax.tree.leaves((loaded.params, loaded.batch_stats)),
                          jax.tree.leaves((source.params, source.batch_stats)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -499,11 +501,11 @@ def test_fine_tune_from_another_methods_run_loads_only_weights(tmp_path):
     wide = dataclasses.replace(ctx, model=TinyNet(num_classes=C + 1))
     other = create_train_state(wide, get_method("caat"), seed=0)
     with pytest.raises(CheckpointError, match="do not fit this run's model"):
-        _load_init_weights(other, str(tmp_path / "warm"))
+        load_init_weights(other, str(tmp_path / "warm"))
 
 
 def test_initialisation_lottery_counts_per_seed():
-    from hamjax.methods.caat_routing import initialisation_lottery
+    from hamjax.analysis.caat_routing import initialisation_lottery
 
     labels = np.array([0, 0, 1, 1])
     out = initialisation_lottery({3: np.array([True, True, False, True]),
@@ -514,7 +516,7 @@ def test_initialisation_lottery_counts_per_seed():
 
 
 def test_meta_init_seed_fixes_the_router_apart_from_config_seed():
-    from hamjax.methods.caat_routing import (
+    from hamjax.analysis.caat_routing import (
         initial_meta_params,
         relative_drift,
         untrained_meta_params,

@@ -226,8 +226,9 @@ def test_parse_attacks_settings():
 @pytest.mark.slow
 def test_autoattack_matches_host_driver(workdir):
     """Same per-example answer as hamjax.attacks.run_autoattack: the same chain and keys."""
-    from hamjax.attacks import STANDARD_ATTACKS, run_autoattack
+    from hamjax.attacks import STANDARD_ATTACKS
     from hamjax.data import stratified_subset
+    from hamjax.evaluation.autoattack import run_autoattack
     from hamjax.models import make_logits_fn
 
     run = ev.load_run(workdir, "best", log=lambda s: None)
@@ -288,10 +289,10 @@ def test_tensorboard_has_validation_cost_and_test_scalars(workdir):
 
 def test_pgd_results_do_not_depend_on_the_batch_size(workdir):
     """Each example's random start is keyed by its index: chunks of 8 or 40, same answer."""
-    from hamjax.robust_eval import subset
+    from hamjax.data import stratified_subset
 
     run = ev.load_run(workdir, "best", log=lambda s: None)
-    data = subset(run.splits.test, 40, 0, 10)
+    data = stratified_subset(run.splits.test, 40, 0, 10)
     specs = ev.parse_attacks("pgd5", eps=EPS, num_classes=10)
     outs = [ev.run_attacks(run.model, run.variables, data.images, data.labels, 10, specs,
                            eps=EPS, seed=3, batch_size=b, log=lambda s: None) for b in (8, 40)]

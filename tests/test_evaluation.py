@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 
 from hamjax.attacks import pgd
 from hamjax.evaluation.driver import Driver, StageRecord, class_counts
-from hamjax.robust_eval import PGDEvaluator
+from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.sharding import make_mesh
 
 EPS = 0.1

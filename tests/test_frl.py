@@ -14,8 +14,8 @@ from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
 from hamjax.methods import frl, get_method
 from hamjax.metrics import PerClassCounts
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, create_train_state
+from hamjax.optim import make_lr_fn, make_optimizer
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 C = 4

@@ -24,7 +24,8 @@ CHILD = textwrap.dedent(
     from hamjax.config import base_config, method_config, validate_config
     from hamjax.data import iterate_batches, load_splits, meta_batch
     from hamjax.methods import get_method
-    from hamjax.robust_eval import PGDEvaluator, subset
+    from hamjax.data import stratified_subset
+    from hamjax.evaluation.pgd import PGDEvaluator
     from hamjax.sharding import make_mesh, replicated, shard_batch
     from hamjax.train import build_context, create_train_state, make_train_step
     from hamjax.train.step import jit_train_step
@@ -106,7 +107,7 @@ CHILD = textwrap.dedent(
     ctx = build_context(config, splits)
     state = create_train_state(ctx, get_method("pgd_at"), seed=0)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    val = subset(splits.val, 40, seed=0, num_classes=splits.num_classes)
+    val = stratified_subset(splits.val, 40, seed=0, num_classes=splits.num_classes)
     counts = []
     for mesh in (one, four):
         evaluator = PGDEvaluator(ctx.model, ctx.num_classes, config.eval, mesh, batch_size=20)

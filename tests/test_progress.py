@@ -12,7 +12,7 @@ from etils import epath
 from hamjax.evaluation.driver import Driver
 from hamjax.runlog import EpochBar, RunLogger, bar_metrics, live_console, read_scalars
 from hamjax.sharding import make_mesh
-from hamjax.train.loop import epoch_scalars, report_scalars, where_text
+from hamjax.train.report import epoch_scalars, report_scalars, where_text
 
 # What a HAM step returns (host values): the watched metrics and its internal flags.
 HAM_METRICS = {"loss": 1.25, "lr": 0.1, "train_robust_acc": 0.5, "hard_fraction": 0.25,

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import EPS
 
+from hamjax.data import stratified_subset
+from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.metrics import fairness_summary
-from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.train import make_mesh
 
 EVAL_EXAMPLES = 1000
@@ -21,7 +22,7 @@ def _evaluate(models, method: str, eps: float = EPS, steps: int = 10,
     attack = ConfigDict({"eps": eps, "step_size": max(eps / 4, 1e-4), "steps": steps})
     evaluator = PGDEvaluator(models.ctx.model, models.splits.num_classes, attack, make_mesh(),
                              batch_size=500)
-    split = subset(models.splits.test, num_examples, 0, models.splits.num_classes)
+    split = stratified_subset(models.splits.test, num_examples, 0, models.splits.num_classes)
     clean, robust = evaluator(models.variables(method), split, jax.random.PRNGKey(0))
     return fairness_summary(clean), fairness_summary(robust)
 
@@ -55,10 +56,11 @@ def test_autoattack_is_no_weaker_than_pgd20_and_square_alone_is_weaker_than_apgd
 ):
     """On the PGD-AT model: AutoAttack standard (Square cut to 500 queries on this CPU) robust
     accuracy <= PGD-20's on the same examples; black-box Square alone is weaker than APGD-CE."""
-    from hamjax.attacks import pgd, run_autoattack
+    from hamjax.attacks import pgd
+    from hamjax.evaluation.autoattack import run_autoattack
 
     models = fashion_mnist_models
-    split = subset(models.splits.test, AA_EXAMPLES, 1, models.splits.num_classes)
+    split = stratified_subset(models.splits.test, AA_EXAMPLES, 1, models.splits.num_classes)
     x = split.images.astype("float32") / 255.0
     y = split.labels
     logits_fn = models.logits_fn("pgd_at")

@@ -20,8 +20,8 @@ from hamjax.methods.relatives import (
     gairat_loss,
 )
 from hamjax.models.layers import batch_norm
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, create_train_state
+from hamjax.optim import make_lr_fn, make_optimizer
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 B, C, K = 16, 4, 4

@@ -254,20 +254,19 @@ def test_first_signal_sets_a_flag_a_second_acts_and_handlers_come_back():
     """In-process: the first SIGINT only flags the run (no KeyboardInterrupt mid-step), the
     second is Python's usual KeyboardInterrupt; the previous handlers return afterwards."""
     import threading
-    import types
 
     from hamjax.errors import TrainingInterrupted
-    from hamjax.train.loop import Trainer
+    from hamjax.train.lifecycle import StopSignals
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if (threading.current_thread() is not threading.main_thread()
             or before[signal.SIGINT] is not signal.default_int_handler):
         pytest.skip("needs the main thread with Python's own SIGINT handler")
-    run = types.SimpleNamespace()
-    with pytest.raises(KeyboardInterrupt), Trainer._stop_on_signals(run):
+    signals = StopSignals()
+    with pytest.raises(KeyboardInterrupt), signals.catching():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs here; it must not raise
-        assert run._stop_signal == signal.SIGINT
+        assert signals.received == signal.SIGINT
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1.0)
         pytest.fail("the second SIGINT did not interrupt")

@@ -3,11 +3,9 @@
 Every attack takes one key for the batch or one key per example (`example_keys`, see
 `hamjax.attacks.rng`). Modules are named after what they hold (`pgd_attack`, `apgd_attack`,
 `fab_attack`, `square_attack`, `autoattack_ensemble`), so no function shadows its module.
-`run_autoattack` is the evaluation driver's AutoAttack (`hamjax.evaluation.autoattack`),
-imported on first use: the attacks themselves know nothing of data, devices or models.
+The attacks know nothing of data, devices or models: AutoAttack over numpy arrays, chunked and
+sharded, is the evaluation driver's `hamjax.evaluation.autoattack.run_autoattack`.
 """
-
-from typing import Any
 
 from hamjax.attacks.apgd_attack import APGDInfo, apgd, apgd_checkpoints, apgd_targeted
 from hamjax.attacks.autoattack_ensemble import (
@@ -30,15 +28,6 @@ __all__ = [
     "ATTACKS", "APGDInfo", "AutoAttackResult", "LOSSES", "MiningResult", "PGDInfo",
     "STANDARD_ATTACKS", "apgd", "apgd_checkpoints", "apgd_targeted", "autoattack", "chunked",
     "default_attack_kwargs", "example_keys", "fab", "fab_targeted", "fgsm", "ham_mine", "judge",
-    "mine_hard", "per_example_loss", "pgd", "project", "random_init", "run_autoattack",
-    "square",
+    "mine_hard", "per_example_loss", "pgd", "project", "random_init", "square",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """`run_autoattack` on first use (PEP 562): it lives with the evaluation driver."""
-    if name == "run_autoattack":
-        from hamjax.evaluation.autoattack import run_autoattack
-
-        return run_autoattack
-    raise AttributeError(f"module 'hamjax.attacks' has no attribute {name!r}")

@@ -10,7 +10,7 @@ Two ways to run it:
   shapes) and masks keep each example's earliest successful point, so it costs the sum of all
   attacks on all examples. Success is judged as in the reference, by re-evaluating the model on
   the attack's output (and, here, rejecting outputs outside the eps ball or [0, 1]).
-- `run_autoattack` (`hamjax.evaluation.autoattack`, also importable from `hamjax.attacks`) runs
+- `run_autoattack` (`hamjax.evaluation.autoattack`) runs
   the same plan over numpy arrays through the evaluation driver, realising the reference's
   saving: after each attack only the still-robust examples go on to the next one, in padded
   chunks of fixed size, each example with its own key. Use it for evaluation.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 from ml_collections import config_dict
 
 from hamjax.data.specs import DATASETS
 from hamjax.errors import ConfigError
+from hamjax.validation import is_int, is_number
 
 SOURCES = ("auto", "tfds", "local", "sklearn")
 
@@ -36,15 +35,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.imbalance_factor = 1.0  # long tail: n_max / n_min; 1 = unchanged
     cfg.augment = ml_collections.ConfigDict({"crop_pad": 4, "flip": True})
     return cfg
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: object) -> bool:
-    """A finite int or float (NaN compares False with every bound, so it must be refused here)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
@@ -86,15 +76,15 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
         problems.append(f"config.data.data_dir={cfg.data_dir!r} must be a path string or None")
     size = cfg.image_size
-    if size is not None and (not _is_int(size) or size < 4):
+    if size is not None and (not is_int(size) or size < 4):
         problems.append(f"config.data.image_size={size!r} must be None (native size) or an "
                         "int >= 4")
-    if not _is_int(cfg.val_size) or cfg.val_size < 0:
+    if not is_int(cfg.val_size) or cfg.val_size < 0:
         problems.append(f"config.data.val_size={cfg.val_size!r} must be an int >= 0 (0: no "
                         "val split)")
-    if not _is_int(cfg.train_size) or cfg.train_size < 0:
+    if not is_int(cfg.train_size) or cfg.train_size < 0:
         problems.append(f"config.data.train_size={cfg.train_size!r} must be an int >= 0 (0: all)")
-    if not _is_int(cfg.meta_per_class) or cfg.meta_per_class < 0:
+    if not is_int(cfg.meta_per_class) or cfg.meta_per_class < 0:
         problems.append(
             f"config.data.meta_per_class={cfg.meta_per_class!r} must be an int >= 0 (0: no "
             "meta set)"
@@ -105,7 +95,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
             f"config.data.label_noise.kind={kind!r} is not valid; use one of "
             f"{', '.join(NOISE_KINDS)}"
         )
-    if not _is_number(rate) or not 0.0 <= rate < 1.0:
+    if not is_number(rate) or not 0.0 <= rate < 1.0:
         problems.append(f"config.data.label_noise.rate={rate!r} must be a number in [0, 1)")
     elif kind == "none" and rate != 0.0:
         problems.append(
@@ -115,13 +105,13 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     if spec is not None and kind == "flip2" and spec.num_classes < 3:
         problems.append("config.data.label_noise.kind='flip2' needs at least 3 classes")
     imb = cfg.imbalance_factor
-    if not _is_number(imb) or imb < 1.0:
+    if not is_number(imb) or imb < 1.0:
         problems.append(
             f"config.data.imbalance_factor={imb!r} must be a number >= 1 (1 = balanced, 10 or "
             "100 = long tail)"
         )
     pad = cfg.augment.crop_pad
-    if not _is_int(pad) or pad < 0:
+    if not is_int(pad) or pad < 0:
         problems.append(f"config.data.augment.crop_pad={pad!r} must be an int >= 0 (0: no crop)")
     if not isinstance(cfg.augment.flip, bool):
         problems.append(f"config.data.augment.flip={cfg.augment.flip!r} must be True or False")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hamjax.data.sampling import stratified_sample
 from hamjax.data.specs import DATASETS, IMAGENETTE_WNIDS, DatasetSpec, get_spec
 from hamjax.errors import ConfigError, HamjaxError
 
@@ -526,8 +527,6 @@ def read_digits() -> RawDataset:
     comparable across run seeds.
     """
     from sklearn.datasets import load_digits
-
-    from hamjax.data.splits import stratified_sample
 
     bunch = load_digits()
     images = np.round(np.asarray(bunch.images) * (255.0 / 16.0)).astype(np.uint8)[..., None]

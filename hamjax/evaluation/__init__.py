@@ -7,12 +7,13 @@ Modules, one responsibility each:
   resume    the per-example resume file of an evaluation
   runner    clean pass + every requested attack over arrays (`run_attacks`)
   autoattack `run_autoattack`: AutoAttack's chain over numpy arrays
-  workdir   a trained workdir: `load_run` (through `Checkpointer`), `evaluate_workdir`
+  pgd       `PGDEvaluator`: the trainer's per-epoch clean + PGD-N pass
+  workdir   a trained workdir: `load_run` (through `hamjax.run`), `evaluate_workdir`
   report    the JSON record and the per-class bar chart
   cli       `python -m hamjax.evaluate`
 
 Robust accuracy has one definition everywhere: an example is robust only if it is classified
 correctly clean and after every attack (RobustBench's convention); attacks only run on the
-examples still robust. Nothing is imported here: `hamjax.attacks.run_autoattack` loads the
-driver and its AutoAttack chain without the CLI, checkpoints or the trainer.
+examples still robust. Nothing is imported here, and no module of this package imports the
+trainer (`hamjax.train`): the trainer configures the evaluators, never the reverse.
 """

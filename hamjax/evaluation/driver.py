@@ -14,7 +14,7 @@ padding rows) for functions that sum over the batch.
 
 A `StageRecord` holds what is done so far. Saved after every chunk (`on_chunk`), it makes a
 stage resumable; since results are per example, a resumed stage re-chunks whatever is left.
-The trainer's validation and test report (`hamjax.robust_eval`), the evaluation CLI
+The trainer's validation and test report (`hamjax.evaluation.pgd`), the evaluation CLI
 (`hamjax.evaluation.runner`) and `run_autoattack` are configurations of this driver.
 """
 

@@ -17,18 +17,14 @@ import jax
 import ml_collections
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.config import validate_config
-from hamjax.data import load_splits
+from hamjax.data import stratified_subset
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.evaluation.driver import console
 from hamjax.evaluation.report import build_result, write_outputs
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import check_attack_names, parse_attacks
-from hamjax.methods import get_method
 from hamjax.models import eval_model
-from hamjax.robust_eval import subset
-from hamjax.train.loop import build_context
-from hamjax.train.state import create_train_state
+from hamjax.run import restore_run
 
 Log = Callable[[str], None]
 
@@ -81,22 +77,14 @@ def load_run(workdir: str, checkpoint: str = "best", log: Log = print) -> Loaded
     try:
         checkpoint, step = _find(checkpointer, workdir, checkpoint, log)
         kind = CHECKPOINTS[checkpoint]
-        meta = checkpointer.read_meta(kind, step) or {}
-        if "config" not in meta:
-            raise CheckpointError(f"{workdir}/{kind}/{step} has no config in its metadata; it "
-                                  "was not written by hamjax.train")
-        config = ml_collections.ConfigDict(meta["config"])
-        validate_config(config)
-        splits = load_splits(config.data, seed=config.seed)
-        ctx = build_context(config, splits)
-        like = create_train_state(ctx, get_method(config.method.name), config.seed)
-        state, meta = checkpointer.restore(like, kind=kind, step=step)
+        run = restore_run(checkpointer, kind, step)
     finally:
         checkpointer.close()
+    meta, state = run.meta, run.state
     epoch = meta.get("best_epoch") if kind == BEST else len(meta.get("epochs", [])) or None
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return LoadedRun(config, splits, eval_model(ctx.model, config.eval.dtype), variables,
-                     checkpoint, int(state.step), epoch, meta, workdir)
+    return LoadedRun(run.config, run.splits, eval_model(run.ctx.model, run.config.eval.dtype),
+                     variables, checkpoint, int(state.step), epoch, meta, workdir)
 
 
 def default_step_size(config: ml_collections.ConfigDict, eps: float) -> float:
@@ -166,7 +154,7 @@ def evaluate_workdir(
     if data is None:
         raise ConfigError(f"split {split!r} is empty: the run has data.val_size=0")
     full_size = len(data)
-    data = subset(data, num_examples, seed, splits.num_classes)
+    data = stratified_subset(data, num_examples, seed, splits.num_classes)
 
     stem = os.path.join(os.path.abspath(workdir), "eval", f"{split}_{run.checkpoint}")
     if write:

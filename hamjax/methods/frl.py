@@ -31,6 +31,7 @@ from hamjax.methods import Method, register
 from hamjax.methods.baselines import trades_adversary, trades_terms
 from hamjax.methods.common import accuracy, attack_ledger, step_aux, training_ledger
 from hamjax.sharding import place_like
+from hamjax.validation import is_int, is_number, method_field, require
 
 Array = jax.Array
 Lambdas = dict[str, Array]
@@ -64,19 +65,9 @@ FRL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _field(config, name: str) -> Any:
-    if name not in config.method:
-        raise ConfigError(
-            f"config.method.{name} is missing; start from "
-            f"hamjax.config.method_config({config.method.name!r})"
-        )
-    return config.method[name]
-
-
 def _number(config, name: str, ok, fix: str) -> float:
-    value = _field(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ConfigError(f"config.method.{name}={value!r}: {fix}")
+    value = method_field(config, name)
+    require(is_number(value) and ok(value), f"method.{name}", value, fix)
     return float(value)
 
 
@@ -89,16 +80,16 @@ def validate_frl_fields(config) -> None:
     _number(config, "rate2", lambda v: v >= 0, "must be >= 0 (CAAT: 0.2)")
     _number(config, "lim", lambda v: 0 < v < 1,
             "must be in (0, 1): it bounds sum(lambda) so that every class weight stays > 0")
-    halve = _field(config, "rate1_halve_every")
-    if isinstance(halve, bool) or not isinstance(halve, int) or halve < 1:
-        raise ConfigError(f"config.method.rate1_halve_every={halve!r}: an int >= 1 (epochs; 40)")
+    halve = method_field(config, "rate1_halve_every")
+    require(is_int(halve) and halve >= 1, "method.rate1_halve_every", halve,
+            "an int >= 1 (epochs; 40)")
     lo = _number(config, "margin_min", lambda v: v > 0, "must be > 0 (0.98)")
     _number(config, "margin_max", lambda v: v >= lo, f"must be >= margin_min={lo} (2.5)")
-    if _field(config, "normalise") not in NORMALISATIONS:
+    if method_field(config, "normalise") not in NORMALISATIONS:
         raise ConfigError(
             f"config.method.normalise={config.method.normalise!r}: choose one of {NORMALISATIONS}"
         )
-    split = _field(config, "frl_split")
+    split = method_field(config, "frl_split")
     if split not in SPLITS:
         raise ConfigError(f"config.method.frl_split={split!r}: choose one of {SPLITS}")
     if split == "val" and not config.data.val_size:

@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 
 from hamjax.attacks import mine_hard, pgd
-from hamjax.errors import ConfigError
 from hamjax.methods import Method, register
 from hamjax.methods.common import (
     attack_logits_fn,
@@ -56,6 +55,7 @@ from hamjax.methods.common import (
 from hamjax.methods.relatives import gair_weights
 from hamjax.metrics import Ledger
 from hamjax.sharding import max_local_count, mesh_size, per_device
+from hamjax.validation import is_int, is_number, require
 
 Array = jax.Array
 Params = Any
@@ -478,15 +478,7 @@ def ham_loss(params, state, batch, rng, ctx):
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
-    raise ConfigError(f"config.method.{field}={value!r}: {fix}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    require(False, f"method.{field}", value, fix)
 
 
 def validate(config) -> None:
@@ -495,15 +487,15 @@ def validate(config) -> None:
     get = lambda name: DEFAULTS[name] if method.get(name, None) is None else method.get(name)
     steps = int(config.attack.steps)
     m = get("mining_step")
-    if not _is_int(m) or not 1 <= m < steps:
+    if not is_int(m) or not 1 <= m < steps:
         _fail("mining_step", m, f"needs an int with 1 <= M < attack.steps={steps}")
     w = get("warmup_epochs")
-    if not _is_int(w) or w < 0:
+    if not is_int(w) or w < 0:
         _fail("warmup_epochs", w, "needs an int >= 0 (epochs of PGD-AT before HAM)")
     buckets = get("buckets")
     if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__len__") or not buckets:
         _fail("buckets", buckets, "needs a non-empty tuple of fractions, e.g. (0.25, 0.5, 1.0)")
-    if not all(_is_number(b) and 0.0 < b <= 1.0 for b in buckets):
+    if not all(is_number(b) and 0.0 < b <= 1.0 for b in buckets):
         _fail("buckets", buckets, "every bucket is a fraction of the batch in (0, 1]")
     if any(a >= b for a, b in zip(buckets[:-1], buckets[1:], strict=True)):
         _fail("buckets", buckets, "must be strictly increasing")
@@ -512,13 +504,13 @@ def validate(config) -> None:
     for flag in ("bucketed", "gair"):
         if not isinstance(get(flag), bool):
             _fail(flag, get(flag), "needs True or False")
-    if not _is_number(get("gair_lambda")):
+    if not is_number(get("gair_lambda")):
         _fail("gair_lambda", get("gair_lambda"), "needs a number (GAIRAT default -1.0)")
     easy = get("keep_easy_fraction")
-    if not _is_number(easy) or not 0.0 <= easy <= 1.0:
+    if not is_number(easy) or not 0.0 <= easy <= 1.0:
         _fail("keep_easy_fraction", easy, "needs a fraction in [0, 1] (0: drop every easy AE)")
     hard = get("hard_keep_fraction")
-    if not _is_number(hard) or not 0.0 < hard <= 1.0:
+    if not is_number(hard) or not 0.0 < hard <= 1.0:
         _fail("hard_keep_fraction", hard, "needs a fraction in (0, 1] (1: keep every hard AE)")
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hamjax.errors import ConfigError
 from hamjax.methods import Method, register
 from hamjax.methods.common import (
     accuracy,
@@ -23,6 +22,7 @@ from hamjax.methods.common import (
     train_attack,
     training_ledger,
 )
+from hamjax.validation import is_int, is_number, require
 
 Array = jax.Array
 
@@ -101,23 +101,16 @@ def fat_loss(params, state, batch, rng, ctx):
     )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _validate_gairat(config) -> None:
     lam = _get(config, "gair_lambda", GAIRAT_DEFAULTS)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise ConfigError(f"config.method.gair_lambda={lam!r}: needs a number (default -1.0)")
+    require(is_number(lam), "method.gair_lambda", lam, "needs a number (default -1.0)")
     begin = _get(config, "begin_epoch", GAIRAT_DEFAULTS)
-    if not _is_int(begin) or begin < 0:
-        raise ConfigError(f"config.method.begin_epoch={begin!r}: needs an int >= 0")
+    require(is_int(begin) and begin >= 0, "method.begin_epoch", begin, "needs an int >= 0")
 
 
 def _validate_fat(config) -> None:
     tau = _get(config, "tau", FAT_DEFAULTS)
-    if not _is_int(tau) or tau < 0:
-        raise ConfigError(f"config.method.tau={tau!r}: needs an int >= 0 (FAT: 0 to 2)")
+    require(is_int(tau) and tau >= 0, "method.tau", tau, "needs an int >= 0 (FAT: 0 to 2)")
 
 
 register(

@@ -16,7 +16,7 @@ from hamjax.models.fmnist_cnn import FashionMNISTCNN
 from hamjax.models.layers import compute_dtype
 from hamjax.models.preact_resnet import PreActResNet18
 from hamjax.models.small_cnn import SmallCNN
-from hamjax.models.wide_resnet import WideResNet
+from hamjax.models.wide_resnet import WideResNet, check_wrn_shape
 
 Variables = dict[str, Any]
 Stats = tuple[float, ...] | None
@@ -51,10 +51,7 @@ def _wrn_factory(default_depth: int | None, default_width: int | None) -> ModelF
     def factory(cfg: Any, num_classes: int, mean: Stats, std: Stats, dtype: Any) -> nn.Module:
         depth = default_depth if default_depth is not None else _cfg_get(cfg, "depth", 34)
         width = default_width if default_width is not None else _cfg_get(cfg, "width", 10)
-        if isinstance(depth, bool) or not isinstance(depth, int) or (depth - 4) % 6 or depth < 10:
-            raise ConfigError(f"model.depth={depth!r}: WideResNet depth must be 6n+4, e.g. 28, 34")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"model.width={width!r}: WideResNet width must be an int >= 1")
+        check_wrn_shape(depth, width)
         return WideResNet(num_classes, depth, width, mean, std, dtype)
 
     return factory

@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hamjax.errors import ConfigError
 from hamjax.models.layers import (
     batch_norm,
     classifier_head,
@@ -17,6 +16,7 @@ from hamjax.models.layers import (
     torch_padded_conv,
     wrn_conv_init,
 )
+from hamjax.validation import is_int, require
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
@@ -46,6 +46,15 @@ class WideBasicBlock(nn.Module):
         return out + shortcut
 
 
+def check_wrn_shape(depth: Any, width: Any) -> None:
+    """WRN-depth-width exists for depth = 6n + 4 >= 10 and width >= 1: the one check of it,
+    used by the config validator, the model builder and the module itself."""
+    require(is_int(depth) and depth >= 10 and (depth - 4) % 6 == 0, "model.depth", depth,
+            "WideResNet depth must be an int 6n+4 >= 10, e.g. 28 or 34")
+    require(is_int(width) and width >= 1, "model.width", width,
+            "WideResNet width must be an int >= 1")
+
+
 class WideResNet(nn.Module):
     """WRN-depth-width (depth = 6n + 4); WRN-34-10 has ~46.16M params at 10 classes.
 
@@ -64,11 +73,7 @@ class WideResNet(nn.Module):
     def __call__(
         self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
     ) -> jax.Array:
-        if self.depth < 10 or (self.depth - 4) % 6 != 0 or self.width < 1:
-            raise ConfigError(
-                f"WideResNet depth={self.depth}, width={self.width}: model.depth must be 6n+4 "
-                "(e.g. 28, 34) with n >= 1 and model.width >= 1"
-            )
+        check_wrn_shape(self.depth, self.width)
         n = (self.depth - 4) // 6
         dtype = compute_dtype(self.dtype)
         x = normalize(x, self.mean, self.std).astype(dtype)

@@ -1,6 +1,9 @@
 """The one generic training loop: data -> jitted step -> validation -> checkpoints -> report.
 
-Methods plug in through the registry (`hamjax.methods`); nothing here knows any method.
+Methods plug in through the registry (`hamjax.methods`); nothing here knows any method. The run
+is assembled by `hamjax.run`, ends early through `hamjax.train.lifecycle` (signals, divergence)
+and is reported through `hamjax.train.report`.
+
 A run never loses or poisons its workdir: one run per workdir (`hamjax.workdir_lock`), a
 non-finite step stops it before anything of that step is saved, and SIGTERM/SIGINT stop it after
 the current step with a checkpoint to resume from.
@@ -8,18 +11,12 @@ the current step with a checkpoint to resume from.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-from etils import epath
 
 from hamjax import workdir_lock
 from hamjax.checkpoint import BEST, LAST, Checkpointer
@@ -31,170 +28,34 @@ from hamjax.config import (
     holds_checkpoint,
     validate_config,
 )
-from hamjax.data import DATASET_STATS, iterate_batches, load_splits, meta_batch, num_batches
+from hamjax.data import iterate_batches, load_splits, meta_batch, stratified_subset
 from hamjax.data.prefetch import prefetch
-from hamjax.errors import (
-    CheckpointError,
-    ConfigError,
-    TrainingDivergedError,
-    TrainingInterrupted,
-)
+from hamjax.errors import CheckpointError, ConfigError
+from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.methods import get_method
-from hamjax.metrics import (
-    Ledger,
-    PerClassCounts,
-    boundary_error,
-    fairness_summary,
-    format_per_class_table,
-)
-from hamjax.models import build_model, eval_model
+from hamjax.metrics import Ledger, PerClassCounts, format_per_class_table
+from hamjax.models import eval_model
 from hamjax.paths import resolve
-from hamjax.robust_eval import PGDEvaluator, subset
+from hamjax.run import build_context, load_init_weights
 from hamjax.runlog import RunLogger
-from hamjax.sharding import make_mesh, place_like, process_rows, put_replicated, shard_batch
+from hamjax.sharding import make_mesh, process_rows, put_replicated, shard_batch
+from hamjax.state import TrainState, create_train_state
 from hamjax.train.dispatch import RunAhead, add_trees
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, TrainState, create_train_state
+from hamjax.train.lifecycle import StopSignals, diverged, first_nonfinite, interrupted
+from hamjax.train.report import (
+    attack_record,
+    epoch_scalars,
+    pgd_at_cost,
+    report_scalars,
+    select_score,
+    summarize,
+    where_text,
+)
 from hamjax.train.step import jit_train_step, make_train_step
-
-
-def build_context(config, splits, mesh=None) -> StepContext:
-    """Everything static a step needs, from the config, the loaded data and the device mesh
-    the step will be jitted over (None: one device)."""
-    name = config.data.name
-    mean, std = DATASET_STATS.get(name, (None, None))
-    model = build_model(config.model, splits.num_classes, splits.image_shape, mean=mean, std=std)
-    steps_per_epoch = num_batches(len(splits.train), config.train.batch_size)
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"config.train.batch_size={config.train.batch_size} is larger than the training "
-            f"split ({len(splits.train)} examples); lower it"
-        )
-    return StepContext(
-        model=model,
-        tx=make_optimizer(config.train),
-        lr_fn=make_lr_fn(config.train, steps_per_epoch),
-        config=ml_collections.FrozenConfigDict(config),
-        num_classes=splits.num_classes,
-        class_counts=splits.train.class_counts(splits.num_classes),
-        steps_per_epoch=steps_per_epoch,
-        image_shape=tuple(splits.image_shape),
-        mesh=mesh,
-    )
 
 
 def _variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def _select_score(summary: dict, select_on: str) -> float:
-    key = {"robust_average": ("robust", "average"), "robust_worst": ("robust", "worst"),
-           "clean_average": ("clean", "average")}[select_on]
-    return float(summary[key[0]][key[1]])
-
-
-def summarize(clean: PerClassCounts, robust: PerClassCounts, class_names) -> dict:
-    """Per-class clean/robust accuracy, average, worst, std and FRL's boundary error, and the
-    raw per-class counts behind them (exact, so runs can be compared count for count)."""
-    return {
-        "clean": fairness_summary(clean, class_names),
-        "robust": fairness_summary(robust, class_names),
-        "boundary_error": boundary_error(clean, robust, class_names),
-        "counts": {"clean": clean.to_json(), "robust": robust.to_json()},
-    }
-
-
-def _accuracy_scalars(prefix: str, summary: dict) -> dict[str, float]:
-    """`{prefix}/clean_average`, `_worst`, `robust_average`, `_worst` of a `summarize` dict."""
-    return {f"{prefix}/{kind}_{stat}": float(summary[kind][stat])
-            for kind in ("clean", "robust") for stat in ("average", "worst")}
-
-
-def epoch_scalars(record: dict) -> dict[str, float]:
-    """TensorBoard scalars of an epoch record: validation accuracy (when it was evaluated),
-    the epoch's ledger and its wall time; metrics.jsonl keeps the full record."""
-    ledger = record["ledger"]
-    scalars = {"cost/relative_to_pgd_at": ledger["relative_to_pgd_at"],
-               "cost/forward_passes": ledger["forward"],
-               "cost/backward_passes": ledger["backward"],
-               "time/train_seconds": record["train_seconds"],
-               "time/epoch_seconds": record["epoch_seconds"]}
-    if "val" in record:
-        scalars.update(_accuracy_scalars("val", record["val"]))
-    return scalars
-
-
-def report_scalars(results: dict) -> dict[str, float]:
-    """TensorBoard scalars of the final report: `test/<checkpoint>/robust_worst`, ... for the
-    last and the best_on_val checkpoints."""
-    scalars: dict[str, float] = {}
-    for name, res in results.items():
-        scalars.update(_accuracy_scalars(f"test/{name}", res))
-    return scalars
-
-
-def where_text(root: epath.Path, best: tuple[int, int | None] | None, metrics_path: str | None,
-                tensorboard_logdir: str | None) -> str:
-    """The closing lines of a run: where its report, checkpoints and logs are. best: the
-    (step, epoch) of the validation-selected checkpoint, or None."""
-    lines = ["\nresults:",
-             f"  report:           {root / 'report.json'}",
-             f"  checkpoints:      {root / LAST}"]
-    if best is not None:
-        step, epoch = best
-        lines.append(f"  best checkpoint:  {root / BEST / str(step)} (epoch {epoch}, selected "
-                     "on validation)")
-    if metrics_path is not None:
-        lines.append(f"  metrics:          {metrics_path}")
-    if tensorboard_logdir is not None:
-        lines.append(f"  tensorboard:      tensorboard --logdir={tensorboard_logdir}")
-    return "\n".join(lines)
-
-
-def _load_init_weights(state: TrainState, init_from: str) -> TrainState:
-    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint.
-
-    Only those two are read, so the source may be a run of another method (a PGD-AT warm start
-    for CAAT, whose method state has a different shape); the model must be the same."""
-    source = Checkpointer(init_from, read_only=True)  # looking creates nothing there
-    try:
-        kind = BEST if source.latest_step(BEST) is not None else LAST
-        saved = source.restore_host(kind=kind)
-    finally:
-        source.close()
-    if saved is None:
-        raise CheckpointError(
-            f"config.train.init_from={init_from!r} holds no checkpoint (looked in "
-            f"{init_from}/best and {init_from}/checkpoints); point it at a finished run's workdir"
-        )
-    try:
-        wanted = {"params": state.params, "batch_stats": state.batch_stats}
-        got = {"params": saved["params"], "batch_stats": saved.get("batch_stats", {})}
-        shapes = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), got, wanted)
-        if not all(jax.tree.leaves(shapes)):
-            raise ValueError("array shapes differ")
-        params = place_like(got["params"], state.params)
-        batch_stats = place_like(got["batch_stats"], state.batch_stats)
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(
-            f"config.train.init_from={init_from!r}: its weights do not fit this run's model "
-            f"({type(err).__name__}: {err}); fine-tune from a run of the same config.model"
-        ) from err
-    return state.replace(params=params, batch_stats=batch_stats)
-
-
-def _attack_record(config) -> dict:
-    return {
-        "train_attack": config_to_json(config.attack),
-        "eval_attack": {"name": f"pgd{config.eval.steps}", "eps": config.eval.eps,
-                        "step_size": config.eval.step_size, "steps": config.eval.steps,
-                        "random_start": True, "bn_mode": "eval"},
-    }
-
-
-def _pgd_at_cost(config, examples: float) -> float:
-    """Example passes PGD-AT would execute on the same examples: K attack steps + 1 update."""
-    return 2.0 * (config.attack.steps + 1) * examples
 
 
 def _fold_sums(epoch_record: dict, sums, steps: int) -> dict:
@@ -205,19 +66,6 @@ def _fold_sums(epoch_record: dict, sums, steps: int) -> dict:
     for key, value in jax.device_get(sums).items():
         totals[key] = totals.get(key, 0.0) + float(value)
     return dict(epoch_record, metric_sums=totals, steps=epoch_record["steps"] + steps)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def first_nonfinite(pending: list[tuple[int, Any, Any]]) -> tuple[int, float] | None:
-    """(step, loss) of the first entry of (step, finite flag, loss) whose flag is 0, else None;
-    one device_get for the whole list, so checking costs no sync per step."""
-    flags = jax.device_get([flag for _, flag, _ in pending])
-    for (step, _, loss), ok in zip(pending, flags, strict=True):
-        if not ok:
-            return step, float(jax.device_get(loss))
-    return None
 
 
 class Trainer:
@@ -276,8 +124,7 @@ class Trainer:
                                       self.splits.num_classes, config.eval,
                                       self.mesh, config.eval.batch_size)
         self._eval_cache: dict = {}
-        self._stop_signal: int | None = None  # set by a SIGTERM/SIGINT during `run`
-        self._stop_agreed: int | None = None  # the signal every process stops for (`_should_stop`)
+        self.signals = StopSignals()  # a SIGTERM/SIGINT during `run`, agreed by all processes
 
     # ----------------------------------------------------------------------------- state
     def initial_state(self) -> tuple[TrainState, dict]:
@@ -299,7 +146,7 @@ class Trainer:
                     dict(change, step=int(state.step)) for change in changes]
             return state, meta
         if self.config.train.init_from:
-            state = _load_init_weights(state, self.config.train.init_from)
+            state = load_init_weights(state, self.config.train.init_from)
             if self.method.epoch_end is not None:
                 # FRL/CAAT scripts refit their class multipliers before every epoch, the first
                 # included, from the hot-start model; from scratch that refit would read noise.
@@ -335,7 +182,7 @@ class Trainer:
             if split is None:
                 raise ConfigError(f"split {split_name!r} is empty (config.data.val_size / "
                                   "meta_per_class is 0)")
-            split = subset(split, self.config.eval.num_examples, self.config.seed,
+            split = stratified_subset(split, self.config.eval.num_examples, self.config.seed,
                            self.splits.num_classes)
             rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
             self._eval_cache = {key: self.evaluator(_variables(state), split, rng,
@@ -372,7 +219,7 @@ class Trainer:
             self._lock = workdir_lock.acquire(self.workdir)
         try:
             try:
-                with self._stop_on_signals():
+                with self.signals.catching():
                     state, meta = self._train()
                 report = self.final_report(state, meta)
             except BaseException:
@@ -395,71 +242,12 @@ class Trainer:
         finally:
             self.log.close()
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT only set a flag, read after each step (a handler interrupting a step
-        or a checkpoint write could leave either half done); a second one acts at once, as the
-        previous handler would. Previous handlers come back on exit. Signals that were ignored
-        stay ignored; off the main thread (where Python allows no handlers) nothing is caught."""
-        self._stop_signal = self._stop_agreed = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-
-        def handler(signum, frame):
-            if self._stop_signal is None:
-                self._stop_signal = signum
-                return
-            before = previous[signum]
-            if callable(before):
-                before(signum, frame)
-            else:
-                signal.signal(signum, signal.SIG_DFL)
-                signal.raise_signal(signum)
-
-        for s, before in previous.items():
-            if before is not signal.SIG_IGN:
-                signal.signal(s, handler)
-        try:
-            yield
-        finally:
-            for s, before in previous.items():
-                signal.signal(s, before if before is not None else signal.SIG_DFL)
-
-    def _should_stop(self) -> bool:
-        """Whether the run stops here for a SIGTERM/SIGINT. One process: whether it got one.
-        Several: whether any of them did, gathered from all (a collective, so it is asked at
-        the same steps on every process): a signal that reached one host, or reached the hosts
-        at different steps, stops them all at one step, with one checkpoint. Each deciding
-        alone, one host would save and leave while the others wait in its collectives."""
-        if self._stop_agreed is not None:
-            return True
-        if jax.process_count() == 1:
-            self._stop_agreed = self._stop_signal
-        else:
-            from jax.experimental import multihost_utils
-
-            signums = multihost_utils.process_allgather(np.int32(self._stop_signal or 0))
-            self._stop_agreed = int(np.max(signums)) or None
-        return self._stop_agreed is not None
-
     def _stop(self, state: TrainState) -> None:
-        """Ends an interrupted run once its state is saved: one line saying how to resume."""
-        signum = self._stop_agreed
-        name = signal.Signals(signum).name
-        if signum != self._stop_signal:
-            name += " (sent to another process of this run)"
+        """Ends an interrupted run once its state is saved."""
         saved = self.checkpointer.latest_step()  # waits for the write
-        where = resolve(self.workdir) / "checkpoints"
-        if saved is None:
-            message = (f"stopped by {name} before the first step; nothing to save; rerun the "
-                       "same command to start")
-        else:
-            message = (f"stopped by {name} at step {int(state.step)}; checkpoint saved in "
-                       f"{where}; rerun the same command to resume")
-        self.log.write("interrupted", int(state.step), signal=name)
-        raise TrainingInterrupted(message, signum)
+        self.log.write("interrupted", int(state.step), signal=self.signals.name())
+        raise interrupted(self.signals, int(state.step), saved,
+                          resolve(self.workdir) / "checkpoints")
 
     def _check_finite(self, pending: list) -> None:
         """Raises TrainingDivergedError on the first non-finite step in `pending` (then
@@ -469,17 +257,9 @@ class Trainer:
         if bad is None:
             return
         step, loss = bad
-        lr = self.config.train.lr
-        saved = self.checkpointer.latest_step()
-        kept = ("no checkpoint was written yet" if saved is None else
-                f"the last good checkpoint (step {saved}) in "
-                f"{resolve(self.workdir) / 'checkpoints'} is kept")
         self.log.write("diverged", step, loss=loss)
-        raise TrainingDivergedError(
-            f"training diverged at step {step}: the loss ({loss}), a gradient or a weight is not "
-            f"finite; nothing of that step was saved and {kept}. Likely cause: the learning rate "
-            f"is too high (config.train.lr={lr}); lower it, e.g. --config.train.lr={lr / 10:g}, "
-            "and rerun the same command")
+        raise diverged(step, loss, self.config.train.lr, self.checkpointer.latest_step(),
+                       resolve(self.workdir) / "checkpoints")
 
     def _train(self) -> tuple[TrainState, dict]:
         """The training part of `run`: compile, then epochs until config.train.epochs."""
@@ -489,7 +269,7 @@ class Trainer:
         total_steps = cfg.train.epochs * spe
         self.log.write("run", int(state.step), config=config_to_json(cfg),
                        data=self.splits.info, devices=[str(d) for d in jax.devices()],
-                       **_attack_record(cfg))
+                       **attack_record(cfg))
         sample = next(self._device_batches(0, 0))
         t0 = time.perf_counter()
         compiled = self.train_step.lower(state, sample).compile()
@@ -498,11 +278,11 @@ class Trainer:
                        f"{spe} steps/epoch, {jax.device_count()} device(s)")
 
         while int(state.step) < total_steps:
-            if self._should_stop():  # the state here is already saved
+            if self.signals.should_stop():  # the state here is already saved
                 self._stop(state)
             epoch, start = divmod(int(state.step), spe)
             state, meta = self._train_epoch(compiled, state, meta, epoch, start)
-        if self._should_stop():
+        if self.signals.should_stop():
             self._stop(state)
         return state, meta
 
@@ -542,7 +322,7 @@ class Trainer:
             periodic = (step + 1) % cfg.train.checkpoint_every_steps == 0 and not last_in_epoch
             asked = (jax.process_count() == 1 or periodic
                      or (step + 1) % cfg.train.log_every_steps == 0)
-            stopping = not last_in_epoch and asked and self._should_stop()
+            stopping = not last_in_epoch and asked and self.signals.should_stop()
             if periodic or stopping:
                 self._check_finite(pending)
                 epoch_record = _fold_sums(epoch_record, sums, i + 1 - counted_from)
@@ -571,7 +351,7 @@ class Trainer:
         state = state.replace(ledger=put_replicated(Ledger.zeros(), self.mesh))
         examples = self.ctx.steps_per_epoch * cfg.train.batch_size
         cost = {"forward": float(ledger.forward), "backward": float(ledger.backward)}
-        cost["relative_to_pgd_at"] = (cost["forward"] + cost["backward"]) / _pgd_at_cost(
+        cost["relative_to_pgd_at"] = (cost["forward"] + cost["backward"]) / pgd_at_cost(
             cfg, examples)
         record = {"epoch": epoch + 1, "train_seconds": epoch_record["seconds"], "ledger": cost}
         record["train_metrics"] = {k: v / max(epoch_record["steps"], 1)
@@ -583,7 +363,7 @@ class Trainer:
         if self.val is not None and (epoch + 1) % cfg.train.eval_every_epochs == 0:
             summary = summarize(*self.evaluate(state, "val"), self.splits.class_names)
             record["val"] = summary
-            score = _select_score(summary, cfg.eval.select_on)
+            score = select_score(summary, cfg.eval.select_on)
             if meta["best_score"] is None or score > meta["best_score"]:
                 meta.update(best_score=score, best_step=int(state.step), best_epoch=epoch + 1)
                 self.checkpointer.save(int(state.step), state,
@@ -619,13 +399,13 @@ class Trainer:
             "config": config_to_json(cfg),
             "seed": cfg.seed,
             "data": self.splits.info,
-            **_attack_record(cfg),
+            **attack_record(cfg),
             "robust_definition": self.evaluator.robust_definition,
             "results": results,
             "cost": {
                 "forward_passes": sum(e["ledger"]["forward"] for e in epochs),
                 "backward_passes": sum(e["ledger"]["backward"] for e in epochs),
-                "relative_to_pgd_at": total_passes / max(_pgd_at_cost(cfg, examples), 1.0),
+                "relative_to_pgd_at": total_passes / max(pgd_at_cost(cfg, examples), 1.0),
                 "train_seconds_excluding_compile": sum(e["train_seconds"] for e in epochs),
                 "compile_seconds": meta.get("compile_seconds", []),
             },
@@ -650,7 +430,7 @@ class Trainer:
         return report
 
     def _test_results(self, state) -> dict[str, Any]:
-        split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
+        split = stratified_subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
                        self.splits.num_classes)
         clean, robust = self.evaluator(_variables(state), split,
                                        self.evaluator.attack_key(self.config.seed),

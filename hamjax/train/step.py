@@ -11,9 +11,9 @@ from jax.sharding import Mesh
 
 from hamjax.compile_options import jit
 from hamjax.data import augment, images_to_float
+from hamjax.optim import set_learning_rate
 from hamjax.sharding import batch_sharding, replicated
-from hamjax.train.optim import set_learning_rate
-from hamjax.train.state import StepContext, TrainState
+from hamjax.state import StepContext, TrainState
 
 IMAGE_KEYS = ("image", "meta_image")  # batch entries that arrive as uint8 and are scaled here
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hamjax.methods.caat import (
+from hamjax.methods.caat_router import (
     FEATURE_NAMES,
     class_proportion,
     init_meta_net,

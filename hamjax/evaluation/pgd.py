@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from hamjax.data import stratified_subset
 from hamjax.evaluation.driver import Driver, class_counts
 from hamjax.evaluation.specs import attack_key, bound_attack, parse_attacks
 from hamjax.evaluation.stages import (
@@ -24,13 +23,6 @@ from hamjax.evaluation.stages import (
     run_chain,
 )
 from hamjax.metrics import PerClassCounts
-
-
-def subset(split, num_examples: int, seed: int, num_classes: int):
-    """A fixed, seeded, class-stratified subset (0 or more than the split: all of it)."""
-    if not num_examples or num_examples >= len(split):
-        return split
-    return stratified_subset(split, num_examples, seed, num_classes)
 
 
 class PGDEvaluator:

@@ -1,0 +1,112 @@
+"""The Fashion-MNIST comparison's results: rows carried over from the suite's earlier JSON, the
+text of its tables, and where both are written (`benchmarks/results/fashion_mnist_<table>.json`
+and `docs/results/fashion_mnist_<table>.md`; README.md links to them, never holds them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from fashion_mnist_tables import (
+    autoattack_markdown,
+    diagnosis_markdown,
+    epochs_markdown,
+    markdown,
+    per_class_markdown,
+    routing_markdown,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+EARLIER = " (earlier)"  # the label of a carried row whose run was trained again here
+
+
+def carry_over(previous: dict | None, rows: list[dict], per_seed: dict[int, dict[str, list]],
+               seeds: list[int]) -> list[str]:
+    """Adds to `rows` and `per_seed` the runs of `seeds` that the suite's earlier JSON holds and
+    this machine's workdirs do not (run on an earlier machine whose `runs/` is gone); returns
+    their names ("run/seed"). A run trained here again that ended with other numbers keeps its
+    earlier row too, as "<run> (earlier)": runs fine-tuned from the earlier warm start are then
+    read against the baselines that came from it. Carried rows keep their numbers, routing
+    diagnosis and per-epoch records as they were written."""
+    if not previous:
+        return []
+    here = {(r["run"], r["seed"]): r for r in rows}
+    carried = []
+    for r in previous.get("rows", []):
+        if r["seed"] not in seeds:
+            continue
+        key = (r["run"], r["seed"])
+        if key in here and here[key].get("last") == r.get("last"):
+            continue  # the same run (its workdir is here): nothing to carry
+        name = r["run"] if key not in here else r["run"] + EARLIER
+        if (name, r["seed"]) in here:
+            continue
+        rows.append(dict(r, run=name))
+        carried.append(f"{name}/{r['seed']}")
+        old_epochs = previous.get("per_epoch", {}).get(str(r["seed"]), {}).get(r["run"])
+        mine = per_seed.setdefault(r["seed"], {})
+        if old_epochs and not mine.get(name):
+            mine[name] = old_epochs
+    return carried
+
+
+def suite_order(names: list[str]):
+    """Sort key of a run name: the suite's order, each "<run> (earlier)" right after its run."""
+    order = {name: i for i, name in enumerate(names)}
+
+    def key(name: str) -> tuple[int, bool]:
+        base = name.removesuffix(EARLIER)
+        return order.get(base, len(order)), name.endswith(EARLIER)
+    return key
+
+
+def result_paths(table: str, repo: str = REPO) -> tuple[str, str]:
+    """(JSON, markdown) paths of a results table (`<suite>` or `<suite>_<tag>`)."""
+    return (os.path.join(repo, "benchmarks", "results", f"fashion_mnist_{table}.json"),
+            os.path.join(repo, "docs", "results", f"fashion_mnist_{table}.md"))
+
+
+def read_previous(table: str, repo: str = REPO) -> dict | None:
+    """The suite's earlier JSON, or None."""
+    path = result_paths(table, repo)[0]
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_results(table: str, result: dict, text: str, repo: str = REPO) -> tuple[str, str]:
+    """Writes the JSON and the markdown page of a table; returns their paths."""
+    json_path, md_path = result_paths(table, repo)
+    os.makedirs(os.path.dirname(md_path), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    with open(md_path, "w") as f:
+        f.write(text + "\n")
+    return json_path, md_path
+
+
+def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, finished: int,
+                 planned: int, where: str, carried: list[str]) -> str:
+    """Every table of a suite with its captions, ending with the command that reproduces it."""
+    aa = autoattack_markdown(rows)
+    per_class = per_class_markdown(rows) if suite.startswith("noisy") else ""
+    routing = routing_markdown(per_seed)
+    diagnosis = diagnosis_markdown(rows)
+    return (f"{markdown(rows)}\n\n"
+            + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
+               f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
+               f"of the four numbers):\n\n{aa}\n\n" if aa else "")
+            + f"Per epoch:\n\n{epochs_markdown(per_seed)}\n\n"
+            + (f"Per class, last checkpoint, test clean / PGD-20 (%):\n\n{per_class}\n\n"
+               if per_class else "")
+            + (f"Share of each class's examples CAAT routed to the adversary, per epoch:\n\n"
+               f"{routing}\n\n" if routing else "")
+            + (f"CAAT's router on 20,000 training-pool examples, last checkpoint "
+               f"(`benchmarks/caat_routing.py`):\n\n{diagnosis}\n\n" if diagnosis else "")
+            + f"`{command}` ({finished} of {planned} runs finished; {where})."
+            + (f" Carried over from the earlier JSON (their workdirs were on an earlier "
+               f"machine; \"(earlier)\": a run trained again here): {', '.join(carried)}."
+               if carried else ""))

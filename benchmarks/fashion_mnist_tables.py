@@ -1,0 +1,157 @@
+"""The Fashion-MNIST comparison's tables (markdown) from its rows and per-epoch records."""
+
+from __future__ import annotations
+
+HEADLINE = ("clean_avg", "clean_worst", "robust_avg", "robust_worst")
+
+
+def table_line(label: str, m: dict, cost: float, seconds: float) -> str:
+    cells = " | ".join(f"{100 * m[k]:.1f}" for k in HEADLINE)
+    return f"| {label} | {cells} | {cost:.2f} | {seconds:.0f} |"
+
+
+def spread_line(label: str, results: list[dict]) -> tuple[str, dict]:
+    """Mean over seeds of the headline numbers, with their spread (max - min) in the label."""
+    m = {k: sum(r[k] for r in results) / len(results) for k in HEADLINE}
+    spread = " / ".join(f"{100 * (max(r[k] for r in results) - min(r[k] for r in results)):.1f}"
+                        for k in HEADLINE)
+    return label.format(n=len(results), spread=spread), m
+
+
+def mean_rows(rows: list[dict]) -> list[str]:
+    """Per run and checkpoint, the mean and spread (max - min) over seeds."""
+    lines = []
+    for name in dict.fromkeys(r["run"] for r in rows):
+        for key in ("last", "best_on_val"):
+            mine = [r for r in rows if r["run"] == name and key in r]
+            if len(mine) < 2:
+                continue
+            label, m = spread_line(f"{name} ({key}, mean of {{n}} seeds; spread {{spread}})",
+                                   [r[key] for r in mine])
+            lines.append(table_line(label, m, sum(r["cost_vs_pgd_at"] for r in mine) / len(mine),
+                                    sum(r["train_seconds"] for r in mine) / len(mine)))
+    return lines
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | clean avg | clean worst | PGD-20 avg | PGD-20 worst | cost vs PGD-AT "
+             "| train s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for key in ("last", "best_on_val"):
+            if key in r:
+                lines.append(table_line(f"{r['run']} seed {r['seed']} ({key})", r[key],
+                                        r["cost_vs_pgd_at"], r["train_seconds"]))
+    return "\n".join(lines + mean_rows(rows))
+
+
+def autoattack_markdown(rows: list[dict]) -> str:
+    """Per run, seed and evaluated checkpoint; then per run and checkpoint the mean over seeds
+    with its spread."""
+    lines = ["| run | seed | checkpoint (epoch) | test images | clean avg | clean worst "
+             "| AutoAttack avg | AutoAttack worst |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for checkpoint, a in sorted(r.get("autoattack", {}).items(), reverse=True):
+            lines.append(f"| {r['run']} | {r['seed']} | {checkpoint} ({a['epoch']}) | "
+                         f"{a['examples']} | "
+                         + " | ".join(f"{100 * a[k]:.1f}" for k in HEADLINE) + " |")
+    for name in dict.fromkeys(r["run"] for r in rows):
+        for checkpoint in ("last", "best"):
+            mine = [r["autoattack"][checkpoint] for r in rows
+                    if r["run"] == name and checkpoint in r.get("autoattack", {})]
+            if len(mine) < 2:
+                continue
+            label, m = spread_line(f"| {name} | mean of {{n}} (spread {{spread}}) | {checkpoint} "
+                                   f"| {mine[0]['examples']} |", mine)
+            lines.append(label + " " + " | ".join(f"{100 * m[k]:.1f}" for k in HEADLINE) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def epochs_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
+    """One line per run and epoch: the per-epoch record the issue asks for."""
+    lines = ["| seed | run | epoch | train s | wall / PGD-AT, same window | ledger / PGD-AT "
+             "| hard frac | buckets run (share of steps) | val PGD-20 avg / worst |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for seed, per_run in per_seed.items():
+        for name, rows in per_run.items():
+            for r in rows:
+                hist = ", ".join(f"{k}: {v:.2f}" for k, v in r.get("bucket_histogram", {}).items())
+                if r.get("warmup") == 1.0:
+                    hist = "warm-up (PGD-AT)"
+                val = (f"{100 * r['val_robust_avg']:.1f} / {100 * r['val_robust_worst']:.1f}"
+                       if "val_robust_avg" in r else "")
+                hard = f"{r['hard_fraction']:.3f}" if r.get("warmup") == 0.0 else ""
+                wall = r.get("wall_ratio_same_window")
+                lines.append(
+                    f"| {seed} | {name} | {r['epoch']} | {r['train_seconds']:.0f} | "
+                    f"{'' if wall is None else f'{wall:.2f}'} | {r['ledger_ratio']:.2f} | "
+                    f"{hard} | {hist} | {val} |")
+    return "\n".join(lines)
+
+
+def per_class_markdown(rows: list[dict], key: str = "last") -> str:
+    """Per run and seed, test clean / PGD-20 accuracy of every class (`key` checkpoint)."""
+    lines = []
+    for r in rows:
+        res = r.get(key) or {}
+        if not res.get("clean_per_class"):
+            continue
+        if not lines:
+            n = len(res["clean_per_class"])
+            lines = [f"| run | seed | {' | '.join(f'class {c}' for c in range(n))} |",
+                     "|---|---|" + "---|" * n]
+        cells = " | ".join(f"{100 * c:.0f} / {100 * p:.0f}" for c, p in
+                           zip(res["clean_per_class"], res["robust_per_class"], strict=True))
+        lines.append(f"| {r['run']} | {r['seed']} | {cells} |")
+    return "\n".join(lines)
+
+
+def routing_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
+    """Per CAAT run and epoch, the share of each class's examples routed to the adversary."""
+    lines = []
+    for seed, per_run in per_seed.items():
+        for name, epochs in per_run.items():
+            for e in epochs:
+                if "adv_fraction_per_class" not in e:
+                    continue
+                if not lines:
+                    n = len(e["adv_fraction_per_class"])
+                    lines = [f"| seed | run | epoch | all | "
+                             f"{' | '.join(f'class {c}' for c in range(n))} |",
+                             "|---|---|---|---|" + "---|" * n]
+                cells = " | ".join("" if v is None else f"{v:.2f}"
+                                   for v in e["adv_fraction_per_class"])
+                overall = e.get("adv_fraction")
+                lines.append(f"| {seed} | {name} | {e['epoch']} | "
+                             f"{'' if overall is None else f'{overall:.2f}'} | {cells} |")
+    return "\n".join(lines)
+
+
+def diagnosis_markdown(rows: list[dict]) -> str:
+    """Per diagnosed CAAT run: did the router learn, is it a class decision, does it find the
+    mislabelled examples (`hamjax.analysis.caat_routing`)."""
+    lines = ["| run | seed | T | floor | meta steps | weight drift | same as initial router "
+             "| routed with class majority | same without class features | to adversary "
+             "| anti share: mislabelled / correct |", "|---" * 11 + "|"]
+    for r in rows:
+        d = r.get("routing_diagnosis")
+        if not d:
+            continue
+        lines.append(
+            f"| {r['run']} | {r['seed']} | {d['temperature']:g} | {d['adv_weight_floor']:g} | "
+            f"{d['meta_updates']} | {d['meta_weight_drift']:.4f} | "
+            f"{d['agreement_with_initial_router']:.3f} | {d['class_majority_agreement']:.3f} | "
+            f"{d['agreement_without_class_features']:.3f} | {d['adv_fraction']:.3f} | "
+            f"{d['anti_share_mislabelled']:.3f} / {d['anti_share_correctly_labelled']:.3f} |")
+    if len(lines) == 2:
+        return ""
+    lottery = next((r["routing_diagnosis"].get("initialisation_lottery") for r in rows
+                    if r.get("routing_diagnosis", {}).get("initialisation_lottery")), None)
+    if lottery:  # the same examples and model, untrained routers of other seeds
+        lines += ["", "| meta-net init seed | to adversary | routed with class majority "
+                  "| classes sent >= 90% to the anti-adversary |", "|---|---|---|---|"]
+        for e in lottery:
+            anti = [str(c) for c, p in enumerate(e["per_class_adv_fraction"])
+                    if p is not None and p <= 0.1]
+            lines.append(f"| {e['seed']} | {e['adv_fraction']:.3f} | "
+                         f"{e['class_majority_agreement']:.3f} | {', '.join(anti) or '-'} |")
+    return "\n".join(lines)

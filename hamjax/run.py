@@ -1,0 +1,114 @@
+"""A run rebuilt from its config: the step context (model, optimiser, schedule), a fresh state,
+fine-tuning weights (`train.init_from`), and a saved run restored from its checkpoint.
+
+The trainer, the workdir evaluator (`hamjax.evaluation.workdir`) and the benchmarks all build a
+run here, so a checkpoint is read back by the same code that trained it; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from hamjax.checkpoint import BEST, LAST, Checkpointer
+from hamjax.config import validate_config
+from hamjax.data import DATASET_STATS, Splits, load_splits, num_batches
+from hamjax.errors import CheckpointError, ConfigError
+from hamjax.methods import get_method
+from hamjax.models import build_model
+from hamjax.optim import make_lr_fn, make_optimizer
+from hamjax.sharding import place_like
+from hamjax.state import StepContext, TrainState, create_train_state
+
+
+def build_context(config, splits, mesh=None) -> StepContext:
+    """Everything static a step needs, from the config, the loaded data and the device mesh
+    the step will be jitted over (None: one device)."""
+    name = config.data.name
+    mean, std = DATASET_STATS.get(name, (None, None))
+    model = build_model(config.model, splits.num_classes, splits.image_shape, mean=mean, std=std)
+    steps_per_epoch = num_batches(len(splits.train), config.train.batch_size)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is larger than the training "
+            f"split ({len(splits.train)} examples); lower it"
+        )
+    return StepContext(
+        model=model,
+        tx=make_optimizer(config.train),
+        lr_fn=make_lr_fn(config.train, steps_per_epoch),
+        config=ml_collections.FrozenConfigDict(config),
+        num_classes=splits.num_classes,
+        class_counts=splits.train.class_counts(splits.num_classes),
+        steps_per_epoch=steps_per_epoch,
+        image_shape=tuple(splits.image_shape),
+        mesh=mesh,
+    )
+
+
+def load_init_weights(state: TrainState, init_from: str) -> TrainState:
+    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint.
+
+    Only those two are read, so the source may be a run of another method (a PGD-AT warm start
+    for CAAT, whose method state has a different shape); the model must be the same."""
+    source = Checkpointer(init_from, read_only=True)  # looking creates nothing there
+    try:
+        kind = BEST if source.latest_step(BEST) is not None else LAST
+        saved = source.restore_host(kind=kind)
+    finally:
+        source.close()
+    if saved is None:
+        raise CheckpointError(
+            f"config.train.init_from={init_from!r} holds no checkpoint (looked in "
+            f"{init_from}/best and {init_from}/checkpoints); point it at a finished run's workdir"
+        )
+    try:
+        wanted = {"params": state.params, "batch_stats": state.batch_stats}
+        got = {"params": saved["params"], "batch_stats": saved.get("batch_stats", {})}
+        shapes = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), got, wanted)
+        if not all(jax.tree.leaves(shapes)):
+            raise ValueError("array shapes differ")
+        params = place_like(got["params"], state.params)
+        batch_stats = place_like(got["batch_stats"], state.batch_stats)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"config.train.init_from={init_from!r}: its weights do not fit this run's model "
+            f"({type(err).__name__}: {err}); fine-tune from a run of the same config.model"
+        ) from err
+    return state.replace(params=params, batch_stats=batch_stats)
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A saved run: the config stored with its checkpoint, its data, step context and state."""
+
+    config: ml_collections.ConfigDict
+    splits: Splits
+    ctx: StepContext
+    state: TrainState
+    meta: dict[str, Any]
+
+
+def restore_run(checkpointer: Checkpointer, kind: str, step: int | None = None) -> RestoredRun:
+    """The run saved in `checkpointer`'s `kind` folder (BEST or LAST) at `step` (None: the
+    latest), rebuilt from the config in that checkpoint's metadata: same data split, model and
+    method state, so nothing has to be passed twice."""
+    meta = checkpointer.read_meta(kind, step) or {}
+    where = f"{checkpointer.workdir}/{kind}" + ("" if step is None else f"/{step}")
+    if "config" not in meta:
+        raise CheckpointError(f"{where} has no config in its metadata; it was not written by "
+                              "hamjax.train")
+    config = ml_collections.ConfigDict(meta["config"])
+    validate_config(config)
+    splits = load_splits(config.data, seed=config.seed)
+    ctx = build_context(config, splits)
+    like = create_train_state(ctx, get_method(config.method.name), config.seed)
+    restored = checkpointer.restore(like, kind=kind, step=step)
+    if restored is None:
+        raise CheckpointError(f"{where}: no checkpoint to restore")
+    state, meta = restored
+    return RestoredRun(config, splits, ctx, state, meta)
