@@ -22,7 +22,7 @@ PACKAGE = ROOT / "hamjax"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("hamjax", "hamjax.errors", "hamjax.paths", "hamjax.validation", "hamjax.compile_options",
      "hamjax.cpu_devices", "hamjax.backends", "hamjax.sharding", "hamjax.metrics",
-     "hamjax.checkpoint", "hamjax.runlog", "hamjax.workdir_lock"),
+     "hamjax.checkpoint", "hamjax.runlog", "hamjax.workdir_lock", "hamjax.flops"),
     ("hamjax.attacks",),
     ("hamjax.data",),
     ("hamjax.models",),
