@@ -268,9 +268,12 @@ def _manager_options(kind: str, keep: int, read_only: bool) -> ocp.CheckpointMan
     run died ("Barrier ... is already ongoing", tests/test_multi_host.py). So `save` waits for
     every kind's write before starting another, and the names carry the kind as a prefix.
     """
+    # read_only: the saving options orbax would switch off itself, switched off here, so that it
+    # logs no warning for each (six lines at the start of every evaluation).
     return ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, enable_async_checkpointing=True,
-        read_only=read_only,
+        max_to_keep=None if read_only else keep, create=not read_only,
+        save_interval_steps=0 if read_only else 1,
+        enable_async_checkpointing=True, read_only=read_only,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=f"hamjax_{kind}"),
     )
