@@ -126,8 +126,13 @@ def layout_line(processes: int, local: int, total: int, platform: str, kind: str
 
 def idle_devices_message(used: int, visible: int, platform: str) -> str:
     """The refusal when a machine's processes use fewer accelerators than it has."""
+    idle = f"{visible - used} would sit idle"
+    if platform == "cpu":
+        return (f"this process has {visible} CPU devices but puts {used} into the mesh: {idle}. "
+                "Fix: drop --mesh_devices (or use --cpu_devices to choose the device count); or "
+                "pass --allow_idle_devices to run anyway")
     return (f"a host has {visible} {platform.upper()} device(s) but the run's processes there "
-            f"put {used} into the mesh: {visible - used} would sit idle. Fix: one process per "
-            "node with --local_device_ids=all, or one process per device (srun "
-            "--ntasks-per-node=<devices per node>), and no --mesh_devices below the device "
-            "count; or pass --allow_idle_devices to run anyway")
+            f"put {used} into the mesh: {idle}. Fix: one process per node with "
+            "--local_device_ids=all, or one process per device (srun --ntasks-per-node=<devices "
+            "per node>), and no --mesh_devices below the device count; or pass "
+            "--allow_idle_devices to run anyway")

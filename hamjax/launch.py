@@ -9,9 +9,9 @@ in one message naming the flag or field and exit status 2; the training logic li
 
 from __future__ import annotations
 
+import difflib
 import logging as std_logging
 import os
-import re
 import sys
 import zlib
 
@@ -109,39 +109,44 @@ def syntax_error_message(err: SyntaxError) -> str:
     return f"{where}\n    {text.strip()}\n    {caret}"
 
 
-_MISSING_KEY = re.compile(r"""['"\\]*([A-Za-z_][\w]*)['"\\]*""")
-_SUGGESTION = re.compile(r'Did you mean "([^"]+)"')
-
-
-def override_error_message(err: BaseException, argv: list[str]) -> str | None:
-    """'config.train.epoch: no such field; did you mean epochs?' for a misspelt override (an
-    AttributeError/KeyError from ml_collections); None when `err` is not one."""
-    text = str(err.args[0]) if err.args else str(err)
-    match = _MISSING_KEY.search(text)
-    if not isinstance(err, (AttributeError, KeyError)) or match is None:
-        return None
-    missing = match.group(1)
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        parts = arg[2:].split("=", 1)[0].split(".")
-        if missing in parts[1:]:
-            field = ".".join(parts[: parts.index(missing, 1) + 1])
-            hint = _SUGGESTION.search(text)
-            fix = f"did you mean {hint.group(1)}?" if hint else "see the config file for the fields"
-            return f"{field}: no such field; {fix}"
+def missing_field(config, dotted: str) -> str | None:
+    """'config.train.epoch: no such field; did you mean epochs?' when the override path
+    `dotted` (without 'config.') leaves the fields of `config`, else None."""
+    node, walked = config, ["config"]
+    for part in dotted.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else None
+        if keys is None:
+            return None  # below a leaf: not a missing field
+        walked.append(part)
+        if part not in keys:
+            close = difflib.get_close_matches(part, [str(k) for k in keys], n=1)
+            fix = f"did you mean {close[0]}?" if close else "see the config file for the fields"
+            return f"{'.'.join(walked)}: no such field; {fix}"
+        node = node[part]
     return None
 
 
-def usage_message(err: BaseException, argv: list[str]) -> str:
-    """One message for anything the flag parser raised."""
+def override_error_message(argv: list[str], config) -> str | None:
+    """The first --config.<path> override in argv naming no field of the loaded `config`."""
+    if config is None:
+        return None
+    for arg in argv:
+        if arg.startswith("--config."):
+            message = missing_field(config, arg[len("--config."):].split("=", 1)[0])
+            if message is not None:
+                return message
+    return None
+
+
+def usage_message(err: BaseException, argv: list[str], config=None) -> str:
+    """One message for anything the flag parser raised (`config`: the loaded config, if it
+    was loaded before the failure)."""
     if isinstance(err, SyntaxError):
         return syntax_error_message(err)
-    message = override_error_message(err, argv)
+    message = override_error_message(argv, config)
     if message is not None:
         return message
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -152,7 +157,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except Exception as err:  # noqa: BLE001 - flags, ml_collections and the config module raise
-        fail(usage_message(err, argv))
+        try:
+            config = flags.FLAGS["config"].value
+        except Exception:  # noqa: BLE001 - the config file itself did not load
+            config = None
+        fail(usage_message(err, argv, config))
 
 
 def fail(message: str) -> None:
