@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import logging as std_logging
 import os
+import re
 import sys
 import zlib
 
@@ -138,12 +139,33 @@ def override_error_message(argv: list[str], config) -> str | None:
     return None
 
 
+_QUOTED_NAME = re.compile(r"""^[\s'"\\]*([A-Za-z_]\w*)""")
+_SUGGESTION = re.compile(r'Did you mean "([^"]+)"')
+
+
+def missing_key_message(err: BaseException, argv: list[str]) -> str | None:
+    """The same message from ml_collections' own error ("'epoch'... Did you mean "epochs"..."),
+    for when the parser failed before the config was kept: the override holding the key."""
+    text = str(err.args[0]) if err.args else ""
+    match = _QUOTED_NAME.match(text)
+    if not isinstance(err, (AttributeError, KeyError)) or match is None:
+        return None
+    missing = match.group(1)
+    for arg in argv:
+        parts = arg[2:].split("=", 1)[0].split(".") if arg.startswith("--config.") else []
+        if missing in parts[1:]:
+            hint = _SUGGESTION.search(text)
+            fix = f"did you mean {hint.group(1)}?" if hint else "see the config file for the fields"
+            return f"{'.'.join(parts[: parts.index(missing, 1) + 1])}: no such field; {fix}"
+    return None
+
+
 def usage_message(err: BaseException, argv: list[str], config=None) -> str:
     """One message for anything the flag parser raised (`config`: the loaded config, if it
     was loaded before the failure)."""
     if isinstance(err, SyntaxError):
         return syntax_error_message(err)
-    message = override_error_message(argv, config)
+    message = override_error_message(argv, config) or missing_key_message(err, argv)
     if message is not None:
         return message
     return " ".join(str(err).split()) or type(err).__name__
