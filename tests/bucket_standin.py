@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import fsspec
-import fsspec.registry as fsspec_registry
+import fsspec.registry
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -60,7 +61,8 @@ def local_bucket(root: str, monkeypatch) -> Iterator[str]:
     finally:
         for protocol, impl in previous.items():
             if impl is None:
-                fsspec_registry._registry.pop(protocol, None)  # back to gcsfs, found lazily
+                # Back to gcsfs, which fsspec finds by name when asked.
+                sys.modules["fsspec.registry"]._registry.pop(protocol, None)
             else:
                 fsspec.register_implementation(protocol, impl, clobber=True)
         epath_backend.fsspec_backend._get_filesystem.cache_clear()
