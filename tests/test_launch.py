@@ -119,6 +119,27 @@ def test_a_misspelt_field_names_it_and_the_suggestion(parse):
     assert (code, err) == (2, "error: config.trian: no such field; did you mean train?\n")
 
 
+def test_ml_collections_own_error_is_traced_to_the_override(launch):
+    """The command-line path: ml_collections raises while applying the override."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"train": {"epochs": 1}})
+    with pytest.raises(AttributeError) as err:
+        _ = config.train.epoch
+    argv = ["launch.py", "--config=c.py", "--config.train.epoch=3"]
+    assert launch.missing_key_message(err.value, argv) == (
+        "config.train.epoch: no such field; did you mean epochs?")
+    assert launch.missing_key_message(ValueError("'epoch'"), argv) is None
+
+
+def test_a_misspelt_field_on_the_real_command_line():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch.py"), f"--config={CONFIG}",
+         "--config.train.epoch=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr) == (
+        2, "error: config.train.epoch: no such field; did you mean epochs?\n")
+
+
 def test_a_missing_config_file_is_one_line(parse, tmp_path):
     code, err = parse(f"--config={tmp_path}/nope.py:method=trades")
     assert (code, err) == (2, f"error: --config={tmp_path}/nope.py: no such file\n")
