@@ -202,24 +202,33 @@ def describe(holder: dict, now: float | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Heartbeats of the locks this process holds.
 
-_BEATING: dict[str, threading.Event] = {}
+_BEATING: dict[str, tuple[threading.Event, threading.Lock]] = {}
 
 
-def _beat(path: str, holder: dict, stop: threading.Event, every: float) -> None:
-    """Rewrites the heartbeat until `stop`; leaves a lock that is no longer this one's alone."""
+def _beat(path: str, holder: dict, stop: threading.Event, mutex: threading.Lock,
+          every: float) -> None:
+    """Rewrites the heartbeat until `stop`; leaves a lock that is no longer this one's alone.
+    `mutex` keeps a rewrite from landing after `release` removed the lock."""
     while not stop.wait(every):
-        with contextlib.suppress(Exception):  # a failed heartbeat is retried at the next one
-            if _read(path) != holder:
+        with mutex, contextlib.suppress(Exception):  # a failed beat is retried at the next
+            if stop.is_set() or _read(path) != holder:
                 return
             holder["heartbeat_unix"] = time.time()
             _overwrite(path, holder)
 
 
 def _start_heartbeat(path: str, holder: dict, every: float = HEARTBEAT_S) -> None:
-    stop = threading.Event()
-    _BEATING[path] = stop
-    threading.Thread(target=_beat, args=(path, dict(holder), stop, every), daemon=True,
+    stop, mutex = threading.Event(), threading.Lock()
+    _BEATING[path] = (stop, mutex)
+    threading.Thread(target=_beat, args=(path, dict(holder), stop, mutex, every), daemon=True,
                      name="hamjax-lock-heartbeat").start()
+
+
+def _stop_heartbeat(path: str) -> None:
+    stop, mutex = _BEATING.pop(path, (None, None))
+    if stop is not None:
+        with mutex:
+            stop.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,9 +364,7 @@ def release(path: str | None) -> None:
     lock)."""
     if path is None:
         return
-    stop = _BEATING.pop(path, None)
-    if stop is not None:
-        stop.set()
+    _stop_heartbeat(path)
     holder = _read(path)
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         _delete(path)
