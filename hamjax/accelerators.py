@@ -11,8 +11,9 @@ environment and the file system, so that they are tested without the hardware.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 NVIDIA_GPUS = "/proc/driver/nvidia/gpus/*"  # one folder per GPU the driver knows
 TPU_CHIPS = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")  # v2-v4 chips; v5e/v6e chips (vfio)
@@ -50,14 +51,26 @@ def visible_accelerators(platform: str, environ: Mapping[str, str] | None = None
     return None
 
 
-def runs_on_cpu(environ: Mapping[str, str] | None = None) -> bool:
+GPU_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin")
+TPU_PLUGINS = ("libtpu",)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def runs_on_cpu(environ: Mapping[str, str] | None = None,
+                installed: Callable[[str], bool] = _installed) -> bool:
     """Whether jax will pick its CPU backend: JAX_PLATFORMS says so, or it names none and the
-    machine shows no GPU or TPU. --cpu_devices acts only then."""
+    machine shows no GPU or TPU that an installed jax plugin could drive (a GPU machine with the
+    CPU-only jax trains on the CPU). --cpu_devices acts only then."""
     environ = os.environ if environ is None else environ
     platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
     if platforms:
         return platforms[0] == "cpu"
-    return visible_gpus(environ) == 0 and visible_tpu_chips(environ) == 0
+    gpu = visible_gpus(environ) > 0 and any(installed(m) for m in GPU_PLUGINS)
+    tpu = visible_tpu_chips(environ) > 0 and any(installed(m) for m in TPU_PLUGINS)
+    return not (gpu or tpu)
 
 
 def parse_local_device_ids(setting: str | None) -> list[int] | str | None:

@@ -220,13 +220,16 @@ def test_visible_gpus_follow_cuda_visible_devices_else_the_driver(tmp_path):
 
 def test_cpu_devices_apply_only_where_jax_runs_on_the_cpu(monkeypatch):
     monkeypatch.setattr(accelerators, "visible_tpu_chips", lambda environ: 0)
-    assert accelerators.runs_on_cpu({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "0"})
-    assert not accelerators.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
-    assert not accelerators.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
-    assert not accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": "0,1"})
-    assert accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": ""})
+    cuda = lambda module: module == "jax_cuda12_plugin"  # noqa: E731
+    assert accelerators.runs_on_cpu({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "0"}, cuda)
+    assert not accelerators.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"}, cuda)
+    assert not accelerators.runs_on_cpu({"JAX_PLATFORMS": "tpu"}, cuda)
+    assert not accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": "0,1"}, cuda)
+    assert accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": "0,1"}, lambda module: False)
+    assert accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": ""}, cuda)
     monkeypatch.setattr(accelerators, "visible_tpu_chips", lambda environ: 4)
-    assert not accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": ""})
+    assert not accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": ""}, lambda m: m == "libtpu")
+    assert accelerators.runs_on_cpu({"CUDA_VISIBLE_DEVICES": ""}, cuda)
 
 
 def test_local_device_ids_choices():
