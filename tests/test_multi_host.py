@@ -8,6 +8,8 @@ Their final weights equal a one-process, one-device run of the same config and g
 (float tolerance: the cross-process sums reassociate), the per-class test counts are the same,
 and the logs and report are written by process 0 alone (each epoch recorded once, one
 TensorBoard event file per start). About 2-3 minutes on 2 CPU cores; most of it is compiling.
+Two launch.py processes whose workdir is one relative path seen from two working directories (two
+hosts with their own disks) are refused before training.
 """
 
 from __future__ import annotations
