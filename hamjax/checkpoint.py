@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import zlib
 from collections.abc import Iterator
@@ -100,11 +101,12 @@ class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, keep: int = 2, read_only: bool = False):
         """read_only: only look and restore (evaluation): nothing is created or written."""
         self.workdir = resolve(workdir)
-        self._managers = {
-            kind: ocp.CheckpointManager(self.workdir / kind,
-                                        options=_manager_options(kind, keep, read_only))
-            for kind in (LAST, BEST)
-        }
+        with _quiet_read_only_notice():
+            self._managers = {
+                kind: ocp.CheckpointManager(self.workdir / kind,
+                                            options=_manager_options(kind, keep, read_only))
+                for kind in (LAST, BEST)
+            }
         self._in_flight: dict[str, int] = {}  # the step of each kind's latest started save
 
     def _settled(self, kind: str) -> ocp.CheckpointManager:
@@ -258,6 +260,22 @@ class Checkpointer:
                 manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+    """Drops orbax's "Given directory is read only" warning, which it logs for every read-only
+    manager: an evaluation asked for read-only access, so the notice is noise at its start."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def _manager_options(kind: str, keep: int, read_only: bool) -> ocp.CheckpointManagerOptions:
     """Async saves; each kind's manager with its own multi-host barrier names.
 
@@ -268,9 +286,12 @@ def _manager_options(kind: str, keep: int, read_only: bool) -> ocp.CheckpointMan
     run died ("Barrier ... is already ongoing", tests/test_multi_host.py). So `save` waits for
     every kind's write before starting another, and the names carry the kind as a prefix.
     """
+    # read_only: the saving options orbax would switch off itself, switched off here, so that it
+    # logs no warning for each (six lines at the start of every evaluation).
     return ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, enable_async_checkpointing=True,
-        read_only=read_only,
+        max_to_keep=None if read_only else keep, create=not read_only,
+        save_interval_steps=0 if read_only else 1,
+        enable_async_checkpointing=True, read_only=read_only,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=f"hamjax_{kind}"),
     )

@@ -20,7 +20,10 @@ def cpu_device_count(setting: str, cores: int, batch_sizes: tuple[int, ...] = ()
     """Host devices for a CPU run: `setting` as a number, or for 'auto' the largest count up to
     `cores` that divides every batch size (each device gets whole rows)."""
     if setting != "auto":
-        count = int(setting)
+        try:
+            count = int(setting)
+        except ValueError:
+            count = 0
         if count < 1:
             raise ValueError(f"--cpu_devices={setting!r}: give 'auto' or a count >= 1")
         return count
@@ -39,8 +42,9 @@ def with_cpu_devices(xla_flags: str, count: int) -> str:
 
 
 def use_cpu_devices(setting: str, batch_sizes: tuple[int, ...] = ()) -> int:
-    """Sets XLA_FLAGS for `setting` on this machine's cores (no effect on GPU/TPU backends);
-    returns the count asked for. Call before anything touches a jax device."""
+    """Sets XLA_FLAGS for `setting` on this machine's cores; returns the count asked for. Call
+    before anything touches a jax device, and only for a run on the CPU backend
+    (hamjax.accelerators.runs_on_cpu): jax creates host devices on GPU/TPU machines too."""
     count = cpu_device_count(setting, len(os.sched_getaffinity(0)), batch_sizes)
     os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), count)
     return count

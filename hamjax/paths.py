@@ -1,5 +1,7 @@
-"""Workdir paths that may be local or remote (`gs://...`): one resolver for checkpoints, logs and
-reports, so a multi-host run can write into a bucket every host reaches."""
+"""Paths that may be local or remote (`gs://...`): one resolver for workdirs (checkpoints, logs,
+reports, the lock) and data dirs, so a multi-host run can write into and read from a bucket every
+host reaches. Remote paths go through etils.epath (gs:// by gcsfs, or TensorFlow's gfile where
+TensorFlow is installed); pathlib would turn gs://b/x into gs:/b/x."""
 
 from __future__ import annotations
 
@@ -17,7 +19,30 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> epath.Path:
-    """`path` as an epath.Path: local paths made absolute (a later chdir must not move the run),
-    URLs kept verbatim (abspath would turn gs://b/x into <cwd>/gs:/b/x)."""
+    """`path` as an epath.Path: local paths with ~ expanded and made absolute (a later chdir must
+    not move the run), URLs kept verbatim (abspath would turn gs://b/x into <cwd>/gs:/b/x)."""
     text = os.fspath(path)
-    return epath.Path(text if is_remote(text) else os.path.abspath(text))
+    return epath.Path(text if is_remote(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def local_dir_problem(path: str | os.PathLike, flag: str = "--workdir") -> str | None:
+    """Why a local directory could not be used (it is a file, or a parent is a file or not
+    writable), naming `flag`; None when it exists as a folder or can be created. Creates
+    nothing: every process of a run may call it."""
+    if is_remote(path):
+        return None
+    target = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(target) and not os.path.isdir(target):
+        return f"{flag}={os.fspath(path)} is a file; give a directory (new or existing)"
+    if os.path.isdir(target):
+        return None
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return (f"{flag}={os.fspath(path)} cannot be created: {parent} is a file, not a "
+                "directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return (f"{flag}={os.fspath(path)} cannot be created: no permission to write in "
+                f"{parent}")
+    return None

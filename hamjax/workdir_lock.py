@@ -1,14 +1,19 @@
-"""One run per workdir: a lock file `<workdir>/.lock` naming its holder (host, pid, start time).
+"""One run per workdir: a lock file `<workdir>/.lock` naming its holder (host, pid, start time,
+heartbeat).
 
 Two runs writing the same checkpoints and metrics.jsonl would interleave and corrupt them, so a
-second launch fails at once naming the holder. The file is created atomically (O_CREAT|O_EXCL).
-A lock left by a killed run is stale when it names this host and a pid that is no longer alive;
-it is then taken over. A lock from another host cannot be checked from here: the error says how
-to remove it by hand.
+second launch fails at once naming the holder. The lock is created only if absent: O_CREAT|O_EXCL
+on a local disk, a create-only upload on a bucket (`gs://`: gcsfs's exclusive write, an upload
+with the generation precondition ifGenerationMatch=0; any fsspec filesystem's `open(..., "xb")`).
+The holder rewrites its heartbeat every HEARTBEAT_S seconds. A lock is stale, and taken over,
+when it names this host and a pid that is no longer alive, or (any host) when its heartbeat is
+older than STALE_AFTER_S: after a hard kill and a SLURM requeue onto another node, or a
+preempted TPU VM, the rerun takes the lock back by itself. `break_lock` removes any lock
+(--break_lock: the user says no run is using the workdir).
 
-Only local workdirs are locked: `gs://` (any URL) workdirs have no atomic exclusive create
-through etils.epath, so they get no lock (`acquire` returns None) and the user must not share
-one between runs. The Trainer of a multi-process run takes the lock on process 0 only.
+A multi-process run takes the lock on process 0 only, after `check_shared` has shown that every
+process sees the same workdir (a local path on several hosts would give each host its own
+checkpoints).
 """
 
 from __future__ import annotations
@@ -17,25 +22,34 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 
-from hamjax.errors import WorkdirLockedError
-from hamjax.paths import is_remote
+from hamjax.errors import ConfigError, WorkdirLockedError
+from hamjax.paths import is_remote, resolve
 
 LOCK_NAME = ".lock"
+HEARTBEAT_S = 60.0
+# Ten missed heartbeats: a live run's lock is never judged stale over a slow bucket or a few
+# minutes of clock skew between hosts, and a dead run's lock is free within a quarter hour.
+STALE_AFTER_S = 900.0
+# A takeover of a remote lock is checked after this long: two processes that both removed a stale
+# lock and created their own find out which one won (object stores have no atomic rename).
+SETTLE_S = 2.0
 
 
 def lock_path(workdir: str | os.PathLike) -> str:
-    return os.path.join(os.path.abspath(os.fspath(workdir)), LOCK_NAME)
+    return os.fspath(resolve(workdir) / LOCK_NAME)
 
 
-def holder_record(pid: int | None = None) -> dict:
+def holder_record(pid: int | None = None, now: float | None = None) -> dict:
     """What the lock file says about its holder: this host and process, now."""
-    now = time.time()
+    now = time.time() if now is None else now
     return {"host": socket.gethostname(), "pid": os.getpid() if pid is None else pid,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(now)),
-            "started_unix": now}
+            "started_unix": now, "heartbeat_unix": now, "token": uuid.uuid4().hex}
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,12 +69,24 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def is_stale(holder: dict) -> bool:
-    """A lock of this host whose process is gone; locks of other hosts are never judged stale.
+def heartbeat_age(holder: dict, now: float) -> float | None:
+    """Seconds since the holder last wrote its heartbeat (its start for a lock written before
+    heartbeats); None when the record says neither."""
+    for key in ("heartbeat_unix", "started_unix"):
+        value = holder.get(key)
+        if isinstance(value, (int, float)):
+            return now - float(value)
+    return None
 
-    A lock naming this very process is stale too: it was left by a killed run whose pid this
-    process now reuses (containers restart pid numbering), or by an earlier run in this process.
-    """
+
+def is_stale(holder: dict, now: float | None = None, stale_after: float = STALE_AFTER_S) -> bool:
+    """Whether a lock may be taken over: its heartbeat is older than `stale_after`, or it names
+    this host and a process that is gone (or this very process: a killed run whose pid this one
+    reuses, as containers restart pid numbering). An unreadable record ({}) is never stale."""
+    now = time.time() if now is None else now
+    age = heartbeat_age(holder, now)
+    if age is not None and age > stale_after:
+        return True
     try:
         pid = int(holder["pid"])
     except (KeyError, TypeError, ValueError):
@@ -70,14 +96,9 @@ def is_stale(holder: dict) -> bool:
     return pid == os.getpid() or not pid_alive(pid)
 
 
-def _read(path: str) -> dict | None:
-    """The holder recorded in `path`; None when the file is gone. An unreadable (half-written or
-    foreign) file reads as {} so that it is reported, never silently taken over."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
+def _parse(text: str | bytes) -> dict:
+    """A holder record; an unreadable (half-written or foreign) file reads as {} so that it is
+    reported, never silently taken over."""
     try:
         holder = json.loads(text)
     except ValueError:
@@ -85,21 +106,77 @@ def _read(path: str) -> dict | None:
     return holder if isinstance(holder, dict) else {}
 
 
-def _create(path: str, holder: dict) -> bool:
-    """Writes `holder` into a new `path`; False when the file already exists."""
+# ---------------------------------------------------------------------------------------------
+# Storage: a local file, or an object reached through fsspec (gs:// with gcsfs).
+
+
+def _fs(path: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def _read(path: str) -> dict | None:
+    """The holder recorded in `path`; None when there is no lock."""
     try:
+        if is_remote(path):
+            fs, key = _fs(path)
+            fs.invalidate_cache()
+            return _parse(fs.cat_file(key))
+        with open(path) as f:
+            return _parse(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _create(path: str, holder: dict) -> bool:
+    """Writes `holder` into a new `path`; False when it already exists."""
+    data = json.dumps(holder).encode()
+    try:
+        if is_remote(path):
+            fs, key = _fs(path)
+            with fs.open(key, "xb") as f:
+                f.write(data)
+            return True
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(holder, f)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     return True
 
 
+def _overwrite(path: str, holder: dict) -> None:
+    """Replaces the lock's record in one step (the heartbeat)."""
+    data = json.dumps(holder).encode()
+    if is_remote(path):
+        fs, key = _fs(path)
+        fs.pipe_file(key, data)
+        return
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _delete(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if is_remote(path):
+            fs, key = _fs(path)
+            fs.rm_file(key)
+        else:
+            os.unlink(path)
+
+
 def _remove_stale(path: str, stale: dict) -> None:
-    """Removes the lock file if it still holds `stale`: it is first renamed to a unique name
+    """Removes the lock if it still holds `stale`. Locally it is first renamed to a unique name
     (atomic, so of two processes taking over only one moves it) and checked after the move; a
-    live lock moved by mistake (created between our read and the rename) is put back."""
+    live lock moved by mistake is put back. A remote lock is deleted after a fresh read (the
+    taker then checks its own lock after SETTLE_S, see `acquire`)."""
+    if is_remote(path):
+        if _read(path) == stale:
+            _delete(path)
+        return
     moved = f"{path}.stale-{uuid.uuid4().hex}"
     try:
         os.rename(path, moved)
@@ -113,42 +190,181 @@ def _remove_stale(path: str, stale: dict) -> None:
     os.unlink(moved)
 
 
-def _describe(holder: dict) -> str:
+def describe(holder: dict, now: float | None = None) -> str:
     if not holder:
         return "an unreadable lock file"
+    age = heartbeat_age(holder, time.time() if now is None else now)
+    beat = "" if age is None else f", last heartbeat {max(age, 0):.0f} s ago"
     return (f"pid {holder.get('pid')} on host {holder.get('host')}, started "
-            f"{holder.get('started')}")
+            f"{holder.get('started')}{beat}")
 
 
-def acquire(workdir: str | os.PathLike) -> str | None:
-    """Takes the workdir's lock for this process and returns the lock file's path (None for a
-    remote workdir, which is not locked). Raises WorkdirLockedError naming the holder."""
-    if is_remote(workdir):
-        return None
+# ---------------------------------------------------------------------------------------------
+# Heartbeats of the locks this process holds.
+
+_BEATING: dict[str, tuple[threading.Event, threading.Lock]] = {}
+
+
+def _beat(path: str, holder: dict, stop: threading.Event, mutex: threading.Lock,
+          every: float) -> None:
+    """Rewrites the heartbeat until `stop`; leaves a lock that is no longer this one's alone.
+    `mutex` keeps a rewrite from landing after `release` removed the lock."""
+    while not stop.wait(every):
+        with mutex, contextlib.suppress(Exception):  # a failed beat is retried at the next
+            if stop.is_set() or _read(path) != holder:
+                return
+            holder["heartbeat_unix"] = time.time()
+            _overwrite(path, holder)
+
+
+def _start_heartbeat(path: str, holder: dict, every: float = HEARTBEAT_S) -> None:
+    stop, mutex = threading.Event(), threading.Lock()
+    _BEATING[path] = (stop, mutex)
+    threading.Thread(target=_beat, args=(path, dict(holder), stop, mutex, every), daemon=True,
+                     name="hamjax-lock-heartbeat").start()
+
+
+def _stop_heartbeat(path: str) -> None:
+    stop, mutex = _BEATING.pop(path, (None, None))
+    if stop is not None:
+        with mutex:
+            stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The public API.
+
+
+def acquire(workdir: str | os.PathLike, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Takes the workdir's lock for this process and returns the lock's path (a URL for a
+    remote workdir). Raises WorkdirLockedError naming the holder and the fix."""
     path = lock_path(workdir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    mine = holder_record()
+    remote = is_remote(path)
+    if not remote:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"the workdir {os.path.dirname(path)} cannot be created: "
+                              f"{err.strerror} ({err.filename})") from err
+    took_over = False
     for _ in range(10):  # each retry follows a lock that vanished or a stale one removed
+        mine = holder_record()
         if _create(path, mine):
+            if remote and took_over:
+                sleep(SETTLE_S)
+                if _read(path) != mine:  # another process took the stale lock over as well
+                    took_over = False
+                    continue
+            _start_heartbeat(path, mine)
             return path
+        took_over = False
         holder = _read(path)
         if holder is None:
             continue
         if not is_stale(holder):
             raise WorkdirLockedError(
-                f"the workdir {os.path.dirname(path)} is in use by {_describe(holder)}; wait for "
-                "that run to finish or use another --workdir (if no run is using it, delete "
-                f"{path})")
+                f"the workdir {os.path.dirname(path)} is in use by {describe(holder)}; wait for "
+                "that run to finish or use another --workdir (if no run is using it, rerun with "
+                "--break_lock)")
         _remove_stale(path, holder)
+        took_over = True
     raise WorkdirLockedError(f"could not take the lock {path}: other processes keep taking it")
 
 
+def _share_token_path(workdir: str | os.PathLike, token: str) -> str:
+    return os.fspath(resolve(workdir) / f".shared-check-{token}")
+
+
+def _write_token(path: str, token: str) -> bool:
+    """Process 0's side of the check: False when it cannot write (the others still meet it at
+    the barrier, then all report the failure)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(token)
+        return True
+    except OSError:
+        return False
+
+
+def _sees_token(path: str, token: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
+
+
+def unshared_processes(workdir: str | os.PathLike, process_index: int, process_count: int,
+                       broadcast: Callable, allgather: Callable) -> list[int]:
+    """The processes that cannot see the file process 0 writes into a local `workdir` (empty
+    when every host sees the same directory). Collective: every process calls it.
+
+    broadcast(uint8 array) returns process 0's array on every process; allgather(int) returns
+    every process's value in process order (jax.experimental.multihost_utils in a run)."""
+    import numpy as np
+
+    token = broadcast(np.frombuffer(uuid.uuid4().bytes, np.uint8)).tobytes().hex()
+    path = _share_token_path(workdir, token)
+    wrote = _write_token(path, token) if process_index == 0 else True
+    allgather(1)  # a barrier: the file is written before anyone looks
+    seen = [int(x) for x in allgather(int(wrote and _sees_token(path, token)))]
+    if process_index == 0:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return [i for i, ok in enumerate(seen[:process_count]) if not ok]
+
+
+def check_shared(workdir: str | os.PathLike, process_index: int, process_count: int,
+                 broadcast: Callable | None = None, allgather: Callable | None = None) -> None:
+    """Raises ConfigError on every process unless all of them see one local `workdir`: on
+    several hosts a local path is usually each host's own disk, and every host would write its
+    part of each checkpoint there. Remote (gs://) workdirs and one-process runs pass."""
+    if process_count <= 1 or is_remote(workdir):
+        return
+    if broadcast is None or allgather is None:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        broadcast = multihost_utils.broadcast_one_to_all
+        allgather = lambda x: np.asarray(multihost_utils.process_allgather(np.int32(x)))  # noqa
+    missing = unshared_processes(workdir, process_index, process_count, broadcast, allgather)
+    if 0 in missing:
+        raise ConfigError(f"--workdir={os.fspath(workdir)}: process 0 cannot write into "
+                          f"{resolve(workdir)}; give a folder it can create and write")
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise ConfigError(
+            f"--workdir={os.fspath(workdir)} is not one directory shared by every process: "
+            f"process(es) {shown} cannot see the file process 0 wrote into {resolve(workdir)}. "
+            "Fix: use a gs:// workdir or a folder on a file system every host mounts (NFS, "
+            "Lustre, GPFS)")
+
+
+def acquire_run_lock(workdir: str | os.PathLike) -> str | None:
+    """What a (possibly multi-process) run does first: checks that every process sees the
+    workdir, then locks it on process 0; returns the lock's path there, None elsewhere."""
+    import jax
+
+    check_shared(workdir, jax.process_index(), jax.process_count())
+    return acquire(workdir) if jax.process_index() == 0 else None
+
+
+def break_lock(workdir: str | os.PathLike) -> dict | None:
+    """Removes the workdir's lock whoever holds it (--break_lock); returns the record removed."""
+    path = lock_path(workdir)
+    holder = _read(path)
+    if holder is not None:
+        _delete(path)
+    return holder
+
+
 def release(path: str | None) -> None:
-    """Removes the lock file if this process holds it (never another run's lock)."""
+    """Stops the heartbeat and removes the lock if this process holds it (never another run's
+    lock)."""
     if path is None:
         return
+    _stop_heartbeat(path)
     holder = _read(path)
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
+        _delete(path)

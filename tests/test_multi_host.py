@@ -8,6 +8,8 @@ Their final weights equal a one-process, one-device run of the same config and g
 (float tolerance: the cross-process sums reassociate), the per-class test counts are the same,
 and the logs and report are written by process 0 alone (each epoch recorded once, one
 TensorBoard event file per start). About 2-3 minutes on 2 CPU cores; most of it is compiling.
+Two launch.py processes whose workdir is one relative path seen from two working directories (two
+hosts with their own disks) are refused before training.
 """
 
 from __future__ import annotations
@@ -100,6 +102,23 @@ CHILD = textwrap.dedent(
     """
 ).replace("@TRAIN_SIZE@", str(BATCH * STEPS_PER_EPOCH)).replace("@BATCH@", str(BATCH)).replace(
     "@EPOCHS@", str(EPOCHS))
+
+
+# A config file for launch.py: the tiny digits run (the refusal test stops before training).
+CHILD_CONFIG = textwrap.dedent(
+    """
+    from hamjax.config import base_config
+
+    def get_config():
+        c = base_config()
+        c.data.name = "digits"
+        c.model.name = "small_cnn"
+        c.method.name = "pgd_at"
+        c.train.batch_size = 16
+        c.eval.batch_size = 20
+        return c
+    """
+)
 
 
 # Back-to-back saves of both kinds, as an epoch that improves on validation makes them (best,
@@ -356,3 +375,35 @@ def test_two_processes_save_both_kinds_back_to_back(tmp_path):
         state = checkpointer.restore_host(kind=kind)
         assert int(state["step"]) == rounds and float(state["w"][0]) == rounds, kind
     checkpointer.close()
+
+
+def test_two_processes_refuse_a_local_workdir_only_one_of_them_sees(tmp_path):
+    """The same relative --workdir from two working directories: as two hosts with their own
+    disks. Both processes stop with the message (exit 2) before anything trains; process 0's
+    token file is gone again."""
+    config = tmp_path / "tiny.py"
+    config.write_text(CHILD_CONFIG)
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = []
+    for i in range(2):
+        host = tmp_path / f"host{i}"
+        host.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "launch.py"), f"--config={config}",
+             "--workdir=runs/shared", f"--coordinator_address=localhost:{port}",
+             "--num_processes=2", f"--process_id={i}", "--cpu_devices=1"],
+            cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 2, (i, err[-3000:])
+        assert err.splitlines()[-1].startswith(
+            "error: --workdir=runs/shared is not one directory shared by every process: "
+            "process(es) 1 cannot see the file process 0 wrote"), (i, err[-3000:])
+        assert "Traceback" not in err
+    assert os.listdir(tmp_path / "host0" / "runs" / "shared") == []
+    assert not (tmp_path / "host1" / "runs").exists()

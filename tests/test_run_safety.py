@@ -156,7 +156,7 @@ def test_lock_held_by_a_live_run_names_the_holder(tmp_path):
 
 def test_lock_of_another_host_or_unreadable_is_never_taken(tmp_path):
     path = _write_lock(tmp_path, host="elsewhere", pid=_dead_pid(), started="then")
-    with pytest.raises(WorkdirLockedError, match="on host elsewhere"):
+    with pytest.raises(WorkdirLockedError, match="on host elsewhere.*--break_lock"):
         workdir_lock.acquire(tmp_path)
     with open(path, "w") as f:
         f.write("{half a reco")
@@ -222,10 +222,6 @@ def test_init_from_a_missing_run_is_refused_before_anything_is_created(tmp_path)
     with pytest.raises(ConfigError, match=re.escape(f"config.train.init_from='{missing}'")):
         Trainer(_tiny_config(init_from=str(missing)), str(tmp_path / "run"))
     assert not (tmp_path / "missing").exists() and not (tmp_path / "run").exists()
-
-
-def test_remote_workdirs_are_not_locked():
-    assert workdir_lock.acquire("gs://bucket/run") is None
 
 
 # ------------------------------------------------------------------------------- launch.py

@@ -122,3 +122,18 @@ def test_async_saves_are_read_back_complete_and_keep_the_newest(tmp_path):
     assert float(reopened.restore(_tree(0.0), kind="best")[0]["w"][0, 0]) == 4.0
     assert reopened.restore(_tree(0.0), kind="checkpoints", step=2)[1]["epochs"] == [2]
     reopened.close()
+
+
+def test_opening_a_workdir_read_only_logs_nothing(tmp_path, caplog):
+    """An evaluation opens the workdir read-only: orbax's seven notices about switching saving
+    off (one per option, and "Given directory is read only" per manager) are not printed."""
+    import logging
+
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    ckpt.save(1, _tree(1.0), {})
+    ckpt.close()
+    with caplog.at_level(logging.WARNING):
+        reader = Checkpointer(str(tmp_path), read_only=True)
+        assert reader.latest_step() == 1
+        reader.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -23,10 +23,11 @@ import numpy as np
 from hamjax.data.sampling import stratified_sample
 from hamjax.data.specs import DATASETS, IMAGENETTE_WNIDS, DatasetSpec, get_spec
 from hamjax.errors import ConfigError, HamjaxError
+from hamjax.paths import resolve
 
 log = logging.getLogger(__name__)
 
-SYSTEM_DATA_DIRS = (Path("/usr/share/datasets"),)  # where Debian dataset-* packages install
+SYSTEM_DATA_DIRS = (resolve("/usr/share/datasets"),)  # where Debian dataset-* packages install
 DATA_DIR_ENV = "HAMJAX_DATA_DIR"
 
 
@@ -205,7 +206,8 @@ def read_cifar(path: Path, name: str) -> RawDataset:
                 with reading(path / f, "a CIFAR batch"):
                     blobs[f] = (path / f).read_bytes()
     else:
-        with reading(path, "the CIFAR archive (a .tar.gz)"), tarfile.open(path, "r:*") as tar:
+        with reading(path, "the CIFAR archive (a .tar.gz)"), path.open("rb") as raw, \
+                tarfile.open(fileobj=raw, mode="r:*") as tar:
             for member in tar.getmembers():
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in wanted:
@@ -240,7 +242,8 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import scipy.io
 
     try:
-        mat = scipy.io.loadmat(str(path))
+        with path.open("rb") as f:
+            mat = scipy.io.loadmat(f)
     except Exception as err:  # scipy raises MatReadError, ValueError, OSError, ... on garbage
         raise DatasetFormatError(
             f"{path}: cannot read the SVHN .mat file ({type(err).__name__}: {err}); the file is "
@@ -269,9 +272,8 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (.gz or plain): magic 0x0000 <dtype> <ndim>, big-endian dims, data."""
-    opener: Callable = gzip.open if path.suffix == ".gz" else open
-    with reading(path, "an IDX file"), opener(path, "rb") as f:
-        data = f.read()
+    with reading(path, "an IDX file"), path.open("rb") as f:
+        data = gzip.decompress(f.read()) if path.suffix == ".gz" else f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DatasetFormatError(f"{path}: not an IDX file (magic {data[:4].hex()})")
     ndim = data[3]
@@ -344,7 +346,7 @@ def _read_image_folder(
             p for p in (directory / cls).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
         )
         for file in files:
-            with reading(file, "an image"), Image.open(file) as im:
+            with reading(file, "an image"), file.open("rb") as raw, Image.open(raw) as im:
                 images.append(_pil_square(im.convert("RGB"), size))
             labels.append(label)
     if not images:
@@ -387,9 +389,9 @@ def search_dirs(name: str, data_dir: str | None) -> list[Path]:
     """
     roots: list[Path] = []
     if data_dir:
-        roots.append(Path(data_dir).expanduser())
+        roots.append(resolve(data_dir))
     if os.environ.get(DATA_DIR_ENV):
-        roots.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
+        roots.append(resolve(os.environ[DATA_DIR_ENV]))
     roots.extend(SYSTEM_DATA_DIRS)
     dirs: list[Path] = []
     for root in roots:
@@ -454,7 +456,7 @@ def find_local(
 def _tfds_dirs(data_dir: str | None) -> list[str | None]:
     dirs: list[str | None] = []
     if data_dir:
-        dirs.append(str(Path(data_dir).expanduser()))
+        dirs.append(os.fspath(resolve(data_dir)))
     dirs.append(None)  # TFDS's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
     return dirs
 
@@ -492,7 +494,7 @@ def read_tfds(name: str, data_dir: str | None, image_size: int | None, looked: l
     size = image_size or spec.default_image_size
     for tfds_dir in _tfds_dirs(data_dir):
         where = tfds_dir or _tfds_default_dir()
-        if tfds_dir is not None and not (Path(tfds_dir) / spec.tfds_name).is_dir():
+        if tfds_dir is not None and not (resolve(tfds_dir) / spec.tfds_name).is_dir():
             looked.append(f"TFDS {spec.tfds_name} in {where}/ (no {spec.tfds_name}/ folder)")
             continue
         try:

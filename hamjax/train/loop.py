@@ -72,22 +72,24 @@ class Trainer:
     """Holds a run's pieces; `run()` trains to the end, resuming from the workdir if it can."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 allow_config_change: bool = False):
-        """Takes the workdir lock (process 0, local workdirs) before anything reads or writes
+                 allow_config_change: bool = False, devices: list | None = None):
+        """Takes the workdir lock (workdir_lock.acquire_run_lock) before anything reads or writes
         the workdir or loads data, so a second launch on a busy workdir fails at once; `run`
         releases it (a Trainer that never runs leaves a lock the next Trainer of this process,
         or any process once this one has exited, takes over).
 
         allow_config_change: resume a checkpoint written with another config (launch.py
-        --allow_config_change); the differing fields go into the report.
+        --allow_config_change); the differing fields go into the report. devices: the mesh's
+        (default: every device; launch.py --mesh_devices).
         """
         # Only looks: a workdir without a checkpoint starts fresh, so its init_from must hold one.
         validate_config(config, fresh_start=not holds_checkpoint(workdir))
         self.config = config
         self.workdir = workdir
         self.allow_config_change = bool(allow_config_change)
+        self.devices = devices
         self.is_main = jax.process_index() == 0
-        self._lock = workdir_lock.acquire(workdir) if self.is_main else None
+        self._lock = workdir_lock.acquire_run_lock(workdir)
         try:
             self._setup(config, workdir)
         except BaseException:
@@ -107,7 +109,7 @@ class Trainer:
                 "> 0 (CAAT: 300 for CIFAR-10)"
             )
         self.val = self.splits.val if self.splits.val is not None else None
-        self.mesh = make_mesh()
+        self.mesh = make_mesh(self.devices)
         self.ctx = build_context(config, self.splits, self.mesh)
         n_dev = self.mesh.devices.size
         for field in ("train", "eval"):
@@ -446,7 +448,7 @@ class Trainer:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: bool = False) -> dict:
-    """Trains (or resumes) a run in `workdir` and returns its final report; allow_config_change:
-    see `Trainer`."""
-    return Trainer(config, workdir, allow_config_change).run()
+                       allow_config_change: bool = False, devices: list | None = None) -> dict:
+    """Trains (or resumes) a run in `workdir` and returns its final report; allow_config_change,
+    devices: see `Trainer`."""
+    return Trainer(config, workdir, allow_config_change, devices).run()
