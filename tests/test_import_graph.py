@@ -22,7 +22,8 @@ PACKAGE = ROOT / "hamjax"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("hamjax", "hamjax.errors", "hamjax.paths", "hamjax.validation", "hamjax.compile_options",
      "hamjax.cpu_devices", "hamjax.backends", "hamjax.sharding", "hamjax.metrics",
-     "hamjax.checkpoint", "hamjax.runlog", "hamjax.workdir_lock", "hamjax.flops"),
+     "hamjax.checkpoint", "hamjax.runlog", "hamjax.workdir_lock", "hamjax.flops",
+     "hamjax.accelerators"),
     ("hamjax.attacks",),
     ("hamjax.data",),
     ("hamjax.models",),
@@ -33,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("hamjax.evaluation",),
     ("hamjax.run",),
     ("hamjax.train", "hamjax.evaluation.workdir", "hamjax.evaluation.cli", "hamjax.evaluate"),
+    ("hamjax.launch",),
 )
 
 # Pairs (importer prefix, imported prefix) that must not meet even through a chain of imports:
