@@ -481,3 +481,72 @@ def test_wat_needs_a_validation_split():
     config.method = method_config("wat")
     with pytest.raises(ConfigError, match="val_size"):
         get_method("wat").validate(config)
+
+
+# ---------------------------------------------------------------- resume
+def _digits_config(name: str, **method):
+    config = base_config()
+    config.data.name = "digits"
+    config.data.val_size = 100
+    config.data.augment.crop_pad = 1
+    config.data.augment.flip = False
+    config.model.name = "small_cnn"
+    config.method = method_config(name, **method)
+    config.attack.eps, config.attack.step_size, config.attack.steps = 0.1, 0.05, 2
+    config.eval.eps, config.eval.step_size, config.eval.steps = 0.1, 0.05, 2
+    config.eval.batch_size = 64
+    config.eval.num_examples = 100
+    config.train.batch_size = 64
+    config.train.epochs = 2
+    config.train.lr = 0.05
+    config.train.lr_schedule = "constant"
+    config.train.log_every_steps = 1000
+    config.train.checkpoint_every_steps = 1000
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, method", [("cfa", {"begin": 1}), ("wat", {})])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, name,
+                                                             method):
+    """Stopped (SIGTERM path) mid-way through the second epoch, after the first epoch's
+    class-wise update (CFA: calibrated eps / beta from counts; WAT: the Hedge step on the
+    validation costs) and with this epoch's counters half full: the resumed run ends with the
+    same weights, method state and per-class report as an uninterrupted one."""
+    import signal
+
+    from hamjax.checkpoint import Checkpointer
+    from hamjax.errors import TrainingInterrupted
+    from hamjax.train.loop import Trainer
+
+    config = _digits_config(name, **method)
+    straight = Trainer(config, str(tmp_path / "straight")).run()
+
+    batches = Trainer._device_batches
+
+    def stop_mid_second_epoch(self, epoch, start):
+        for i, batch in enumerate(batches(self, epoch, start), start=start):
+            if epoch == 1 and start == 0 and i == 3:
+                self._stop_signal = signal.SIGTERM
+            yield batch
+
+    monkeypatch.setattr(Trainer, "_device_batches", stop_mid_second_epoch)
+    workdir = str(tmp_path / "resumed")
+    with pytest.raises(TrainingInterrupted):
+        Trainer(config, workdir).run()
+    monkeypatch.setattr(Trainer, "_device_batches", batches)
+    resumed = Trainer(config, workdir).run()
+
+    for key in ("last", "best_on_val"):
+        for kind in ("clean", "robust"):
+            assert straight["results"][key][kind]["per_class"] == \
+                resumed["results"][key][kind]["per_class"]
+    assert [e.get("method") for e in straight["epochs"]] == \
+        [e.get("method") for e in resumed["epochs"]]
+    states = []
+    for run in ("straight", "resumed"):
+        ckpt = Checkpointer(str(tmp_path / run))
+        states.append(ckpt.restore_host(step=ckpt.latest_step()))
+        ckpt.close()
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
