@@ -106,6 +106,16 @@ INVALID: dict[str, list] = {
     "method.meta_init_seed": [-2, 1.5, True],
     "method.begin_epoch": [-1],
     "method.tau": [-1, 0.5],
+    "method.base": ["mart", 1],
+    "method.lambda1": [0.0, "x"],
+    "method.lambda2": [-0.1, NAN],
+    "method.ccm": [1, "yes"],
+    "method.ccr": ["yes"],
+    "method.begin": [0, 1.5],
+    "method.trades_scale": ["zhang"],
+    "method.dafa_lambda": [-1.0, "x"],
+    "method.eta": [-0.1, INF],
+    "method.r": [-0.5, NAN],
 }
 
 
