@@ -1,4 +1,4 @@
-"""CAAT on Fashion-MNIST with the MNIST-family CNN (fmnist_cnn): fine-tunes a robust run (train.init_from).
+"""CAAT on Fashion-MNIST with the MNIST-family CNN: fine-tunes a robust run (train.init_from).
 
     python launch.py --config=configs/fashion_mnist_caat.py --workdir=runs/fashion_mnist_caat \
         --config.train.init_from=runs/fashion_mnist_pgdat

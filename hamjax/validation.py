@@ -45,3 +45,32 @@ def method_field(config, name: str) -> Any:
             f"hamjax.config.method_config({config.method.name!r})"
         )
     return config.method[name]
+
+
+def method_number(config, name: str, ok, fix: str) -> float:
+    """A finite number field `config.method.<name>` for which ok(value) holds."""
+    value = method_field(config, name)
+    require(is_number(value) and ok(value), f"method.{name}", value, fix)
+    return float(value)
+
+
+def method_int(config, name: str, ok, fix: str) -> int:
+    """An int field `config.method.<name>` for which ok(value) holds."""
+    value = method_field(config, name)
+    require(is_int(value) and ok(value), f"method.{name}", value, fix)
+    return int(value)
+
+
+def method_choice(config, name: str, choices: tuple) -> str:
+    """A string field `config.method.<name>` from `choices`."""
+    value = method_field(config, name)
+    require(isinstance(value, str) and value in choices, f"method.{name}", value,
+            f"choose one of {choices}")
+    return value
+
+
+def method_bool(config, name: str) -> bool:
+    """A bool field `config.method.<name>`."""
+    value = method_field(config, name)
+    require(isinstance(value, bool), f"method.{name}", value, "must be True or False")
+    return value

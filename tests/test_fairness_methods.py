@@ -16,8 +16,8 @@ from scipy.optimize import minimize
 from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
 from hamjax.methods import cfa, dafa, faal, get_method, wat
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, create_train_state
+from hamjax.optim import make_lr_fn, make_optimizer
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 K = 4

@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hamjax.errors import ConfigError
+from hamjax.validation import (
+    method_bool,
+    method_choice,
+    method_field,
+    method_int,
+    method_number,
+)
 
 Array = jax.Array
 
@@ -59,46 +65,9 @@ def rounded(value, digits: int = 6) -> Any:
 
 
 # ------------------------------------------------------------------------------ validation
-def field(config, name: str) -> Any:
-    """config.method.<name>, or a ConfigError saying where the method's fields come from."""
-    if name not in config.method:
-        raise ConfigError(
-            f"config.method.{name} is missing; start from "
-            f"hamjax.config.method_config({config.method.name!r})")
-    return config.method[name]
-
-
-def number(config, name: str, ok, fix: str) -> float:
-    """A finite int/float field for which ok(value) holds."""
-    value = field(config, name)
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not np.isfinite(value) or not ok(value)):
-        raise ConfigError(f"config.method.{name}={value!r}: {fix}")
-    return float(value)
-
-
-def integer(config, name: str, ok, fix: str) -> int:
-    """An int field for which ok(value) holds."""
-    value = field(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-        raise ConfigError(f"config.method.{name}={value!r}: {fix}")
-    return int(value)
-
-
-def choice(config, name: str, choices: tuple) -> str:
-    """A string field from `choices`."""
-    value = field(config, name)
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"config.method.{name}={value!r}: choose one of {choices}")
-    return value
-
-
-def flag(config, name: str) -> bool:
-    """A bool field."""
-    value = field(config, name)
-    if not isinstance(value, bool):
-        raise ConfigError(f"config.method.{name}={value!r}: must be True or False")
-    return value
+# The method-field checks are hamjax.validation's (one set for every validator).
+field, number, integer = method_field, method_number, method_int
+choice, flag = method_choice, method_bool
 
 
 def epoch_count(config, name: str, what: str) -> int:
