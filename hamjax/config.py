@@ -131,8 +131,9 @@ def compose(setup: Callable[[], ml_collections.ConfigDict], arg: str | None, *,
     """A setup's config for the method and variants `arg` names (`parse_variant`).
 
     setup() gives the data, model and budget; the method's fields are its defaults
-    (`method_config`), then `recipes[method]` (this setup's published settings of that method)
-    and `budgets[budget]` (e.g. a shorter fine-tuning schedule) change what they need. A method
+    (`method_config`); then `budgets[budget]` (e.g. a shorter fine-tuning schedule) and
+    `recipes[method]` (this setup's published settings of that method) change what they need,
+    in that order, so a method's recipe has the last word. A method
     that needs a meta set gets `meta_per_class` images per class when the setup holds none, so
     every registered method runs on every setup; `scenario` tokens go to `apply_scenario`.
     """
