@@ -15,8 +15,10 @@ from scipy.optimize import minimize
 
 from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
+from hamjax.evaluation.driver import Driver, map_examples
 from hamjax.methods import cfa, dafa, faal, get_method, wat
 from hamjax.optim import make_lr_fn, make_optimizer
+from hamjax.sharding import make_mesh
 from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
@@ -341,9 +343,18 @@ def test_wat_loss_matches_official_transcription():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-class _Split:
-    def __init__(self, images, labels):
+class _SplitEvaluator:
+    """The trainer's `evaluator.map_split` over a fixed split (hamjax.evaluation.driver)."""
+
+    def __init__(self, images, labels, mesh, batch_size=16):
         self.images, self.labels = images, labels
+        self.driver = Driver(mesh, batch_size)
+
+    def map_split(self, state, split_name, fn, key):
+        assert split_name == "val"
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return map_examples(self.driver, fn, variables, self.images, self.labels,
+                            key), np.asarray(self.labels)
 
 
 def test_wat_validation_cost_is_eval_bn_trades_cost_per_class():
@@ -354,7 +365,8 @@ def test_wat_validation_cost_is_eval_bn_trades_cost_per_class():
     rng = np.random.default_rng(9)
     images = rng.integers(0, 256, (30, 4, 4, 1)).astype(np.uint8)
     labels = (np.arange(30) % K).astype(np.int32)
-    cost = wat.measure_validation_cost(state, ctx, _Split(images, labels), epoch=1)
+    evaluator = _SplitEvaluator(images, labels, make_mesh(jax.devices()[:1]))
+    cost = wat.measure_validation_cost(state, ctx, evaluator, epoch=1)
     logits = ctx.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                              jnp.asarray(images, jnp.float32) / 255.0, train=False)
     per_ex = np_ce(np.asarray(logits), labels)
@@ -527,7 +539,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     def stop_mid_second_epoch(self, epoch, start):
         for i, batch in enumerate(batches(self, epoch, start), start=start):
             if epoch == 1 and start == 0 and i == 3:
-                self._stop_signal = signal.SIGTERM
+                self.signals.received = signal.SIGTERM
             yield batch
 
     monkeypatch.setattr(Trainer, "_device_batches", stop_mid_second_epoch)
@@ -560,9 +572,21 @@ import numpy as np
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.data import iterate_batches, load_splits
 from hamjax.methods import get_method, wat
+from hamjax.evaluation.driver import Driver, map_examples
 from hamjax.sharding import make_mesh, replicated, shard_batch
 from hamjax.train import build_context, create_train_state, make_train_step
 from hamjax.train.step import jit_train_step
+
+
+class _SplitEvaluator:
+    def __init__(self, images, labels, mesh, batch_size=16):
+        self.images, self.labels = images, labels
+        self.driver = Driver(mesh, batch_size)
+
+    def map_split(self, state, split_name, fn, key):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return map_examples(self.driver, fn, variables, self.images, self.labels,
+                            key), np.asarray(self.labels)
 
 assert jax.device_count() == 4, jax.devices()
 # CE attacks from a uniform start: a KL ascent from x + 0.001 N on a fresh model follows
@@ -597,7 +621,9 @@ for name, fields in FIELDS.items():
     filled = {"cfa": "count", "dafa": "counts", "faal": "weight_sums", "wat": "weights"}[name]
     assert np.sum(state.method_state[filled]) > 0, name  # the sums compared were not empty
     if name == "wat":
-        costs = [wat.measure_validation_cost(state, ctx, splits.val, epoch=1) for ctx in ctxs]
+        costs = [wat.measure_validation_cost(
+            state, ctx, _SplitEvaluator(splits.val.images, splits.val.labels, mesh), epoch=1)
+            for mesh, ctx in zip((one, four), ctxs)]
         np.testing.assert_allclose(costs[1], costs[0], rtol=1e-5)
     print(name, "ok", flush=True)
 """

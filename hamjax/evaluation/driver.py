@@ -225,6 +225,16 @@ class Driver:
         return record
 
 
+def map_examples(driver: Driver, fn: ChunkFn, variables: Any, images: np.ndarray,
+                 labels: np.ndarray, key: jax.Array) -> dict[str, np.ndarray]:
+    """Per-example outputs of `fn(variables, batch, key)` over every example (images, labels),
+    each counted once whatever the mesh: a method's own pass over a split (WAT's costs)."""
+    labels = np.asarray(labels, np.int32)
+    record = driver.run(fn, variables, {"image": images, "label": labels},
+                        np.arange(len(labels)), key)
+    return {name: record.output(name, 0.0) for name in record.outputs}
+
+
 def console(line: str) -> None:
     """Prints a line on stdout without breaking a progress bar being drawn."""
     tqdm.write(line, file=sys.stdout)

@@ -31,7 +31,10 @@ class Method:
     pre_step(state, batch, rng, ctx) -> state, run inside the jitted step before the loss
       (CAAT's meta update).
     epoch_end(state, ctx, evaluator) -> state, run on the host after each epoch (FRL multipliers);
-      `evaluator(state, split_name)` returns per-class clean and robust counts.
+      `evaluator(state, split_name)` returns per-class clean and robust counts, and
+      `evaluator.map_split(state, split_name, fn, key)` -> (outputs, labels) runs the method's
+      own chunk function `fn(variables, batch, key)` over a split's evaluation examples (WAT's
+      validation costs); a method never imports the evaluation code itself.
     validate(config) raises ConfigError naming the field.
     defaults: the method's config fields and their defaults: the one source of `config.method`
       (`hamjax.config.method_config(name, **overrides)` builds it from them).

@@ -15,13 +15,12 @@ Stated differences: the official normaliser is the padded example count (val_ite
 3072 for 3000 examples), i.e. costs 2.3% low; here each cost is an exact mean. Classes are
 averaged as K sum_c / N there, equal to the class mean on its balanced split.
 
-The validation pass runs on the trainer's validation split (config.data.val_size, the subset
-config.eval.num_examples picks), loaded through `hamjax.data.load_splits` like the trainer's.
+The validation pass runs on the trainer's validation examples (config.data.val_size, the subset
+config.eval.num_examples picks: those its model selection uses) through the trainer's
+evaluation driver (`evaluator.map_split`), so each example counts once on any mesh.
 """
 
 from __future__ import annotations
-
-import json
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +29,8 @@ import numpy as np
 from hamjax.attacks import pgd
 from hamjax.attacks.losses import kl_divergence
 from hamjax.attacks.rng import example_keys
-from hamjax.data import images_to_float, load_splits, stratified_subset
+from hamjax.data import images_to_float
 from hamjax.errors import ConfigError
-from hamjax.evaluation.driver import Driver
 from hamjax.methods import Method, register
 from hamjax.methods.baselines import trades_adversary, trades_terms
 from hamjax.methods.classwise import completed_epochs, number, rounded
@@ -44,7 +42,7 @@ from hamjax.methods.common import (
     step_aux,
     training_ledger,
 )
-from hamjax.sharding import make_mesh, place_like
+from hamjax.sharding import place_like
 
 Array = jax.Array
 
@@ -128,48 +126,23 @@ def validation_cost_fn(ctx):
     return cost
 
 
-_SPLITS: dict = {}
+_COST_FNS: dict = {}
 
 
-def validation_split(config, num_classes: int):
-    """The trainer's validation examples: the same config and seed give the same split (and
-    the subset config.eval.num_examples picks); loaded once per data config."""
-    key = (json.dumps(config.data.to_dict(), sort_keys=True, default=str), int(config.seed),
-           int(config.eval.num_examples))
-    if _SPLITS.get("key") != key:
-        _SPLITS.clear()
-        split = load_splits(config.data, seed=int(config.seed)).val
-        if split is None:
-            raise ConfigError("config.data.val_size=0: WAT updates its weights on the "
-                              "validation split; set data.val_size > 0 (WAT: 300 per class)")
-        if key[2] and key[2] < len(split):
-            split = stratified_subset(split, key[2], int(config.seed), num_classes)
-        _SPLITS.update(key=key, split=split)
-    return _SPLITS["split"]
+def cost_fn_for(ctx):
+    """validation_cost_fn(ctx), made once per context so its pass compiles once."""
+    if _COST_FNS.get("ctx") is not ctx:
+        _COST_FNS.clear()
+        _COST_FNS.update(ctx=ctx, fn=validation_cost_fn(ctx))
+    return _COST_FNS["fn"]
 
 
-_COST_RUNNERS: dict = {}
-
-
-def _cost_runner(ctx) -> tuple:
-    """(Driver, chunk function) for this context, built once so the pass compiles once."""
-    entry = _COST_RUNNERS.get("ctx")
-    if entry is None or entry[0] is not ctx:
-        mesh = ctx.mesh if ctx.mesh is not None else make_mesh()
-        _COST_RUNNERS["ctx"] = entry = (ctx, Driver(mesh, int(ctx.config.eval.batch_size)),
-                                        validation_cost_fn(ctx))
-    return entry[1], entry[2]
-
-
-def measure_validation_cost(state, ctx, split, epoch: int) -> np.ndarray:
-    """cost_t over the split's K classes and the average, float64 [K + 1]."""
-    driver, fn = _cost_runner(ctx)
-    labels = np.asarray(split.labels, np.int32)
-    arrays = {"image": split.images, "label": labels}
+def measure_validation_cost(state, ctx, evaluator, epoch: int) -> np.ndarray:
+    """cost_t over the K classes and the average, float64 [K + 1], on the trainer's validation
+    examples (the split and subset its model selection uses), through its evaluation driver."""
     key = jax.random.fold_in(jax.random.PRNGKey(int(ctx.config.seed)), epoch)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    record = driver.run(fn, variables, arrays, np.arange(len(labels)), key)
-    return validation_cost(record.output("cost", 0.0), labels, ctx.num_classes)
+    outputs, labels = evaluator.map_split(state, "val", cost_fn_for(ctx), key)
+    return validation_cost(outputs["cost"], labels, ctx.num_classes)
 
 
 def hedge_step(ms: dict, cost: np.ndarray, eta: float) -> dict:
@@ -182,13 +155,11 @@ def hedge_step(ms: dict, cost: np.ndarray, eta: float) -> dict:
 def wat_epoch_end(state, ctx, evaluator):
     """After each trained epoch: the validation costs, then the Hedge update. The call a
     fine-tune makes before its first epoch (nothing trained yet) changes nothing."""
-    del evaluator
     completed = completed_epochs(state, ctx)
     if int(jax.device_get(state.step)) == 0:
         return state
     cfg = ctx.config
-    split = validation_split(cfg, ctx.num_classes)
-    cost = measure_validation_cost(state, ctx, split, completed)
+    cost = measure_validation_cost(state, ctx, evaluator, completed)
     ms = state.method_state
     return state.replace(method_state=place_like(hedge_step(ms, cost, float(cfg.method.eta)),
                                                  ms))

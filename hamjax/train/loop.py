@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from hamjax import workdir_lock
 from hamjax.checkpoint import BEST, LAST, Checkpointer
@@ -31,6 +32,7 @@ from hamjax.config import (
 from hamjax.data import iterate_batches, load_splits, meta_batch, stratified_subset
 from hamjax.data.prefetch import prefetch
 from hamjax.errors import CheckpointError, ConfigError
+from hamjax.evaluation.driver import Driver, map_examples
 from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.methods import get_method
 from hamjax.metrics import Ledger, PerClassCounts, format_per_class_table
@@ -66,6 +68,18 @@ def _fold_sums(epoch_record: dict, sums, steps: int) -> dict:
     for key, value in jax.device_get(sums).items():
         totals[key] = totals.get(key, 0.0) + float(value)
     return dict(epoch_record, metric_sums=totals, steps=epoch_record["steps"] + steps)
+
+
+class EpochEvaluator:
+    """The trainer's evaluation as a method's epoch_end sees it (the method never imports
+    evaluation code): call it for (clean, robust) per-class counts on a split (FRL), or
+    `map_split` for per-example outputs of the method's own chunk function (WAT's costs)."""
+
+    def __init__(self, counts, map_split):
+        self._counts, self.map_split = counts, map_split
+
+    def __call__(self, state: TrainState, split_name: str) -> tuple[PerClassCounts, ...]:
+        return self._counts(state, split_name)
 
 
 class Trainer:
@@ -126,6 +140,7 @@ class Trainer:
                                       self.splits.num_classes, config.eval,
                                       self.mesh, config.eval.batch_size)
         self._eval_cache: dict = {}
+        self._map_driver: Driver | None = None
         self.signals = StopSignals()  # a SIGTERM/SIGINT during `run`, agreed by all processes
 
     # ----------------------------------------------------------------------------- state
@@ -152,7 +167,7 @@ class Trainer:
             if self.method.epoch_end is not None:
                 # FRL/CAAT scripts refit their class multipliers before every epoch, the first
                 # included, from the hot-start model; from scratch that refit would read noise.
-                state = self.method.epoch_end(state, self.ctx, self.evaluate)
+                state = self.method.epoch_end(state, self.ctx, self.epoch_evaluator())
         return state, {"best_score": None, "best_step": None, "epochs": []}
 
     def _check_compatible(self, meta: dict) -> list[dict]:
@@ -175,21 +190,42 @@ class Trainer:
         return changes
 
     # ----------------------------------------------------------------------------- eval
+    def _eval_split(self, split_name: str):
+        """The examples evaluation runs on: the split, subset to config.eval.num_examples."""
+        split = {"val": self.val, "meta": self.splits.meta, "test": self.splits.test}[split_name]
+        if split is None:
+            raise ConfigError(f"split {split_name!r} is empty (config.data.val_size / "
+                              "meta_per_class is 0)")
+        return stratified_subset(split, self.config.eval.num_examples, self.config.seed,
+                                 self.splits.num_classes)
+
     def evaluate(self, state: TrainState, split_name: str) -> tuple[PerClassCounts, ...]:
         """(clean, robust) per-class counts on a split; cached per (step, split)."""
         key = (int(state.step), split_name)
         if key not in self._eval_cache:
-            split = {"val": self.val, "meta": self.splits.meta, "test": self.splits.test}[
-                split_name]
-            if split is None:
-                raise ConfigError(f"split {split_name!r} is empty (config.data.val_size / "
-                                  "meta_per_class is 0)")
-            split = stratified_subset(split, self.config.eval.num_examples, self.config.seed,
-                           self.splits.num_classes)
+            split = self._eval_split(split_name)
             rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
             self._eval_cache = {key: self.evaluator(_variables(state), split, rng,
                                                     progress=self.is_main, label=split_name)}
         return self._eval_cache[key]
+
+    def map_split(self, state: TrainState, split_name: str, fn, key: jax.Array
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(per-example outputs of the chunk function `fn(variables, batch, key)` over the
+        evaluation examples of a split, their labels), sharded, padded and unpadded by the
+        evaluation driver (each example counted once on any mesh). Keep `fn` to reuse its
+        compilation."""
+        split = self._eval_split(split_name)
+        labels = np.asarray(split.labels, np.int32)
+        if self._map_driver is None:
+            self._map_driver = Driver(self.mesh, int(self.config.eval.batch_size))
+        return map_examples(self._map_driver, fn, _variables(state), split.images, labels,
+                            key), labels
+
+    def epoch_evaluator(self) -> EpochEvaluator:
+        """What a method's epoch_end gets: `evaluator(state, split)` per-class counts, and
+        `evaluator.map_split(state, split, fn, key)` for its own per-example pass."""
+        return EpochEvaluator(self.evaluate, self.map_split)
 
     # ----------------------------------------------------------------------------- train
     def _device_batches(self, epoch: int, start: int):
@@ -361,7 +397,7 @@ class Trainer:
         if self.method.summarize_state is not None:  # before epoch_end rolls the state over
             record["method"] = self.method.summarize_state(jax.device_get(state.method_state))
         if self.method.epoch_end is not None:
-            state = self.method.epoch_end(state, self.ctx, self.evaluate)
+            state = self.method.epoch_end(state, self.ctx, self.epoch_evaluator())
         if self.val is not None and (epoch + 1) % cfg.train.eval_every_epochs == 0:
             summary = summarize(*self.evaluate(state, "val"), self.splits.class_names)
             record["val"] = summary
