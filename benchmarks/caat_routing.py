@@ -23,8 +23,8 @@ import sys
 import ml_collections
 import numpy as np
 
+from hamjax.backends.cpu.compile_options import jit
 from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.compile_options import jit
 from hamjax.errors import ConfigError
 from hamjax.methods import get_method
 from hamjax.methods.caat_routing import (

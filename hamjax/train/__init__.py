@@ -1,7 +1,7 @@
 """The generic trainer: one loop, methods plugged in by name.
 
 Notebook use: build a `StepContext` with `build_context`, a state with `create_train_state`, and
-call `hamjax.compile_options.jit(make_train_step(ctx, get_method(name)))` on your own batches
+call `hamjax.jit(make_train_step(ctx, get_method(name)))` on your own batches
 (`jax.jit` with `hamjax.compiler_options()`: the CPU settings hamjax measured fastest).
 """
 
