@@ -360,10 +360,10 @@ def test_canonical_conv_matches_xla_value_and_gradients(stride, padding, size, k
                                                         flip_activations, monkeypatch):
     """The CPU conv with a hand-written layout-canonical VJP is the same function as XLA's,
     with the input gradient's reversal on the kernel or on the activations."""
-    from hamjax.models import layers
-    from hamjax.models.layers import canonical_conv
+    from hamjax.backends.cpu import conv
+    from hamjax.backends.cpu.conv import canonical_conv
 
-    monkeypatch.setattr(layers, "_flips_activations", lambda *_: flip_activations)
+    monkeypatch.setattr(conv, "_flips_activations", lambda *_: flip_activations)
 
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(stride + size), 3)
     x = jax.random.normal(kx, (3, size, size, 4))
@@ -388,7 +388,7 @@ def test_canonical_conv_matches_xla_value_and_gradients(stride, padding, size, k
 
 def test_input_gradient_reverses_the_smaller_side():
     """Deep layers at small spatial size reverse the activations, early layers the kernel."""
-    from hamjax.models.layers import _flips_activations
+    from hamjax.backends.cpu.conv import _flips_activations
 
     same = ((1, 1), (1, 1))
     assert _flips_activations((32, 4, 4, 512), (3, 3, 512, 512), same)
