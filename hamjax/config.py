@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from hamjax.backends.cpu.conv import CONV_VJP_MODES
 from hamjax.errors import ConfigError
 from hamjax.models.layers import compute_dtype
 
@@ -169,6 +170,7 @@ def _validate_model(model) -> None:
     _require(model.name in model_names(), "model.name", model.name,
              f"choose one of {sorted(model_names())}")
     compute_dtype(model.dtype, field="config.model.dtype")  # float16 refused with the fix
+    _choice(model, "model", "conv_vjp", CONV_VJP_MODES)
     depth = model.depth
     _require(_is_int(depth) and depth >= 10 and (depth - 4) % 6 == 0, "model.depth", depth,
              "WideResNet depth must be an int 6n+4 >= 10, e.g. 28 or 34")
@@ -292,6 +294,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "eval.batch_size": "evaluation chunking; each result depends on its example alone",
     "eval.final_splits": "which splits the final report lists",
     "data.data_dir": "where the dataset's files are looked for (e.g. a copy on another machine)",
+    "model.conv_vjp": "how conv gradients are computed; the same values up to float rounding",
 }
 ABSENT = "(absent)"
 

@@ -127,10 +127,10 @@ def classifier_head(
 
 def torch_padded_conv(
     features: int, kernel: int, stride: int, dtype: Any, name: str,
-    kernel_init: nn.initializers.Initializer,
+    kernel_init: nn.initializers.Initializer, conv_vjp: str = "auto",
 ) -> nn.Conv:
     """Bias-free square conv with PyTorch padding (k//2 each side; 'SAME' differs at stride 2),
-    float32 parameters and the backend's conv primitive (`conv_impl`)."""
+    float32 parameters and the conv primitive `model.conv_vjp` picks (`conv_impl`)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -140,7 +140,7 @@ def torch_padded_conv(
         use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=conv_impl(),
+        conv_general_dilated=conv_impl(conv_vjp),
         kernel_init=kernel_init,
         name=name,
     )

@@ -1,46 +1,63 @@
-"""XLA:CPU convolution with a layout-canonical VJP (moved from hamjax/models/layers.py)."""
+"""A 2-D convolution whose derivatives XLA:CPU runs fast and right (`model.conv_vjp`).
+
+`canonical_conv` has the value of `lax.conv_general_dilated` (NHWC/HWIO, explicit padding) and
+is a JAX primitive of its own, bilinear like lax's conv, so every transformation works: `grad`,
+`jvp`/`jacfwd` (its tangent is the same conv of the tangents), `vmap`, higher orders. Only its
+transposes (the input and weight gradients) differ from XLA's; they work around three upstream
+XLA:CPU problems (seen on jaxlib 0.10.2, 2-core AVX2 EPYC):
+
+1. Backward convs inside a `while` body (every PGD iteration) or a `lax.switch` branch (HAM's
+   buckets) run ~30x slower: XLA:CPU canonicalises conv layouts only in the entry computation,
+   and the transposed-kernel / batch-as-feature convs autodiff emits take a naive path
+   (jax-ml/jax#12868, open). Here every gradient is a plain NHWC/HWIO conv.
+2. A strided conv's input gradient is an lhs-dilated conv that spends (s^2 - 1)/s^2 of its
+   multiplies on inserted zeros, 2-3x slower than the forward (same cost class as
+   jax-ml/jax#31662). Here it is one stride-1 correlation per output phase (`_input_gradient`).
+3. A conv with a negative low padding gets the last output column wrong on f32 Eigen convs
+   (openxla/xla#48713, fix proposed in openxla/xla#48748); XLA's own VJP of a conv padded wider
+   than the kernel's reach emits such paddings. Here negative paddings crop by slicing.
+
+Besides, XLA:CPU's fused reverse+transpose of a 3x3x512x512 kernel takes ~6 ms inside every PGD
+iteration, so when the kernel outweighs the activations the input gradient reverses the
+activations instead (`_flips_activations`).
+
+Delete this module (and `model.conv_vjp`) once a jaxlib fixes jax-ml/jax#12868 and
+openxla/xla#48713 and `benchmarks/conv_vjp_ab.py` shows `xla` no slower than `canonical` on
+CPU; `tests/test_cpu_conv.py` holds the NumPy reference both must match.
+"""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src.core import auto_insert_reshard  # what lax's conv calls before binding
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
-# --------------------------------------------------------------------------- conv backward on CPU
-# XLA:CPU canonicalises conv layouts only in the entry computation: the backward convs autodiff
-# emits (transposed kernel, batch-as-feature weight gradient) run on a naive path ~30x slower once
-# they sit inside a `while` body (every PGD loop) or a `lax.switch` branch (HAM's buckets); see
-# jax-ml/jax#12868. `canonical_conv` has the same value and gradients but writes its VJP with
-# plain NHWC/HWIO convs, which stay fast everywhere; a strided conv's input gradient goes by
-# output phases (`_phased_input_grad`) instead of an lhs-dilated conv that multiplies zeros.
-# Used on CPU only; GPU/TPU keep XLA's own VJP.
+from hamjax.errors import ConfigError
+
+# auto: the canonical conv on the CPU backend, XLA's elsewhere; xla: XLA's everywhere;
+# canonical: the canonical conv on every backend.
+CONV_VJP_MODES = ("auto", "xla", "canonical")
+
 _DN = ("NHWC", "HWIO", "NHWC")
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _dilated(size: int, dilation: int) -> int:
-    return 0 if size == 0 else 1 + dilation * (size - 1)
-
-
-def _vjp_paddings(in_hw, k_hw, strides, out_hw, padding):
-    """Paddings of the input- and weight-gradient convs (as in jax's conv transpose rules)."""
-    lhs, rhs = [], []
-    for n, k, s, o, (lo, _) in zip(in_hw, k_hw, strides, out_hw, padding, strict=True):
-        out_dilated = _dilated(o, s)
-        before = k - lo - 1
-        lhs.append((before, n + k - 1 - out_dilated - before))
-        rhs.append((lo, (out_dilated - n) + (k - lo - 1)))
-    return lhs, rhs
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _canonical_conv(x, w, strides, padding):
+def _xla_conv(x: jax.Array, w: jax.Array, *, strides: tuple[int, int], padding: Padding):
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
 
 
-def _canonical_conv_fwd(x, w, strides, padding):
-    return _canonical_conv(x, w, strides, padding), (x, w)
+def _abstract_eval(x, w, *, strides, padding):
+    """Shape, dtype, sharding and varying axes exactly as lax's conv would give them."""
+    return jax.lax.conv_general_dilated_p.abstract_eval(
+        x, w, window_strides=strides, padding=padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+        dimension_numbers=_NHWC_HWIO, feature_group_count=1, batch_group_count=1,
+        precision=None, preferred_element_type=None, out_sharding=None)
 
 
 def _phase_taps(n: int, k: int, s: int, lo: int, out: int, phase: int):
@@ -66,10 +83,9 @@ def _flips_activations(g_shape, w_shape, padding) -> bool:
 
 def _transposed_correlation(g, w, padding):
     """Stride-1 correlation of g (B,H,W,O) with w (kh,kw,I,O) reversed in space and with its
-    channels swapped: a conv's input gradient. XLA:CPU runs the fused reverse+transpose of a
-    3x3x512x512 kernel 5x slower than a plain transpose (6 ms, inside every PGD iteration), so
-    when the kernel outweighs the activations the reversal moves onto them:
-    corr(g, flip(w)) = flip(corr(flip(g), w)) with the padding mirrored."""
+    channels swapped: a conv's input gradient. When the kernel outweighs the activations the
+    reversal moves onto them: corr(g, flip(w)) = flip(corr(flip(g), w)) with the padding
+    mirrored (XLA:CPU's fused reverse+transpose of a big kernel is slow, see the module doc)."""
     w_io = jnp.swapaxes(w, 2, 3)
     if not _flips_activations(g.shape, w.shape, padding):
         return _correlate(g, jnp.flip(w_io, (0, 1)), padding)
@@ -77,21 +93,26 @@ def _transposed_correlation(g, w, padding):
     return jnp.flip(_correlate(jnp.flip(g, (1, 2)), w_io, mirrored), (1, 2))
 
 
+def _crop_negative(x, padding, axes=(1, 2)):
+    """x with the rows a negative padding removes sliced off, and the padding left >= 0."""
+    index = [slice(None)] * x.ndim
+    for axis, (lo, hi) in zip(axes, padding, strict=True):
+        index[axis] = slice(max(-lo, 0), x.shape[axis] - max(-hi, 0))
+    return x[tuple(index)], tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
+
+
 def _correlate(g, w, padding):
-    """Stride-1 NHWC/HWIO correlation where a negative padding crops g by slicing: XLA:CPU's
-    conv with a negative low padding gets the last output column wrong (jaxlib 0.10.2; its own
-    VJP of a conv padded wider than the kernel's reach inherits the error)."""
-    (lo_h, hi_h), (lo_w, hi_w) = padding
-    crop = g[:, max(-lo_h, 0):g.shape[1] - max(-hi_h, 0), max(-lo_w, 0):g.shape[2] - max(-hi_w, 0)]
-    pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
+    """Stride-1 NHWC/HWIO correlation where a negative padding crops g by slicing (never a
+    negative padding in the conv: openxla/xla#48713)."""
+    crop, pads = _crop_negative(g, padding)
     return jax.lax.conv_general_dilated(crop, w, (1, 1), pads, dimension_numbers=_DN)
 
 
 def _phased_input_grad(g, w, x_shape, strides, padding):
     """dx of a conv as s_h * s_w stride-1 correlations of g, one per output phase, interleaved
     (stride 1: one phase): the same sums as the lhs-dilated conv without the
-    (s_h s_w - 1)/(s_h s_w) of its multiplies that fall on inserted zeros (XLA:CPU runs that
-    conv 2-3x slower than the forward). Needs each input size divisible by its stride."""
+    (s_h s_w - 1)/(s_h s_w) of its multiplies that fall on inserted zeros. Needs each input
+    size divisible by its stride."""
     (n_h, n_w), (s_h, s_w) = x_shape[1:3], strides
     rows = []
     for p_h in range(s_h):
@@ -110,44 +131,94 @@ def _phased_input_grad(g, w, x_shape, strides, padding):
     return phased.reshape(x_shape[0], n_h, n_w, x_shape[3])
 
 
-def _canonical_conv_bwd(strides, padding, res, g):
-    x, w = res
-    lhs_pad, rhs_pad = _vjp_paddings(x.shape[1:3], w.shape[:2], strides, g.shape[1:3], padding)
-    if all(n % s == 0 for n, s in zip(x.shape[1:3], strides, strict=True)):
-        dx = _phased_input_grad(g, w, x.shape, strides, padding)
-    else:
-        w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
-        dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), lhs_pad, lhs_dilation=strides,
-                                          dimension_numbers=_DN)
+def _input_gradient(g, w, x_shape, strides, padding):
+    """dx of the conv. An input size not divisible by its stride is extended with zero rows at
+    the end (and its high padding shortened to match: the same conv), so every case goes by
+    phases; the extra rows' gradient is sliced off."""
+    ext = [-(-n // s) * s for n, s in zip(x_shape[1:3], strides, strict=True)]
+    dx = _phased_input_grad(g, w, (x_shape[0], *ext, x_shape[3]), strides, padding)
+    return dx[:, :x_shape[1], :x_shape[2]]
+
+
+def _dilated(size: int, dilation: int) -> int:
+    return 0 if size == 0 else 1 + dilation * (size - 1)
+
+
+def _weight_gradient(g, x, w_shape, strides, padding):
+    """dw of the conv as one NHWC/HWIO conv of x with the batch as its feature axis and g as
+    the kernel (rhs-dilated by the stride); input rows no output reads are cropped away."""
+    pads = []
+    for n, k, s, o, (lo, _) in zip(x.shape[1:3], w_shape[:2], strides, g.shape[1:3], padding,
+                                   strict=True):
+        pads.append((lo, (_dilated(o, s) - n) + (k - lo - 1)))
+    x, pads = _crop_negative(x, pads)
     dw = jax.lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)),
-                                      jnp.transpose(g, (1, 2, 0, 3)), (1, 1), rhs_pad,
+                                      jnp.transpose(g, (1, 2, 0, 3)), (1, 1), pads,
                                       rhs_dilation=strides, dimension_numbers=_DN)
-    return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
+    return jnp.transpose(dw, (1, 2, 0, 3))
 
 
-_canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+def _input_transpose(g, x, w, *, strides, padding):
+    return _input_gradient(g, w, x.aval.shape, strides, padding).astype(x.aval.dtype)
+
+
+def _weight_transpose(g, x, w, *, strides, padding):
+    return _weight_gradient(g, x, w.aval.shape, strides, padding).astype(w.aval.dtype)
+
+
+def _batch(args, dims, *, strides, padding):
+    """vmap: a batch axis on x alone folds into the conv's batch; otherwise lax's own rule."""
+    (x, w), (bx, bw) = args, dims
+    if bw is None:  # not mapped
+        x = jnp.moveaxis(x, bx, 0)
+        y = canonical_conv_p.bind(x.reshape(-1, *x.shape[2:]), w, strides=strides,
+                                  padding=padding)
+        return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+    conv = jax.vmap(lambda a, b: _xla_conv(a, b, strides=strides, padding=padding), (bx, bw))
+    return conv(x, w), 0
+
+
+canonical_conv_p = Primitive("hamjax_canonical_conv")
+canonical_conv_p.def_impl(_xla_conv)
+canonical_conv_p.def_effectful_abstract_eval(_abstract_eval)
+mlir.register_lowering(canonical_conv_p, mlir.lower_fun(_xla_conv, multiple_results=False))
+ad.defbilinear(canonical_conv_p, _input_transpose, _weight_transpose)
+batching.primitive_batchers[canonical_conv_p] = _batch
+
+
+def _is_plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+              feature_group_count, batch_group_count) -> bool:
+    """A 2-D NHWC/HWIO conv with explicit padding and no dilation or grouping."""
+    return (
+        lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
+        and not isinstance(padding, str)
+        and set(lhs_dilation or (1,)) == {1} and set(rhs_dilation or (1,)) == {1}
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+    )
 
 
 def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, **kwargs):
-    """`lax.conv_general_dilated` for flax's nn.Conv with a layout-canonical VJP (plain 2-D
-    NHWC/HWIO convs with explicit padding; anything else falls through unchanged)."""
-    plain = (
-        lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
-        and set(lhs_dilation or (1,)) == {1} and set(rhs_dilation or (1,)) == {1}
-        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
-        and not kwargs.get("batch_group_count", 1) != 1
-    )
-    if plain:
+    """`lax.conv_general_dilated` for flax's nn.Conv with XLA:CPU-friendly derivatives (plain
+    2-D NHWC/HWIO convs with explicit padding; anything else falls through to lax unchanged)."""
+    if _is_plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count, kwargs.get("batch_group_count", 1)):
         strides = tuple(int(s) for s in window_strides)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return _canonical_conv(lhs, rhs, strides, pads)
+        # inside shard_map, replicated weights become varying like the rows, as in lax's conv
+        lhs, rhs = auto_insert_reshard(lhs, rhs)
+        return canonical_conv_p.bind(lhs, rhs, strides=strides, padding=pads)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
 
 
-def conv_impl() -> Any:
-    """The conv primitive models use: the canonical-VJP conv on CPU, XLA's own elsewhere."""
-    return canonical_conv if jax.default_backend() == "cpu" else jax.lax.conv_general_dilated
+def conv_impl(mode: str = "auto") -> Any:
+    """The conv primitive a model's nn.Conv uses for `model.conv_vjp` = mode (CONV_VJP_MODES)."""
+    if mode not in CONV_VJP_MODES:
+        raise ConfigError(f"model.conv_vjp={mode!r}: choose one of {CONV_VJP_MODES} (auto: the "
+                          "canonical conv on CPU, XLA's elsewhere)")
+    if mode == "canonical" or (mode == "auto" and jax.default_backend() == "cpu"):
+        return canonical_conv
+    return jax.lax.conv_general_dilated
