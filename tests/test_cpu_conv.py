@@ -1,6 +1,6 @@
 """hamjax.backends.cpu.conv against references independent of XLA's conv gradients: a float64
 NumPy convolution with its input and kernel gradients written as the adjoint scatter (hypothesis
-over sizes, kernels, strides, paddings and both reversal branches), a brute-force adjoint check
+over sizes, kernels, strides and paddings), a brute-force adjoint check
 (the matrix of the conv built column by column from its forward), the XLA:CPU negative-padding
 bug class (openxla/xla#48713), forward-mode differentiation through a model, and
 `model.conv_vjp`."""
@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hamjax.backends.cpu import conv
 from hamjax.backends.cpu.conv import CONV_VJP_MODES, canonical_conv, conv_impl
 from hamjax.config import base_config, validate_config
 from hamjax.errors import ConfigError
@@ -73,22 +72,20 @@ def _ours(strides, padding):
     return lambda x, w: canonical_conv(x, w, strides, padding, dimension_numbers=DN)
 
 
-def _vjp(strides, padding, flip_activations: bool):
-    """(value, dx, dw) of canonical_conv at cotangent g, with the input gradient's reversal
-    forced onto the activations or the kernel."""
+def _vjp(strides, padding):
+    """(value, dx, dw) of canonical_conv at cotangent g, jitted."""
     def vjp(x, w, g):
         y, pullback = jax.vjp(_ours(strides, padding), x, w)
         return (y, *pullback(g))
 
-    with mock.patch.object(conv, "_flips_activations", lambda *_: flip_activations):
-        return jax.jit(vjp)
+    return jax.jit(vjp)
 
 
-def _check_against_numpy(x, w, strides, padding, flip_activations, seed=0):
+def _check_against_numpy(x, w, strides, padding, seed=0):
     out_hw = _out_hw(x.shape, w.shape, strides, padding)
     g = np.random.default_rng(seed).standard_normal((x.shape[0], *out_hw, w.shape[3]))
     g = g.astype(np.float32)
-    y, dx, dw = _vjp(strides, padding, flip_activations)(x, w, g)
+    y, dx, dw = _vjp(strides, padding)(x, w, g)
     np.testing.assert_allclose(y, numpy_conv(x, w, strides, padding), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dx, numpy_input_grad(g, w, x.shape, strides, padding),
                                rtol=1e-4, atol=1e-4)
@@ -113,17 +110,16 @@ def conv_cases(draw):
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(case=conv_cases(), flip_activations=st.booleans())
-def test_value_and_gradients_match_the_numpy_reference(case, flip_activations):
+@given(case=conv_cases())
+def test_value_and_gradients_match_the_numpy_reference(case):
     x, w, strides, padding = case
-    _check_against_numpy(x, w, strides, padding, flip_activations)
+    _check_against_numpy(x, w, strides, padding)
 
 
-@pytest.mark.parametrize("flip_activations", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(
     "padding", [((0, 0), (4, 0)), ((0, 0), (0, 4)), ((1, 1), (5, 1)), ((5, 0), (1, 5))])
-def test_wide_padding_is_cropped_not_passed_to_xla(padding, stride, flip_activations):
+def test_wide_padding_is_cropped_not_passed_to_xla(padding, stride):
     """Paddings wider than the kernel's reach make the input gradient's correlation pad
     negatively on one side; XLA:CPU's f32 conv with a negative low padding and a small positive
     high one reads the wrong columns (openxla/xla#48713). 8 channels keep XLA on that (Eigen)
@@ -131,15 +127,7 @@ def test_wide_padding_is_cropped_not_passed_to_xla(padding, stride, flip_activat
     rng = np.random.default_rng(stride)
     x = rng.standard_normal((2, 6, 8, 8)).astype(np.float32)
     w = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
-    _check_against_numpy(x, w, (stride, stride), padding, flip_activations)
-
-
-def test_input_gradient_reverses_the_smaller_side():
-    """Deep layers at small spatial size reverse the activations, early layers the kernel."""
-    same = ((1, 1), (1, 1))
-    assert conv._flips_activations((32, 4, 4, 512), (3, 3, 512, 512), same)
-    assert not conv._flips_activations((32, 32, 32, 64), (3, 3, 64, 64), same)
-    assert not conv._flips_activations((32, 8, 8, 256), (3, 3, 256, 256), same)
+    _check_against_numpy(x, w, (stride, stride), padding)
 
 
 def _conv_matrix(fn, shape) -> np.ndarray:

@@ -17,10 +17,6 @@ XLA:CPU problems (seen on jaxlib 0.10.2, 2-core AVX2 EPYC):
    (openxla/xla#48713, fix proposed in openxla/xla#48748); XLA's own VJP of a conv padded wider
    than the kernel's reach emits such paddings. Here negative paddings crop by slicing.
 
-Besides, XLA:CPU's fused reverse+transpose of a 3x3x512x512 kernel takes ~6 ms inside every PGD
-iteration, so when the kernel outweighs the activations the input gradient reverses the
-activations instead (`_flips_activations`).
-
 Delete this module (and `model.conv_vjp`) once a jaxlib fixes jax-ml/jax#12868 and
 openxla/xla#48713 and `benchmarks/conv_vjp_ab.py` shows `xla` no slower than `canonical` on
 CPU; `tests/test_cpu_conv.py` holds the NumPy reference both must match.
@@ -70,27 +66,11 @@ def _phase_taps(n: int, k: int, s: int, lo: int, out: int, phase: int):
     return c, m, (low, n // s - out - low + m - 1)
 
 
-def _flips_activations(g_shape, w_shape, padding) -> bool:
-    """Whether `_transposed_correlation` reverses g and its result instead of the kernel: when
-    the kernel holds more elements than g and the result together (deep layers at small spatial
-    size)."""
-    out_hw = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(g_shape[1:3], padding, w_shape[:2],
-                                                            strict=True)]
-    activations = g_shape[0] * g_shape[1] * g_shape[2] * w_shape[3]
-    activations += g_shape[0] * out_hw[0] * out_hw[1] * w_shape[2]
-    return w_shape[0] * w_shape[1] * w_shape[2] * w_shape[3] > activations
-
-
 def _transposed_correlation(g, w, padding):
     """Stride-1 correlation of g (B,H,W,O) with w (kh,kw,I,O) reversed in space and with its
-    channels swapped: a conv's input gradient. When the kernel outweighs the activations the
-    reversal moves onto them: corr(g, flip(w)) = flip(corr(flip(g), w)) with the padding
-    mirrored (XLA:CPU's fused reverse+transpose of a big kernel is slow, see the module doc)."""
-    w_io = jnp.swapaxes(w, 2, 3)
-    if not _flips_activations(g.shape, w.shape, padding):
-        return _correlate(g, jnp.flip(w_io, (0, 1)), padding)
-    mirrored = tuple((hi, lo) for lo, hi in padding)
-    return jnp.flip(_correlate(jnp.flip(g, (1, 2)), w_io, mirrored), (1, 2))
+    channels swapped: a conv's input gradient. (Reversing the activations instead where the
+    kernel outweighs them did not pay in an interleaved A/B: benchmarks/conv_vjp_ab.py.)"""
+    return _correlate(g, jnp.flip(jnp.swapaxes(w, 2, 3), (0, 1)), padding)
 
 
 def _crop_negative(x, padding, axes=(1, 2)):
