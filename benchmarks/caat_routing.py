@@ -31,8 +31,8 @@ from hamjax.analysis.caat_routing import (
     routing_report,
     untrained_meta_params,
 )
+from hamjax.backends.cpu.compile_options import jit
 from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.compile_options import jit
 from hamjax.errors import ConfigError
 from hamjax.run import restore_run
 

@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.attacks import pgd
-from hamjax.compile_options import compiler_options, jit
+from hamjax.backends.cpu.compile_options import compiler_options, jit
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import parse_attacks
 from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops

@@ -21,8 +21,8 @@ hard rows into a local bucket; the forced hard rows are spread evenly over the d
 so the wall-time ratio is the per-device ratio (on fake CPU devices the N devices share the cores).
 
 XLA:CPU note: backward convs inside `lax.switch` / `while` bodies are slow on XLA:CPU
-(jax-ml/jax#12868); the models therefore use `hamjax.models.layers.canonical_conv` on CPU, whose
-VJP is written with canonical NHWC/HWIO convs. These timings include that conv.
+(jax-ml/jax#12868); the models therefore use `hamjax.backends.cpu.conv.canonical_conv` on CPU,
+whose VJP is written with canonical NHWC/HWIO convs. These timings include that conv.
 """
 
 from __future__ import annotations

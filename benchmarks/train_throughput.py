@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hamjax.compile_options import compiler_options, jit
+from hamjax.backends.cpu.compile_options import compiler_options, jit
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import available_methods, get_method

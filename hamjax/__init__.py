@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from hamjax.compile_options import compiler_options  # noqa: E402
+from hamjax.backends.cpu.compile_options import compiler_options, jit  # noqa: E402
 
-__all__ = ["compiler_options"]
+__all__ = ["compiler_options", "jit"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from hamjax.backends.cpu.conv import CONV_VJP_MODES
 from hamjax.data import default_data_config, validate_data_config
 from hamjax.data.scenarios import apply_scenario
 from hamjax.errors import ConfigError
@@ -250,6 +251,7 @@ def _validate_model(model) -> None:
     require(model.name in model_names(), "model.name", model.name,
              f"choose one of {sorted(model_names())}")
     compute_dtype(model.dtype, field="config.model.dtype")  # float16 refused with the fix
+    _choice(model, "model", "conv_vjp", CONV_VJP_MODES)
     check_wrn_shape(model.depth, model.width)
     for name in ("mean", "std"):
         value = model[name]
@@ -363,6 +365,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "eval.batch_size": "evaluation chunking; each result depends on its example alone",
     "eval.final_splits": "which splits the final report lists",
     "data.data_dir": "where the dataset's files are looked for (e.g. a copy on another machine)",
+    "model.conv_vjp": "how conv gradients are computed; the same values up to float rounding",
 }
 ABSENT = "(absent)"
 

@@ -8,8 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from hamjax import compile_options
-from hamjax.compile_options import CPU_OPTIONS, YNN_FUSION_OPTION, compiler_options, jit
+from hamjax.backends.cpu import compile_options
+from hamjax.backends.cpu.compile_options import (
+    CPU_OPTIONS,
+    YNN_FUSION_OPTION,
+    compiler_options,
+    jit,
+)
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ INVALID: dict[str, list] = {
     "model.width": [0, 2.5],
     "model.mean": ["abc", (), (0.5, "x"), (NAN,)],
     "model.std": [(0.0,), (-1.0, 1.0, 1.0), "x"],
+    "model.conv_vjp": ["fast", "XLA", None],
     "method.name": ["pdg_at"],
     "attack.eps": [8.0, -0.1, NAN, "x"],
     "attack.step_size": [0, -1.0, INF, "x"],

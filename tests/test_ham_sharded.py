@@ -4,9 +4,9 @@ and check that one step on 8 devices equals the one-device step (same hard set, 
 ledger).
 
 JAX fixes its device count at start-up, so the check runs in a child process started with
-XLA_FLAGS=--xla_force_host_platform_device_count=8. The models use XLA's own conv there, as on
-GPU/TPU (on CPU they default to a canonical-layout VJP whose weight-gradient conv puts channels
-where the batch would be, which would muddle the shape check).
+XLA_FLAGS=--xla_force_host_platform_device_count=8. The models use XLA's own conv there
+(`model.conv_vjp='xla'`), as on GPU/TPU (on CPU they default to a canonical-layout VJP whose
+weight-gradient conv puts channels where the batch would be, which would muddle the shape check).
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ CHILD = textwrap.dedent(
     import re
     import jax
     import numpy as np
-
-    import hamjax.models.small_cnn as small_cnn
-    small_cnn.conv_impl = lambda: jax.lax.conv_general_dilated  # XLA's conv, as on GPU/TPU
 
     from hamjax.config import base_config, method_config, validate_config
     from hamjax.data import iterate_batches, load_splits
@@ -57,6 +54,7 @@ CHILD = textwrap.dedent(
 
     c = base_config()
     c.data.name = "digits"
+    c.model.conv_vjp = "xla"  # XLA's conv, as on GPU/TPU
     c.data.val_size = 40
     c.model.name = "small_cnn"
     c.method = method_config("ham")

@@ -345,52 +345,6 @@ def test_invalid_config_raises_config_error(cfg):
 
 def test_default_model_config_fields():
     cfg = default_model_config()
-    for field in ("name", "dtype", "depth", "width", "mean", "std"):
+    for field in ("name", "dtype", "depth", "width", "mean", "std", "conv_vjp"):
         assert field in cfg
     assert cfg.name in model_names()
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize(
-    "padding", [((1, 1), (1, 1)), ((0, 0), (0, 0)), ((0, 1), (2, 0)), ((2, 2), (3, 1))])
-@pytest.mark.parametrize("size", [7, 8])  # 8: stride 2's input gradient goes by phases
-@pytest.mark.parametrize("kernel", [1, 3])  # 1 at stride 2: phases no tap reaches
-@pytest.mark.parametrize("flip_activations", [False, True])
-def test_canonical_conv_matches_xla_value_and_gradients(stride, padding, size, kernel,
-                                                        flip_activations, monkeypatch):
-    """The CPU conv with a hand-written layout-canonical VJP is the same function as XLA's,
-    with the input gradient's reversal on the kernel or on the activations."""
-    from hamjax.models import layers
-    from hamjax.models.layers import canonical_conv
-
-    monkeypatch.setattr(layers, "_flips_activations", lambda *_: flip_activations)
-
-    kx, kw, kg = jax.random.split(jax.random.PRNGKey(stride + size), 3)
-    x = jax.random.normal(kx, (3, size, size, 4))
-    w = jax.random.normal(kw, (kernel, kernel, 4, 5))
-    dn = ("NHWC", "HWIO", "NHWC")
-
-    def ref(x, w):  # padded apart, so that the reference VJP has no negative padding
-        return jax.lax.conv_general_dilated(jnp.pad(x, ((0, 0), *padding, (0, 0))), w,
-                                            (stride, stride), "VALID", dimension_numbers=dn)
-
-    def ours(x, w):
-        return canonical_conv(x, w, (stride, stride), padding, dimension_numbers=dn)
-
-    out = ref(x, w)
-    g = jax.random.normal(kg, out.shape)
-    np.testing.assert_allclose(ours(x, w), out, rtol=1e-5, atol=1e-5)
-    ref_grads = jax.vjp(ref, x, w)[1](g)
-    our_grads = jax.jit(lambda x, w, g: jax.vjp(ours, x, w)[1](g))(x, w, g)
-    for a, b in zip(our_grads, ref_grads, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_input_gradient_reverses_the_smaller_side():
-    """Deep layers at small spatial size reverse the activations, early layers the kernel."""
-    from hamjax.models.layers import _flips_activations
-
-    same = ((1, 1), (1, 1))
-    assert _flips_activations((32, 4, 4, 512), (3, 3, 512, 512), same)
-    assert not _flips_activations((32, 32, 32, 64), (3, 3, 64, 64), same)
-    assert not _flips_activations((32, 8, 8, 256), (3, 3, 256, 256), same)

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from hamjax.compile_options import jit
+from hamjax.backends.cpu.compile_options import jit
 from hamjax.errors import ConfigError
 from hamjax.metrics import PerClassCounts
 from hamjax.sharding import process_rows, put_replicated, replicated, shard_batch

@@ -13,7 +13,7 @@ import ml_collections
 
 from hamjax.errors import ConfigError
 from hamjax.models.fmnist_cnn import FashionMNISTCNN
-from hamjax.models.layers import compute_dtype
+from hamjax.models.layers import compute_dtype, conv_impl
 from hamjax.models.preact_resnet import PreActResNet18
 from hamjax.models.small_cnn import SmallCNN
 from hamjax.models.wide_resnet import WideResNet, check_wrn_shape
@@ -52,14 +52,23 @@ def _wrn_factory(default_depth: int | None, default_width: int | None) -> ModelF
         depth = default_depth if default_depth is not None else _cfg_get(cfg, "depth", 34)
         width = default_width if default_width is not None else _cfg_get(cfg, "width", 10)
         check_wrn_shape(depth, width)
-        return WideResNet(num_classes, depth, width, mean, std, dtype)
+        return WideResNet(num_classes, depth, width, mean, std, dtype, _conv_vjp(cfg))
 
     return factory
 
 
-register_model("small_cnn", lambda cfg, c, m, s, d: SmallCNN(c, m, s, d))
-register_model("fmnist_cnn", lambda cfg, c, m, s, d: FashionMNISTCNN(c, m, s, d))
-register_model("preact_resnet18", lambda cfg, c, m, s, d: PreActResNet18(c, m, s, d))
+def _conv_vjp(cfg: Any) -> str:
+    """model.conv_vjp, checked (a ConfigError names the field and its choices)."""
+    mode = _cfg_get(cfg, "conv_vjp", "auto")
+    conv_impl(mode)
+    return mode
+
+
+register_model("small_cnn", lambda cfg, c, m, s, d: SmallCNN(c, m, s, d, conv_vjp=_conv_vjp(cfg)))
+register_model("fmnist_cnn",
+               lambda cfg, c, m, s, d: FashionMNISTCNN(c, m, s, d, conv_vjp=_conv_vjp(cfg)))
+register_model("preact_resnet18",
+               lambda cfg, c, m, s, d: PreActResNet18(c, m, s, d, conv_vjp=_conv_vjp(cfg)))
 register_model("wrn34_10", _wrn_factory(34, 10))
 register_model("wideresnet", _wrn_factory(None, None))
 register_model("wrn", _wrn_factory(None, None))
@@ -90,6 +99,9 @@ def default_model_config() -> ml_collections.ConfigDict:
             "width": 10,
             "mean": None,
             "std": None,
+            # whose conv derivatives: auto (hamjax's XLA:CPU workaround on CPU, XLA's elsewhere),
+            # xla, canonical (the workaround everywhere); see hamjax.backends.cpu.conv
+            "conv_vjp": "auto",
         }
     )
 

@@ -49,6 +49,7 @@ class FashionMNISTCNN(nn.Module):
     dtype: Any = jnp.float32
     widths: Sequence[int] = (32, 64)
     hidden: int = 256
+    conv_vjp: str = "auto"  # model.conv_vjp: whose conv derivatives (hamjax.backends.cpu.conv)
 
     @nn.compact
     def __call__(
@@ -57,7 +58,8 @@ class FashionMNISTCNN(nn.Module):
         dtype = compute_dtype(self.dtype)
         x = normalize(x, self.mean, self.std).astype(dtype)
         for i, width in enumerate(self.widths):
-            x = torch_padded_conv(width, 3, 1, dtype, f"conv{i + 1}", torch_default_kernel_init)(x)
+            x = torch_padded_conv(width, 3, 1, dtype, f"conv{i + 1}", torch_default_kernel_init,
+                                  self.conv_vjp)(x)
             x = nn.relu(batch_norm(x, train, mask, dtype=dtype, name=f"bn{i + 1}"))
             x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)

@@ -19,10 +19,12 @@ from hamjax.models.layers import (
 )
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(
+    features: int, kernel: int, stride: int, dtype: Any, name: str, conv_vjp: str
+) -> nn.Conv:
     """Bias-free conv with PyTorch padding and PyTorch's default init."""
     return torch_padded_conv(
-        features, kernel, stride, dtype, name, kernel_init=torch_default_kernel_init
+        features, kernel, stride, dtype, name, torch_default_kernel_init, conv_vjp
     )
 
 
@@ -32,17 +34,19 @@ class PreActBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv_vjp: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         out = nn.relu(batch_norm(x, train, mask, dtype=self.dtype, name="bn1"))
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = _conv(self.features, 1, self.stride, self.dtype, "shortcut")(out)
+            shortcut = _conv(self.features, 1, self.stride, self.dtype, "shortcut",
+                             self.conv_vjp)(out)
         else:
             shortcut = x
-        out = _conv(self.features, 3, self.stride, self.dtype, "conv1")(out)
+        out = _conv(self.features, 3, self.stride, self.dtype, "conv1", self.conv_vjp)(out)
         out = nn.relu(batch_norm(out, train, mask, dtype=self.dtype, name="bn2"))
-        out = _conv(self.features, 3, 1, self.dtype, "conv2")(out)
+        out = _conv(self.features, 3, 1, self.dtype, "conv2", self.conv_vjp)(out)
         return out + shortcut
 
 
@@ -55,6 +59,7 @@ class PreActResNet18(nn.Module):
     std: tuple[float, ...] | None = None
     dtype: Any = jnp.float32
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    conv_vjp: str = "auto"  # model.conv_vjp: whose conv derivatives (hamjax.backends.cpu.conv)
 
     @nn.compact
     def __call__(
@@ -62,12 +67,13 @@ class PreActResNet18(nn.Module):
     ) -> jax.Array:
         dtype = compute_dtype(self.dtype)
         x = normalize(x, self.mean, self.std).astype(dtype)
-        x = _conv(64, 3, 1, dtype, "conv1")(x)
+        x = _conv(64, 3, 1, dtype, "conv1", self.conv_vjp)(x)
         stages = zip((64, 128, 256, 512), self.stage_sizes, strict=True)
         for i, (width, blocks) in enumerate(stages):
             for j in range(blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x = PreActBlock(width, stride, dtype, name=f"layer{i + 1}_{j}")(x, train, mask)
+                block = PreActBlock(width, stride, dtype, self.conv_vjp, name=f"layer{i + 1}_{j}")
+                x = block(x, train, mask)
         x = nn.relu(batch_norm(x, train, mask, dtype=dtype, name="bn"))
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # == avg_pool(4) at 32x32, any size
         return classifier_head(x, self.num_classes)

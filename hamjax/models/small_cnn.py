@@ -33,6 +33,7 @@ class SmallCNN(nn.Module):
     dtype: Any = jnp.float32
     widths: Sequence[int] = (32, 64, 128)
     hidden: int = 128
+    conv_vjp: str = "auto"  # model.conv_vjp: whose conv derivatives (hamjax.backends.cpu.conv)
 
     @nn.compact
     def __call__(
@@ -50,7 +51,7 @@ class SmallCNN(nn.Module):
                 use_bias=False,  # followed by BN
                 dtype=dtype,
                 param_dtype=jnp.float32,
-                conv_general_dilated=conv_impl(),
+                conv_general_dilated=conv_impl(self.conv_vjp),
                 kernel_init=torch_default_kernel_init,
                 name=f"conv{i + 1}",
             )(x)

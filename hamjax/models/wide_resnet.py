@@ -19,9 +19,12 @@ from hamjax.models.layers import (
 from hamjax.validation import is_int, require
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(
+    features: int, kernel: int, stride: int, dtype: Any, name: str, conv_vjp: str
+) -> nn.Conv:
     """Bias-free conv, PyTorch padding, TRADES init N(0, sqrt(2 / (k*k*out)))."""
-    return torch_padded_conv(features, kernel, stride, dtype, name, kernel_init=wrn_conv_init)
+    return torch_padded_conv(features, kernel, stride, dtype, name, kernel_init=wrn_conv_init,
+                             conv_vjp=conv_vjp)
 
 
 class WideBasicBlock(nn.Module):
@@ -31,6 +34,7 @@ class WideBasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv_vjp: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -39,10 +43,11 @@ class WideBasicBlock(nn.Module):
         if equal_in_out:
             shortcut = x
         else:
-            shortcut = _conv(self.features, 1, self.stride, self.dtype, "shortcut")(out)
-        out = _conv(self.features, 3, self.stride, self.dtype, "conv1")(out)
+            shortcut = _conv(self.features, 1, self.stride, self.dtype, "shortcut",
+                             self.conv_vjp)(out)
+        out = _conv(self.features, 3, self.stride, self.dtype, "conv1", self.conv_vjp)(out)
         out = nn.relu(batch_norm(out, train, mask, dtype=self.dtype, name="bn2"))
-        out = _conv(self.features, 3, 1, self.dtype, "conv2")(out)
+        out = _conv(self.features, 3, 1, self.dtype, "conv2", self.conv_vjp)(out)
         return out + shortcut
 
 
@@ -68,6 +73,7 @@ class WideResNet(nn.Module):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     dtype: Any = jnp.float32
+    conv_vjp: str = "auto"  # model.conv_vjp: whose conv derivatives (hamjax.backends.cpu.conv)
 
     @nn.compact
     def __call__(
@@ -77,11 +83,12 @@ class WideResNet(nn.Module):
         n = (self.depth - 4) // 6
         dtype = compute_dtype(self.dtype)
         x = normalize(x, self.mean, self.std).astype(dtype)
-        x = _conv(16, 3, 1, dtype, "conv1")(x)
+        x = _conv(16, 3, 1, dtype, "conv1", self.conv_vjp)(x)
         for i, (channels, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
             for j in range(n):
                 x = WideBasicBlock(
-                    channels * self.width, stride if j == 0 else 1, dtype, name=f"block{i + 1}_{j}"
+                    channels * self.width, stride if j == 0 else 1, dtype, self.conv_vjp,
+                    name=f"block{i + 1}_{j}",
                 )(x, train, mask)
         x = nn.relu(batch_norm(x, train, mask, dtype=dtype, name="bn"))
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # == avg_pool(8) at 32x32, any size

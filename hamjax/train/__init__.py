@@ -1,8 +1,8 @@
 """The generic trainer: one loop, methods plugged in by name.
 
 Notebook use: build a `StepContext` with `build_context` (`hamjax.run`), a state with
-`create_train_state` (`hamjax.state`), and
-call `hamjax.compile_options.jit(make_train_step(ctx, get_method(name)))` on your own batches
+`create_train_state` (`hamjax.state`), and call `hamjax.jit(make_train_step(ctx,
+get_method(name)))` on your own batches
 (`jax.jit` with `hamjax.compiler_options()`: the CPU settings hamjax measured fastest).
 """
 

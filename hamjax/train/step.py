@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from hamjax.compile_options import jit
+from hamjax.backends.cpu.compile_options import jit
 from hamjax.data import augment, images_to_float
 from hamjax.optim import set_learning_rate
 from hamjax.sharding import batch_sharding, replicated

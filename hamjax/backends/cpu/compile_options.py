@@ -37,7 +37,7 @@ def compiler_options() -> dict[str, str] | None:
     """The options hamjax compiles with on this backend; None where XLA's defaults stand.
 
     Pass them to your own jits of hamjax steps: `jax.jit(step, compiler_options=
-    hamjax.compiler_options())`, or use `hamjax.compile_options.jit`.
+    hamjax.compiler_options())`, or use `hamjax.jit`.
     """
     if jax.default_backend() != "cpu":
         return None

@@ -1,0 +1,185 @@
+"""Interleaved A/B of the CPU conv VJP's variants in the jitted PGD-AT train step (JSON out).
+
+    python benchmarks/conv_vjp_ab.py --out benchmarks/results/conv_vjp_ab.json
+
+Variants (`hamjax.backends.cpu.conv`):
+  canonical                  the shipped conv: custom transposes, the input gradient's spatial
+                             reversal on the kernel
+  canonical_activation_flip  the same, except that where the kernel outweighs the activations
+                             (deep layers at small spatial size) the input gradient reverses the
+                             activations and its result instead (patched in from here)
+  xla                        `model.conv_vjp='xla'`: XLA's own conv VJP (small CNN only by
+                             default: on PreAct-ResNet-18 its backward convs inside the PGD loop
+                             are the jax-ml/jax#12868 slow path)
+
+benchmarks/results/conv_vjp_ab.json and conv_vjp_ab_resnet_8_repeats.json were taken while the
+activation flip was still shipped: their `canonical` is today's canonical_activation_flip and
+their `canonical_kernel_flip` today's canonical. Their per-repeat ratios (13 repeats, 0.85-1.36,
+median ~0.98) showed no gain from the activation flip, so it was removed.
+
+Each variant's step is compiled first (the reversal is chosen while tracing); then every repeat
+times one step of each variant in turn, the order rotating per repeat, so that load on shared
+cores hits all variants alike. Reported: per-variant median and all times, and the per-repeat
+ratio of each variant to `canonical` (median; > 1: slower than canonical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from hamjax.train.optim import make_lr_fn, make_optimizer
+from hamjax.train.state import StepContext, create_train_state
+
+from hamjax.backends.cpu import conv
+from hamjax.backends.cpu.compile_options import compiler_options, jit
+from hamjax.config import base_config, method_config, validate_config
+from hamjax.methods import get_method
+from hamjax.models import build_model
+from hamjax.train.step import make_train_step
+
+NUM_CLASSES = 10
+SHAPES = {"small_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3)}
+VARIANTS = {  # name -> (model.conv_vjp, whether the input gradient may reverse the activations)
+    "canonical": ("canonical", False),
+    "canonical_activation_flip": ("canonical", True),
+    "xla": ("xla", False),
+}
+
+
+def _kernel_outweighs(g_shape, w_shape, padding) -> bool:
+    """Whether the kernel holds more elements than g and the correlation's result together."""
+    out_hw = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(g_shape[1:3], padding, w_shape[:2],
+                                                            strict=True)]
+    activations = g_shape[0] * g_shape[1] * g_shape[2] * w_shape[3]
+    activations += g_shape[0] * out_hw[0] * out_hw[1] * w_shape[2]
+    return w_shape[0] * w_shape[1] * w_shape[2] * w_shape[3] > activations
+
+
+def activation_flip_correlation(g, w, padding):
+    """conv._transposed_correlation with corr(g, flip(w)) = flip(corr(flip(g), w)) (padding
+    mirrored) where the kernel outweighs the activations."""
+    w_io = jnp.swapaxes(w, 2, 3)
+    if not _kernel_outweighs(g.shape, w.shape, padding):
+        return conv._correlate(g, jnp.flip(w_io, (0, 1)), padding)
+    mirrored = tuple((hi, lo) for lo, hi in padding)
+    return jnp.flip(conv._correlate(jnp.flip(g, (1, 2)), w_io, mirrored), (1, 2))
+
+
+def cpu_description() -> dict[str, Any]:
+    """Model name and the vector ISA flags that matter for conv kernels (Linux /proc/cpuinfo)."""
+    info: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["model_name"] = fields.get("model name")
+    flags = set(fields.get("flags", "").split())
+    info["isa"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "sse4")))
+    return info
+
+
+def make_step(model: str, conv_vjp: str, batch: int):
+    """(jitted PGD-AT train step, state) for `model` with `model.conv_vjp` = conv_vjp."""
+    config = base_config()
+    config.model.name, config.model.conv_vjp = model, conv_vjp
+    config.method = method_config("pgd_at")
+    config.train.batch_size = batch
+    config.train.lr_schedule = "constant"
+    validate_config(config)
+    config = ml_collections.FrozenConfigDict(config)
+    shape = SHAPES[model]
+    ctx = StepContext(
+        model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
+        lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
+        class_counts=np.ones(NUM_CLASSES, np.int64), steps_per_epoch=1000, image_shape=shape)
+    method = get_method("pgd_at")
+    return jit(make_train_step(ctx, method)), create_train_state(ctx, method, seed=0)
+
+
+def ab(model: str, variants: list[str], batch: int, repeats: int) -> dict[str, Any]:
+    shape = SHAPES[model]
+    rs = np.random.RandomState(0)
+    data = {"image": jnp.asarray(rs.rand(batch, *shape).astype(np.float32)),
+            "label": jnp.asarray(rs.randint(0, NUM_CLASSES, batch).astype(np.int32)),
+            "index": jnp.arange(batch, dtype=jnp.int32)}
+    steps, compile_s = {}, {}
+    for name in variants:
+        conv_vjp, flips = VARIANTS[name]
+        step, state = make_step(model, conv_vjp, batch)
+        correlation = activation_flip_correlation if flips else conv._transposed_correlation
+        with mock.patch.object(conv, "_transposed_correlation", correlation):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(state, data))  # traces (reversal chosen here), compiles
+            compile_s[name] = round(time.perf_counter() - t0, 2)
+        steps[name] = (step, state)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(repeats):
+        for name in variants[r % len(variants):] + variants[:r % len(variants)]:
+            step, state = steps[name]
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(state, data))
+            times[name].append(round(time.perf_counter() - t0, 4))
+    return {
+        "batch": batch, "input_shape": list(shape), "repeats": repeats,
+        "first_call_seconds_incl_compile": compile_s,
+        "seconds_per_step_median": {n: round(statistics.median(t), 4) for n, t in times.items()},
+        "seconds_per_step_all": times,
+        "ratio_to_canonical_median": {
+            n: round(statistics.median(a / b for a, b in zip(t, times["canonical"], strict=True)),
+                     4)
+            for n, t in times.items() if n != "canonical"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resnet_batch", type=int, default=16)
+    parser.add_argument("--cnn_batch", type=int, default=64)
+    parser.add_argument("--resnet_variants", nargs="+", default=["canonical",
+                                                                  "canonical_activation_flip"])
+    parser.add_argument("--cnn_variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    result = {
+        "benchmark": "conv_vjp_ab",
+        "machine": {**cpu_description(), "platform": platform.platform(),
+                    "jax": jax.__version__, "backend": jax.default_backend(),
+                    "compiler_options": compiler_options(),
+                    "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
+        "note": ("shared machine: other jobs ran on the same cores during the run (see the load "
+                 "averages); the variants are interleaved within each repeat so that load hits "
+                 "them alike, and only the per-repeat ratios should be compared"),
+        "step": "jitted PGD-AT train step (PGD-10 attack + update), random data, step 0 state",
+        "results": {},
+    }
+    settings = {"preact_resnet18": (args.resnet_variants, args.resnet_batch),
+                "small_cnn": (args.cnn_variants, args.cnn_batch)}
+    for model in args.models:
+        variants, batch = settings[model]
+        result["results"][model] = ab(model, variants, batch, args.repeats)
+    result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
