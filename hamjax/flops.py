@@ -40,6 +40,8 @@ from typing import Any
 import jax
 import jax.extend.core as jex_core
 
+from hamjax.backends.cpu.conv import canonical_conv_p
+
 # device-kind prefix -> {"fp32", "tf32", "bf16"} dense TFLOP/s per chip. Longer (more specific)
 # prefixes are tried first.
 GPU_TPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -86,6 +88,15 @@ def _conv_flops(eqn) -> float:
     return 2.0 * out_elems * taps * in_per_group
 
 
+def _hwio_conv_flops(eqn) -> float:
+    """hamjax's CPU conv primitive (NHWC x HWIO, no groups): 2 x output elements x kh kw cin."""
+    kh, kw, cin, _ = eqn.invars[1].aval.shape
+    out_elems = 1
+    for d in eqn.outvars[0].aval.shape:
+        out_elems *= d
+    return 2.0 * out_elems * kh * kw * cin
+
+
 def _dot_flops(eqn) -> float:
     """2 x output elements x contracted size."""
     (lhs_contract, _), _ = eqn.params["dimension_numbers"]
@@ -117,6 +128,8 @@ def _count(jaxpr, notes: set[str]) -> float:
         name = eqn.primitive.name
         if name == "conv_general_dilated":
             total += _conv_flops(eqn)
+        elif name == canonical_conv_p.name:
+            total += _hwio_conv_flops(eqn)
         elif name == "dot_general":
             total += _dot_flops(eqn)
         elif name == "scan":
