@@ -27,6 +27,7 @@ from hamjax.evaluation.specs import check_attack_names, parse_attacks
 from hamjax.methods import get_method
 from hamjax.models import eval_model
 from hamjax.robust_eval import subset
+from hamjax.train.averaging import evaluation_variables
 from hamjax.train.loop import build_context
 from hamjax.train.state import create_train_state
 
@@ -94,7 +95,7 @@ def load_run(workdir: str, checkpoint: str = "best", log: Log = print) -> Loaded
     finally:
         checkpointer.close()
     epoch = meta.get("best_epoch") if kind == BEST else len(meta.get("epochs", [])) or None
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = evaluation_variables(state)  # the averaged weights when the run averaged
     return LoadedRun(config, splits, eval_model(ctx.model, config.eval.dtype), variables,
                      checkpoint, int(state.step), epoch, meta, workdir)
 

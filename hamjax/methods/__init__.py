@@ -53,7 +53,7 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 # Modules that register methods on import; imported lazily so `get_method` sees them all.
-_METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat")
+_METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat", "mart")
 
 
 def register(method: Method) -> Method:

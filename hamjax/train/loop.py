@@ -52,6 +52,14 @@ from hamjax.paths import resolve
 from hamjax.robust_eval import PGDEvaluator, subset
 from hamjax.runlog import RunLogger
 from hamjax.sharding import make_mesh, place_like, process_rows, put_replicated, shard_batch
+from hamjax.train.averaging import (
+    FAWA,
+    averaging_mode,
+    averaging_record,
+    evaluation_variables,
+    fawa_epoch_end,
+    weights_tag,
+)
 from hamjax.train.dispatch import RunAhead, add_trees
 from hamjax.train.optim import make_lr_fn, make_optimizer
 from hamjax.train.state import StepContext, TrainState, create_train_state
@@ -121,7 +129,22 @@ def epoch_scalars(record: dict) -> dict[str, float]:
                "time/epoch_seconds": record["epoch_seconds"]}
     if "val" in record:
         scalars.update(_accuracy_scalars("val", record["val"]))
+    for section in ("method", "averaging"):
+        scalars.update(numeric_scalars(section, record.get(section, {})))
     return scalars
+
+
+def numeric_scalars(prefix: str, tree) -> dict[str, float]:
+    """`prefix/key/...` -> value for every number in a nested dict/list record (per-class lists
+    become `prefix/key/<class index>`), so per-class method state reaches TensorBoard."""
+    if isinstance(tree, bool) or isinstance(tree, (int, float)):
+        return {prefix: float(tree)}
+    items = (tree.items() if isinstance(tree, dict)
+             else enumerate(tree) if isinstance(tree, (list, tuple)) else ())
+    out: dict[str, float] = {}
+    for key, value in items:
+        out.update(numeric_scalars(f"{prefix}/{key}", value))
+    return out
 
 
 def report_scalars(results: dict) -> dict[str, float]:
@@ -326,9 +349,13 @@ class Trainer:
         return changes
 
     # ----------------------------------------------------------------------------- eval
-    def evaluate(self, state: TrainState, split_name: str) -> tuple[PerClassCounts, ...]:
-        """(clean, robust) per-class counts on a split; cached per (step, split)."""
-        key = (int(state.step), split_name)
+    def evaluate(self, state: TrainState, split_name: str,
+                 averaged: bool = False) -> tuple[PerClassCounts, ...]:
+        """(clean, robust) per-class counts on a split; cached per (step, split, weights).
+        Methods' epoch_end see the online weights; validation and reports the averaged ones
+        (`averaged=True`; the online weights when the run averages nothing)."""
+        variables = evaluation_variables(state) if averaged else _variables(state)
+        key = (int(state.step), split_name, weights_tag(state) if averaged else "online")
         if key not in self._eval_cache:
             split = {"val": self.val, "meta": self.splits.meta, "test": self.splits.test}[
                 split_name]
@@ -338,8 +365,10 @@ class Trainer:
             split = subset(split, self.config.eval.num_examples, self.config.seed,
                            self.splits.num_classes)
             rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
-            self._eval_cache = {key: self.evaluator(_variables(state), split, rng,
-                                                    progress=self.is_main, label=split_name)}
+            kept = {k: v for k, v in self._eval_cache.items() if k[0] == key[0]}
+            self._eval_cache = {**kept, key: self.evaluator(variables, split, rng,
+                                                            progress=self.is_main,
+                                                            label=split_name)}
         return self._eval_cache[key]
 
     # ----------------------------------------------------------------------------- train
@@ -580,8 +609,12 @@ class Trainer:
             record["method"] = self.method.summarize_state(jax.device_get(state.method_state))
         if self.method.epoch_end is not None:
             state = self.method.epoch_end(state, self.ctx, self.evaluate)
+        state, averaging = self._average_epoch(state)
+        if averaging:
+            record["averaging"] = averaging
         if self.val is not None and (epoch + 1) % cfg.train.eval_every_epochs == 0:
-            summary = summarize(*self.evaluate(state, "val"), self.splits.class_names)
+            summary = summarize(*self.evaluate(state, "val", averaged=True),
+                                self.splits.class_names)
             record["val"] = summary
             score = _select_score(summary, cfg.eval.select_on)
             if meta["best_score"] is None or score > meta["best_score"]:
@@ -600,6 +633,16 @@ class Trainer:
         self.log.scalars(int(state.step), epoch_scalars(record))
         self._save(state, meta)
         return state, meta
+
+    def _average_epoch(self, state: TrainState) -> tuple[TrainState, dict]:
+        """FAWA's end-of-epoch rule (on the online model's validation worst class) and the
+        averaging record of the epoch ({} when the run averages nothing)."""
+        if averaging_mode(self.config.train) != FAWA:
+            return state, averaging_record(state)
+        online = summarize(*self.evaluate(state, "val"), self.splits.class_names)
+        new, record = fawa_epoch_end(state, self.config.train, online["robust"]["worst"])
+        record["val_online"] = _accuracy_scalars("val_online", online)
+        return state.replace(averaged=place_like(new.averaged, state.averaged)), record
 
     # ----------------------------------------------------------------------------- report
     def final_report(self, state, meta) -> dict:
@@ -652,7 +695,7 @@ class Trainer:
     def _test_results(self, state) -> dict[str, Any]:
         split = subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
                        self.splits.num_classes)
-        clean, robust = self.evaluator(_variables(state), split,
+        clean, robust = self.evaluator(evaluation_variables(state), split,
                                        self.evaluator.attack_key(self.config.seed),
                                        progress=self.is_main, label="test")
         names = self.splits.class_names
