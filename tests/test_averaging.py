@@ -37,6 +37,11 @@ def test_hand_computed_fawa_and_ema():
         seen.append(float(fawa["params"]["w"]))
     np.testing.assert_allclose(seen, [-7.0, 2.0, 2.12], rtol=1e-6)
     assert int(fawa["count"]) == 2
+    # The rule is R_min >= threshold: at the threshold it averages, just below it does not.
+    at, changed = fawa_update(fawa, {"w": jnp.float32(4.0)}, 0.2, threshold=0.2, decay=0.88)
+    assert changed and float(at["params"]["w"]) == pytest.approx(0.88 * 2.12 + 0.12 * 4.0)
+    below, changed = fawa_update(fawa, {"w": jnp.float32(4.0)}, 0.19, threshold=0.2, decay=0.88)
+    assert not changed and float(below["params"]["w"]) == pytest.approx(2.12)
 
     ema = {"params": init, "count": jnp.int32(0)}
     seen = []
