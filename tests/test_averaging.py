@@ -21,7 +21,7 @@ from hamjax.errors import ConfigError, TrainingInterrupted
 from hamjax.evaluation.workdir import load_run
 from hamjax.methods import get_method
 from hamjax.train.averaging import ema_decay_at, ema_step, evaluation_params, fawa_update
-from hamjax.train.loop import Trainer
+from hamjax.train.loop import Trainer, numeric_scalars
 from hamjax.train.state import create_train_state
 from hamjax.train.step import make_train_step
 
@@ -143,11 +143,12 @@ class StopsAfter(Trainer):
         return self._stop_agreed is not None
 
 
-def test_resume_mid_epoch_with_ema_and_awp_equals_a_straight_run(tmp_path):
-    """pgd_at with AWP and the per-step EMA: stopped mid-epoch 2 and resumed, the run ends with
-    the straight run's weights, averaged weights and report; the report and `load_run` use the
-    averaged weights."""
-    config = digits_config("pgd_at", awp_gamma=0.01)
+def test_resume_mid_epoch_with_ema_equals_a_straight_run(tmp_path):
+    """HAM (train_at_m, per-class hard counts in its method state) with the per-step EMA:
+    stopped mid-epoch 2 and resumed, the run ends with the straight run's weights, averaged
+    weights, per-class records and report; the report and `load_run` use the averaged
+    weights."""
+    config = digits_config("ham", warmup_epochs=1, mining_step=1, easy_examples="train_at_m")
     config.train.ema_decay = 0.99
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     reports = [Trainer(config, straight).run()]
@@ -184,6 +185,18 @@ def test_resume_mid_epoch_with_ema_and_awp_equals_a_straight_run(tmp_path):
         jax.tree.leaves(states[0]["averaged"]["params"]), jax.tree.leaves(states[0]["params"]),
         strict=True))
     assert reports[0]["epochs"][-1]["averaging"]["count"] == int(states[0]["step"])
+    per_class = [r["epochs"][-1]["method"]["hard_fraction_per_class"] for r in reports]
+    assert per_class[0] == per_class[1] and len(per_class[0]) == 10
+    assert all(f is not None and 0 <= f <= 1 for f in per_class[0])
+    assert reports[0]["epochs"][0]["method"]["hard_fraction_per_class"] == [None] * 10  # warm-up
+
+
+def test_numeric_record_scalars_reach_tensorboard():
+    scalars = numeric_scalars("method", {"hard_fraction_per_class": [0.5, None, 0.25],
+                                         "lambdas": {"clean": [1, 2]}, "note": "x"})
+    assert scalars == {"method/hard_fraction_per_class/0": 0.5,
+                       "method/hard_fraction_per_class/2": 0.25,
+                       "method/lambdas/clean/0": 1.0, "method/lambdas/clean/1": 2.0}
 
 
 def test_fawa_in_the_trainer(tmp_path):
