@@ -114,6 +114,7 @@ def digits_config(method: str = "pgd_at", **fields):
     c = base_config()
     c.data.name = "digits"
     c.data.val_size = 100
+    c.data.train_size = 640  # 10 steps of 64 per epoch
     c.data.augment.crop_pad = 1
     c.data.augment.flip = False
     c.model.name = "small_cnn"
@@ -132,9 +133,10 @@ def digits_config(method: str = "pgd_at", **fields):
 
 
 class StopsAfter(Trainer):
-    """A Trainer that gets a SIGTERM after its `calls`-th stop check (one per step)."""
+    """A Trainer that gets a SIGTERM after its `calls`-th stop check (one per epoch start and
+    one per step but the epoch's last): 15 stops after step 14, mid-epoch 2."""
 
-    calls = 30
+    calls = 15
 
     def _should_stop(self) -> bool:
         type(self).calls -= 1

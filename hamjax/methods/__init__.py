@@ -26,7 +26,9 @@ class Method:
     loss_fn(params, state, batch, rng, ctx) -> (loss, aux): differentiated w.r.t. params; aux is
       a dict with `batch_stats`, `metrics` (scalars), `ledger` (a `hamjax.metrics.Ledger`) and
       optionally `apply_update` (bool scalar; False skips the optimiser update, e.g. HAM's empty
-      hard set) and `method_state` (an updated method state, e.g. running class losses).
+      hard set), `method_state` (an updated method state, e.g. running class losses) and
+      `optimizer_params` (the weights the optimiser evaluates weight decay at: AWP's perturbed
+      weights; default the weights themselves).
     init_state(ctx, rng) -> pytree kept in `TrainState.method_state` (checkpointed).
     pre_step(state, batch, rng, ctx) -> state, run inside the jitted step before the loss
       (CAAT's meta update).
