@@ -145,6 +145,7 @@ class StopsAfter(Trainer):
         return self._stop_agreed is not None
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_ema_equals_a_straight_run(tmp_path):
     """HAM (train_at_m, per-class hard counts in its method state) with the per-step EMA:
     stopped mid-epoch 2 and resumed, the run ends with the straight run's weights, averaged
