@@ -641,7 +641,8 @@ class Trainer:
             return state, averaging_record(state)
         online = summarize(*self.evaluate(state, "val"), self.splits.class_names)
         new, record = fawa_epoch_end(state, self.config.train, online["robust"]["worst"])
-        record["val_online"] = _accuracy_scalars("val_online", online)
+        record["val_online"] = {f"{kind}_{stat}": float(online[kind][stat])
+                                for kind in ("clean", "robust") for stat in ("average", "worst")}
         return state.replace(averaged=place_like(new.averaged, state.averaged)), record
 
     # ----------------------------------------------------------------------------- report
