@@ -38,14 +38,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from hamjax.train.optim import make_lr_fn, make_optimizer
-from hamjax.train.state import StepContext, create_train_state
 
 from hamjax.backends.cpu import conv
 from hamjax.backends.cpu.compile_options import compiler_options, jit
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.methods import get_method
 from hamjax.models import build_model
+from hamjax.optim import make_lr_fn, make_optimizer
+from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 NUM_CLASSES = 10

@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every_epochs = 1
     c.train.init_from = ""  # a workdir or checkpoint dir to fine-tune from (weights only)
     c.train.keep_checkpoints = 2
+    # Weight averaging (hamjax.averaging): the average is validated, selected, reported.
+    c.train.ema_decay = 0.0  # per-step EMA tau (Gowal et al.: 0.995); 0: off
+    c.train.fawa_decay = 0.0  # CFA's fairness-aware averaging decay (CFA: 0.88); 0: off
+    c.train.fawa_threshold = 0.24  # FAWA averages an epoch if val worst-class robust acc >= this
 
     # Periodic evaluation on the validation split (model selection) and final test report.
     c.eval = ml_collections.ConfigDict()
@@ -300,6 +304,21 @@ def _validate_train(train, fresh_start: bool) -> None:
              "from scratch")
 
 
+def _validate_averaging(config) -> None:
+    train = config.train
+    for name in ("ema_decay", "fawa_decay"):
+        _number(train, "train", name, lambda v: 0.0 <= v < 1.0,
+                "must be in [0, 1) (0: off; EMA 0.995, FAWA 0.88)")
+    _number(train, "train", "fawa_threshold", lambda v: 0.0 <= v <= 1.0,
+            "must be a worst-class robust accuracy in [0, 1] (CFA: 0.24)")
+    _require(not (train.ema_decay > 0 and train.fawa_decay > 0), "train.fawa_decay",
+             train.fawa_decay, f"cannot be on with train.ema_decay={train.ema_decay} (one "
+             "averaged-weights slot); set one of them to 0")
+    _require(not (train.fawa_decay > 0 and config.data.val_size == 0), "train.fawa_decay",
+             train.fawa_decay, "FAWA decides on the validation split; set data.val_size > 0 "
+             "(CFA: 1000) or train.fawa_decay=0")
+
+
 def holds_checkpoint(workdir: str) -> bool:
     """Whether `workdir` (local or gs://) has a saved step in best/ or checkpoints/; only looks,
     never creates anything."""
@@ -346,6 +365,7 @@ def validate_config(config: ml_collections.ConfigDict, fresh_start: bool = False
     _bool(config.attack, "attack", "random_start")
     _choice(config.attack, "attack", "bn_mode", BN_MODES_FOR_ATTACK)
     _validate_train(config.train, fresh_start)
+    _validate_averaging(config)
     _validate_eval(config.eval)
     if method.validate is not None:
         method.validate(config)

@@ -11,13 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hamjax.averaging import init_averaged
 from hamjax.metrics import Ledger
 from hamjax.models import init_variables
 
 
 @flax.struct.dataclass
 class TrainState:
-    """step, weights, BN statistics, optimiser, RNG, method state and the compute ledger."""
+    """step, weights, BN statistics, optimiser, RNG, method state, the compute ledger and the
+    averaged weights (`hamjax.averaging`: {} when averaging is off)."""
 
     step: jax.Array
     params: Any
@@ -26,6 +28,7 @@ class TrainState:
     rng: jax.Array  # raw uint32[2] key data: checkpoints portably
     method_state: Any
     ledger: Ledger
+    averaged: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,7 @@ def create_train_state(ctx: StepContext, method, seed: int) -> TrainState:
         rng=step_rng,
         method_state=method.init_state(ctx, method_rng),
         ledger=Ledger.zeros(),
+        averaged=init_averaged(params, ctx.config.train),
     )
     # One buffer per leaf: the jitted step donates the state, and a leaf shared by two fields
     # (e.g. one zeros array reused) cannot be donated twice.

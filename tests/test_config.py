@@ -67,6 +67,9 @@ INVALID: dict[str, list] = {
     "train.eval_every_epochs": [0],
     "train.init_from": ["/nonexistent/run", "{empty_dir}", 3],
     "train.keep_checkpoints": [0, -1],
+    "train.ema_decay": [1.0, -0.1, NAN, "x"],
+    "train.fawa_decay": [1.0, -0.1, NAN],
+    "train.fawa_threshold": [1.5, -0.1, NAN],
     "eval.eps": [-0.1, 1.5],
     "eval.step_size": [0],
     "eval.steps": [0],
@@ -117,6 +120,10 @@ INVALID: dict[str, list] = {
     "method.dafa_lambda": [-1.0, "x"],
     "method.eta": [-0.1, INF],
     "method.r": [-0.5, NAN],
+    "method.easy_examples": ["keep", 1],
+    "method.awp_gamma": [-0.1, 1.0, NAN, "x"],
+    "method.awp_warmup_epochs": [-1, 1.5],
+    "method.awp_proxy_lr": [0.0, NAN],
 }
 
 

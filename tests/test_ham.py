@@ -443,3 +443,90 @@ def test_config_files_validate(name):
     validate_config(config)
     assert config.method.name == "ham"
     assert f"--config=configs/{name}.py" in module.__doc__
+
+
+# ---------------------------------------------------------------------------------------------
+# easy_examples="train_at_m": easy rows trained on their step-M adversaries
+
+
+def train_at_m_reference(model, variables, x, y, key):
+    """Eagerly: M steps on the batch, hard rows continue to K, then CE over all B rows (hard at
+    x_K, easy at x_M) with BN in train mode over the whole batch."""
+    def attack_logits(z):
+        return model.apply(variables, z, train=False)
+
+    def attack_loss(z, yy):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(attack_logits(z), yy))
+
+    def pgd_steps(x_adv, x0, yy, n):
+        for _ in range(n):
+            x_adv = x_adv + ALPHA * jnp.sign(jax.grad(attack_loss)(x_adv, yy))
+            x_adv = jnp.clip(jnp.minimum(jnp.maximum(x_adv, x0 - EPS), x0 + EPS), 0.0, 1.0)
+        return x_adv
+
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    start = jnp.clip(x + jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * EPS, 0.0, 1.0)
+    x_mid = pgd_steps(start, x, y, M)
+    hard = np.asarray(jnp.argmax(attack_logits(x_mid), -1) != y)
+    x_train = np.array(x_mid)
+    if hard.any():
+        x_train[hard] = np.asarray(pgd_steps(x_mid[hard], x[hard], y[hard], K - M))
+
+    def train_loss(p):
+        logits, new = model.apply({"params": p, "batch_stats": variables["batch_stats"]},
+                                  jnp.asarray(x_train), train=True, mutable=["batch_stats"])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), new
+
+    (loss, new), grads = jax.value_and_grad(train_loss, has_aux=True)(variables["params"])
+    return dict(hard=hard, x_train=x_train, loss=float(loss), grads=grads,
+                batch_stats=new["batch_stats"])
+
+
+@pytest.mark.parametrize("hard_count, bucketed", [(5, True), (5, False), (0, True),
+                                                  (16, True)])
+def test_train_at_m_matches_the_eager_reference(state, hard_count, bucketed):
+    batch, rng = marker_batch(hard_count, seed=11), jax.random.PRNGKey(12)
+    ctx, out = run_ham(state, batch, rng, easy_examples="train_at_m", bucketed=bucketed)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    ref = train_at_m_reference(ctx.model, variables, batch["image"], batch["label"], rng)
+    np.testing.assert_array_equal(np.asarray(out.hard), ref["hard"])
+    close(out.x_adv, ref["x_train"], 1e-6)
+    close(out.loss, ref["loss"])
+    close(out.grads, ref["grads"])
+    close(out.batch_stats, ref["batch_stats"])  # statistics of the whole batch
+    # Ledger: (M + 2) B forward and (M + 1) B backward on the batch (M attack steps, the mining
+    # forward, the training pass), (K - M) steps on the executed bucket (padding included).
+    rows = {0: 0, 5: 8, 16: 16}[hard_count] if bucketed else B
+    assert float(out.ledger.forward) == (M + 2) * B + (K - M) * rows
+    assert float(out.ledger.backward) == (M + 1) * B + (K - M) * rows
+
+
+def test_train_at_m_trains_on_an_empty_hard_set_and_records_per_class_hard_fractions(state):
+    """No hard row: the drop rule skips the update, train_at_m trains every row at x_M. The
+    per-class hard counts of the epoch reach `summarize_state`."""
+    ctx = make_ctx(make_config(easy_examples="train_at_m"))
+    method = get_method("ham")
+    step = jax.jit(make_train_step(ctx, method))
+    counts = method.init_state(ctx, None)
+    start = state.replace(method_state=counts)
+    new, metrics = step(start, marker_batch(0, seed=7))
+    assert float(metrics["update_applied"]) == 1.0 and float(metrics["empty_batch"]) == 0.0
+    assert any(jax.tree.leaves(jax.tree.map(lambda u, v: bool(jnp.any(u != v)), new.params,
+                                            state.params)))
+    batch = marker_batch(5, seed=8)
+    new, _ = step(new, batch)
+    labels = np.asarray(batch["label"])
+    summary = method.summarize_state(jax.device_get(new.method_state))["hard_fraction_per_class"]
+    mined = np.bincount(labels, minlength=C) + np.bincount(
+        np.asarray(marker_batch(0, seed=7)["label"]), minlength=C)
+    assert sum(round(f * m) for f, m in zip(summary, mined, strict=True) if f is not None) == 5
+    reset = method.epoch_end(new, ctx, None)
+    assert not any(np.any(np.asarray(v)) for v in jax.tree.leaves(reset.method_state))
+
+
+@pytest.mark.parametrize("field, value", [("easy_examples", "keep"), ("easy_examples", 3)])
+def test_easy_examples_is_validated(field, value):
+    with pytest.raises(ConfigError, match=f"config.method.{field}"):
+        validate(make_config(**{field: value}))
+    with pytest.raises(ConfigError, match="config.method.gair"):
+        validate(make_config(easy_examples="train_at_m", gair=True))

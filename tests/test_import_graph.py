@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("hamjax.models",),
     ("hamjax.methods",),
     ("hamjax.analysis",),
-    ("hamjax.optim", "hamjax.state"),
+    ("hamjax.optim", "hamjax.state", "hamjax.averaging"),
     ("hamjax.config",),
     ("hamjax.evaluation",),
     ("hamjax.run",),

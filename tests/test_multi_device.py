@@ -34,12 +34,17 @@ CHILD = textwrap.dedent(
     BATCH = 16
     RTOL, ATOL = 2e-4, 2e-5
 
+    # Option variants: (method, method fields, train.ema_decay).
+    VARIANTS = {"pgd_at_awp_ema": ("pgd_at", {"awp_gamma": 0.01}, 0.99)}
+
     def config_for(name):
+        method, fields, ema = VARIANTS.get(name, (name, {}, 0.0))
         c = base_config()
         c.data.name = "digits"
         c.data.val_size = 40
         c.model.name = "small_cnn"
-        c.method = method_config(name)
+        c.method = method_config(method, **fields)
+        c.train.ema_decay = ema
         c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 3
         c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.03, 3
         c.train.batch_size = BATCH
@@ -69,7 +74,7 @@ CHILD = textwrap.dedent(
                 continue
             np.testing.assert_allclose(b[1][key], a[1][key], rtol=RTOL, atol=ATOL,
                                        err_msg=f"{name} {key}")
-        trees = ("params", "batch_stats", "opt_state", "method_state")
+        trees = ("params", "batch_stats", "opt_state", "method_state", "averaged")
         for tree in trees + (() if executed else ("ledger",)):
             for x, y in zip(jax.tree.leaves(getattr(a[0], tree)),
                             jax.tree.leaves(getattr(b[0], tree)), strict=True):
@@ -79,7 +84,7 @@ CHILD = textwrap.dedent(
         # Each step from the same state and batch, on one device and on four.
         config = config_for(name)
         splits = load_splits(config.data, seed=0)
-        method = get_method(name)
+        method = get_method(config.method.name)
         # Each mesh its own context: per-example compaction (HAM) packs rows per device on it.
         ctxs = [build_context(config, splits, mesh) for mesh in (one, four)]
         steps_by_mesh = [(mesh, jit_train_step(make_train_step(ctx, method), mesh))
@@ -125,8 +130,9 @@ def test_four_device_steps_and_evaluation_equal_one_device(tmp_path):
     script.write_text(CHILD)
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(script), "pgd_at", "ham", "caat"],
+    names = ("pgd_at", "ham", "caat", "pgd_at_awp_ema", "mart")
+    proc = subprocess.run([sys.executable, str(script), *names],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    for name in ("pgd_at", "ham", "caat", "evaluator"):
+    for name in (*names, "evaluator"):
         assert f"{name} ok" in proc.stdout

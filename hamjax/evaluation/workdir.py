@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from hamjax.averaging import evaluation_variables
 from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.data import stratified_subset
 from hamjax.errors import CheckpointError, ConfigError
@@ -82,7 +83,7 @@ def load_run(workdir: str, checkpoint: str = "best", log: Log = print) -> Loaded
         checkpointer.close()
     meta, state = run.meta, run.state
     epoch = meta.get("best_epoch") if kind == BEST else len(meta.get("epochs", [])) or None
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = evaluation_variables(state)  # the averaged weights when the run averaged
     return LoadedRun(run.config, run.splits, eval_model(run.ctx.model, run.config.eval.dtype),
                      variables, checkpoint, int(state.step), epoch, meta, workdir)
 

@@ -26,7 +26,9 @@ class Method:
     loss_fn(params, state, batch, rng, ctx) -> (loss, aux): differentiated w.r.t. params; aux is
       a dict with `batch_stats`, `metrics` (scalars), `ledger` (a `hamjax.metrics.Ledger`) and
       optionally `apply_update` (bool scalar; False skips the optimiser update, e.g. HAM's empty
-      hard set) and `method_state` (an updated method state, e.g. running class losses).
+      hard set), `method_state` (an updated method state, e.g. running class losses) and
+      `optimizer_params` (the weights the optimiser evaluates weight decay at: AWP's perturbed
+      weights; default the weights themselves).
     init_state(ctx, rng) -> pytree kept in `TrainState.method_state` (checkpointed).
     pre_step(state, batch, rng, ctx) -> state, run inside the jitted step before the loss
       (CAAT's meta update).
@@ -56,7 +58,8 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 # Modules that register methods on import; imported lazily so `get_method` sees them all.
-_METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat", "cfa", "wat", "dafa", "faal")
+_METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat", "mart", "cfa", "wat", "dafa",
+                   "faal")
 
 
 def register(method: Method) -> Method:

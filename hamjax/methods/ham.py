@@ -42,6 +42,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hamjax.attacks import mine_hard, pgd
 from hamjax.methods import Method, register
@@ -54,7 +55,7 @@ from hamjax.methods.common import (
 )
 from hamjax.methods.relatives import gair_weights
 from hamjax.metrics import Ledger
-from hamjax.sharding import max_local_count, mesh_size, per_device
+from hamjax.sharding import max_local_count, mesh_size, per_device, place_like
 from hamjax.validation import is_int, is_number, require
 
 Array = jax.Array
@@ -78,7 +79,12 @@ DEFAULTS: dict[str, Any] = {
     "gair_lambda": -1.0,
     "keep_easy_fraction": 0.0,  # share of easy rows kept, chosen at random (`keep_bili_high_conf`)
     "hard_keep_fraction": 1.0,  # keep only this least-confident share of H (1 - `drop_bili`)
+    # What the rows that stop at step M contribute: "drop" (the official rule: nothing) or
+    # "train_at_m" (a variant: they are trained on their step-M adversaries, already computed;
+    # the training pass then covers the whole batch).
+    "easy_examples": "drop",
 }
+EASY_EXAMPLES = ("drop", "train_at_m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +103,7 @@ class HamSettings:
     gair_lambda: float
     keep_easy_fraction: float
     hard_keep_fraction: float
+    easy_examples: str = "drop"
 
     @classmethod
     def from_config(cls, config) -> HamSettings:
@@ -119,6 +126,7 @@ class HamSettings:
             gair_lambda=float(get("gair_lambda")),
             keep_easy_fraction=float(get("keep_easy_fraction")),
             hard_keep_fraction=float(get("hard_keep_fraction")),
+            easy_examples=str(get("easy_examples")),
         )
 
 
@@ -285,18 +293,32 @@ def ham_ledger(batch: int, steps: int, mining_step: int, rows: Array) -> Ledger:
     )
 
 
+def ham_train_at_m_ledger(batch: int, steps: int, mining_step: int, rows: Array) -> Ledger:
+    """`easy_examples="train_at_m"`: the continuation runs on `rows` rows (padding included),
+    the training pass on the whole batch."""
+    rows = jnp.asarray(rows, jnp.float32)
+    after = (steps - mining_step) * rows
+    return Ledger.of(forward=(mining_step + 2) * batch + after,
+                     backward=(mining_step + 1) * batch + after)
+
+
 # ---------------------------------------------------------------------------------------------
 # The step
 
 
-def _finish(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start, valid, key):
-    """Steps M+1..K from x_start on the valid rows, then the weighted training loss and grads."""
+def _continue(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start, valid, key):
+    """Steps M+1..K from x_start on the valid rows: (x_adv, kappa)."""
     logits_fn = masked_logits_fn(ctx, params, batch_stats, s.bn_mode, valid)
     x_adv, info = pgd(
         logits_fn, x, y, key, eps=s.eps, step_size=s.step_size,
         steps=s.steps - s.mining_step, x_init=x_start, step_mask=valid, final_eval=False,
     )
-    kappa = kappa_start + jnp.where(valid, info.kappa, 0)  # rows that continued
+    return x_adv, kappa_start + jnp.where(valid, info.kappa, 0)  # rows that continued
+
+
+def _finish(ctx, s: HamSettings, params, batch_stats, x, y, x_start, kappa_start, valid, key):
+    """Steps M+1..K from x_start on the valid rows, then the weighted training loss and grads."""
+    x_adv, kappa = _continue(ctx, s, params, batch_stats, x, y, x_start, kappa_start, valid, key)
     weights = loss_weights(kappa, valid, s)
     grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
     (loss, (stats, logits)), grads = grad_fn(params, ctx, batch_stats, x_adv, y, weights, valid)
@@ -351,6 +373,63 @@ def _empty_branch(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
     return jnp.float32(0.0), grads, batch_stats, x_mid, kappa_mid, weights, jnp.float32(0.0)
 
 
+def _continuation_branch(ctx, s: HamSettings, size: int, local_batch: int):
+    """`train_at_m`: steps M+1..K on the selected rows packed per device into `size` slots (the
+    batch-sized bucket needs no packing); returns batch-sized (x_adv, kappa)."""
+
+    def pack(selected, x, y, x_mid, kappa_mid):
+        index, valid = gather_rows(selected, size)
+        return index, valid, x[index], y[index], x_mid[index], kappa_mid[index]
+
+    def unpack(index, valid, x_mid, x_b, kappa_mid, k_b):
+        return (scatter_rows(x_mid, index, valid, x_b), scatter_rows(kappa_mid, index, valid, k_b))
+
+    def run(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
+        if size == local_batch:
+            return _continue(ctx, s, params, batch_stats, x, y, x_mid, kappa_mid, selected, key)
+        index, valid, x_p, y_p, x_mid_p, kappa_p = per_device(ctx.mesh, pack)(
+            selected, x, y, x_mid, kappa_mid)
+        x_b, k_b = _continue(ctx, s, params, batch_stats, x_p, y_p, x_mid_p, kappa_p, valid, key)
+        return per_device(ctx.mesh, unpack)(index, valid, x_mid, x_b, kappa_mid, k_b)
+
+    return run
+
+
+def _train_at_m_phase(ctx, s, params, batch_stats, x, y, rng, x_mid, hard, selected,
+                      kappa_mid) -> HamOutput:
+    """The selected rows continue to step K, then every row trains: hard rows at x_K, the
+    others at x_M (mean CE over the batch, BN statistics of the whole batch)."""
+    batch = x.shape[0]
+    operands = (params, batch_stats, x, y, x_mid, kappa_mid, selected, rng)
+    if s.bucketed:
+        devices = mesh_size(ctx.mesh)
+        local_batch = batch // devices
+        sizes = bucket_sizes(s.buckets, local_batch)
+        branch = choose_branch(max_local_count(ctx.mesh, selected), sizes)
+
+        def nothing(params, batch_stats, x, y, x_mid, kappa_mid, selected, key):
+            return x_mid, kappa_mid
+
+        branches = [nothing] + [_continuation_branch(ctx, s, size, local_batch)
+                                for size in sizes]
+        x_adv, kappa = jax.lax.switch(branch, branches, *operands)
+        rows = devices * jnp.asarray((0,) + sizes, jnp.int32)[branch]
+        bucket_index = jnp.asarray([-1, *range(len(sizes))], jnp.int32)[branch]
+    else:
+        x_adv, kappa = _continue(ctx, s, *operands)
+        rows, bucket_index = jnp.int32(batch), jnp.int32(-1)
+    ones = jnp.ones((batch,), jnp.float32)
+    grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+    (loss, (stats, logits)), grads = grad_fn(params, ctx, batch_stats, x_adv, y, ones, None)
+    return HamOutput(
+        loss=loss, grads=grads, batch_stats=stats, x_adv=x_adv, hard=hard, selected=selected,
+        weights=ones, kappa=kappa,
+        correct=jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32), bucket_size=rows,
+        bucket_index=bucket_index, warmup=jnp.asarray(False),
+        ledger=ham_train_at_m_ledger(batch, s.steps, s.mining_step, rows),
+    )
+
+
 def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
     """M steps on the batch, mining, then the rest on the selected rows only."""
     batch = x.shape[0]
@@ -364,6 +443,9 @@ def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
         hard, info.loss, jax.random.fold_in(rng, 1),
         keep_easy_fraction=s.keep_easy_fraction, hard_keep_fraction=s.hard_keep_fraction,
     )
+    if s.easy_examples == "train_at_m":
+        return _train_at_m_phase(ctx, s, params, batch_stats, x, y, rng, x_mid, hard, selected,
+                                 info.kappa)
     operands = (params, batch_stats, x, y, x_mid, info.kappa, selected, rng)
     n = jnp.sum(selected)
     if s.bucketed:
@@ -457,7 +539,8 @@ def ham_loss(params, state, batch, rng, ctx):
     batch_size = x.shape[0]
     local_batch = batch_size // mesh_size(ctx.mesh)
     n = jnp.sum(out.selected)
-    empty = (~out.warmup) & (n == 0)
+    # train_at_m always trains (every row, easy ones at x_M): an empty hard set is no skip.
+    empty = (~out.warmup) & (n == 0) & (settings.easy_examples == "drop")
     metrics = {
         "warmup": out.warmup,
         "hard_fraction": jnp.sum(out.hard) / batch_size,
@@ -468,9 +551,47 @@ def ham_loss(params, state, batch, rng, ctx):
         **bucket_shares(out.bucket_index, bucket_sizes(settings.buckets, local_batch),
                          local_batch),
         "empty_batch": empty,
-        "train_robust_acc": out.correct / jnp.maximum(n, 1),
+        "train_robust_acc": out.correct / jnp.maximum(
+            n if settings.easy_examples == "drop" else batch_size, 1),
     }
-    return loss, step_aux(out.batch_stats, out.ledger, apply_update=~empty, **metrics)
+    aux = step_aux(out.batch_stats, out.ledger, apply_update=~empty, **metrics)
+    aux["method_state"] = count_hard_per_class(state.method_state, out.hard, y, out.warmup,
+                                               ctx.num_classes)
+    return loss, aux
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-class record: the epoch's hard fraction of each class (HAM steps only)
+
+
+def init_hard_counts(ctx, rng) -> dict:
+    """Per-class counts of mined-hard and mined rows over the current epoch's HAM steps."""
+    del rng
+    zeros = jnp.zeros((ctx.num_classes,), jnp.float32)
+    return {"hard": zeros, "mined": jnp.copy(zeros)}
+
+
+def count_hard_per_class(counts: dict, hard: Array, labels: Array, warmup: Array,
+                         num_classes: int) -> dict:
+    """Adds a step's hard and mined rows per class (nothing during the PGD-AT warm-up)."""
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    on = jnp.where(warmup, 0.0, 1.0)
+    return {"hard": counts["hard"] + on * (hard.astype(jnp.float32) @ onehot),
+            "mined": counts["mined"] + on * jnp.sum(onehot, axis=0)}
+
+
+def summarize_hard_counts(counts: dict) -> dict:
+    """The epoch's hard fraction per class (None for a class never mined, e.g. in warm-up)."""
+    hard, mined = (np.asarray(counts[k], np.float64) for k in ("hard", "mined"))
+    return {"hard_fraction_per_class": [None if m == 0 else float(h / m)
+                                        for h, m in zip(hard, mined, strict=True)]}
+
+
+def reset_hard_counts(state, ctx, evaluator):
+    """Starts the next epoch's per-class counts from zero (after they were logged)."""
+    del ctx, evaluator
+    zeros = jax.tree.map(jnp.zeros_like, state.method_state)
+    return state.replace(method_state=place_like(zeros, state.method_state))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,12 +633,22 @@ def validate(config) -> None:
     hard = get("hard_keep_fraction")
     if not is_number(hard) or not 0.0 < hard <= 1.0:
         _fail("hard_keep_fraction", hard, "needs a fraction in (0, 1] (1: keep every hard AE)")
+    easy_examples = get("easy_examples")
+    if easy_examples not in EASY_EXAMPLES:
+        _fail("easy_examples", easy_examples, f"choose one of {EASY_EXAMPLES} ('drop': the "
+              "official rule)")
+    if easy_examples == "train_at_m" and get("gair"):
+        _fail("gair", True, "GAIRAT weights need easy_examples='drop' (train_at_m trains every "
+              "row with weight 1)")
 
 
 register(
     Method(
         "ham",
         ham_loss,
+        init_state=init_hard_counts,
+        epoch_end=reset_hard_counts,
+        summarize_state=summarize_hard_counts,
         validate=validate,
         defaults=dict(DEFAULTS),
         description="Hard Adversarial example Mining (Lin et al. 2023), bucketed under jit",

@@ -20,6 +20,14 @@ import ml_collections
 import numpy as np
 
 from hamjax import workdir_lock
+from hamjax.averaging import (
+    FAWA,
+    averaging_mode,
+    averaging_record,
+    evaluation_variables,
+    fawa_epoch_end,
+    weights_tag,
+)
 from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.config import (
     RESUME_MAY_CHANGE,
@@ -40,7 +48,7 @@ from hamjax.models import eval_model
 from hamjax.paths import resolve
 from hamjax.run import build_context, load_init_weights
 from hamjax.runlog import RunLogger
-from hamjax.sharding import make_mesh, process_rows, put_replicated, shard_batch
+from hamjax.sharding import make_mesh, place_like, process_rows, put_replicated, shard_batch
 from hamjax.state import TrainState, create_train_state
 from hamjax.train.dispatch import RunAhead, add_trees
 from hamjax.train.lifecycle import StopSignals, diverged, first_nonfinite, interrupted
@@ -199,14 +207,20 @@ class Trainer:
         return stratified_subset(split, self.config.eval.num_examples, self.config.seed,
                                  self.splits.num_classes)
 
-    def evaluate(self, state: TrainState, split_name: str) -> tuple[PerClassCounts, ...]:
-        """(clean, robust) per-class counts on a split; cached per (step, split)."""
-        key = (int(state.step), split_name)
+    def evaluate(self, state: TrainState, split_name: str,
+                 averaged: bool = False) -> tuple[PerClassCounts, ...]:
+        """(clean, robust) per-class counts on a split; cached per (step, split, weights).
+        Methods' epoch_end see the online weights; validation and reports the averaged ones
+        (`averaged=True`; the online weights when the run averages nothing)."""
+        variables = evaluation_variables(state) if averaged else _variables(state)
+        key = (int(state.step), split_name, weights_tag(state) if averaged else "online")
         if key not in self._eval_cache:
             split = self._eval_split(split_name)
             rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
-            self._eval_cache = {key: self.evaluator(_variables(state), split, rng,
-                                                    progress=self.is_main, label=split_name)}
+            kept = {k: v for k, v in self._eval_cache.items() if k[0] == key[0]}
+            self._eval_cache = {**kept, key: self.evaluator(variables, split, rng,
+                                                            progress=self.is_main,
+                                                            label=split_name)}
         return self._eval_cache[key]
 
     def map_split(self, state: TrainState, split_name: str, fn, key: jax.Array
@@ -398,8 +412,12 @@ class Trainer:
             record["method"] = self.method.summarize_state(jax.device_get(state.method_state))
         if self.method.epoch_end is not None:
             state = self.method.epoch_end(state, self.ctx, self.epoch_evaluator())
+        state, averaging = self._average_epoch(state)
+        if averaging:
+            record["averaging"] = averaging
         if self.val is not None and (epoch + 1) % cfg.train.eval_every_epochs == 0:
-            summary = summarize(*self.evaluate(state, "val"), self.splits.class_names)
+            summary = summarize(*self.evaluate(state, "val", averaged=True),
+                                self.splits.class_names)
             record["val"] = summary
             score = select_score(summary, cfg.eval.select_on)
             if meta["best_score"] is None or score > meta["best_score"]:
@@ -418,6 +436,17 @@ class Trainer:
         self.log.scalars(int(state.step), epoch_scalars(record))
         self._save(state, meta)
         return state, meta
+
+    def _average_epoch(self, state: TrainState) -> tuple[TrainState, dict]:
+        """FAWA's end-of-epoch rule (on the online model's validation worst class) and the
+        averaging record of the epoch ({} when the run averages nothing)."""
+        if averaging_mode(self.config.train) != FAWA:
+            return state, averaging_record(state)
+        online = summarize(*self.evaluate(state, "val"), self.splits.class_names)
+        new, record = fawa_epoch_end(state, self.config.train, online["robust"]["worst"])
+        record["val_online"] = {f"{kind}_{stat}": float(online[kind][stat])
+                                for kind in ("clean", "robust") for stat in ("average", "worst")}
+        return state.replace(averaged=place_like(new.averaged, state.averaged)), record
 
     # ----------------------------------------------------------------------------- report
     def final_report(self, state, meta) -> dict:
@@ -470,7 +499,7 @@ class Trainer:
     def _test_results(self, state) -> dict[str, Any]:
         split = stratified_subset(self.splits.test, self.config.eval.num_examples, self.config.seed,
                        self.splits.num_classes)
-        clean, robust = self.evaluator(_variables(state), split,
+        clean, robust = self.evaluator(evaluation_variables(state), split,
                                        self.evaluator.attack_key(self.config.seed),
                                        progress=self.is_main, label="test")
         names = self.splits.class_names

@@ -45,7 +45,22 @@ def epoch_scalars(record: dict) -> dict[str, float]:
                "time/epoch_seconds": record["epoch_seconds"]}
     if "val" in record:
         scalars.update(_accuracy_scalars("val", record["val"]))
+    for section in ("method", "averaging"):
+        scalars.update(numeric_scalars(section, record.get(section, {})))
     return scalars
+
+
+def numeric_scalars(prefix: str, tree) -> dict[str, float]:
+    """`prefix/key/...` -> value for every number in a nested dict/list record (per-class lists
+    become `prefix/key/<class index>`), so per-class method state reaches TensorBoard."""
+    if isinstance(tree, bool) or isinstance(tree, (int, float)):
+        return {prefix: float(tree)}
+    items = (tree.items() if isinstance(tree, dict)
+             else enumerate(tree) if isinstance(tree, (list, tuple)) else ())
+    out: dict[str, float] = {}
+    for key, value in items:
+        out.update(numeric_scalars(f"{prefix}/{key}", value))
+    return out
 
 
 def report_scalars(results: dict) -> dict[str, float]:

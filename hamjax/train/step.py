@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from hamjax.averaging import EMA, averaging_mode, ema_step
 from hamjax.backends.cpu.compile_options import jit
 from hamjax.data import augment, images_to_float
 from hamjax.optim import set_learning_rate
@@ -54,13 +55,22 @@ def make_train_step(ctx: StepContext, method) -> Callable[[TrainState, dict], tu
         grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
         (loss, aux), grads = grad_fn(state.params, state, batch, loss_rng, ctx)
         opt_state = set_learning_rate(state.opt_state, lr)
-        updates, new_opt_state = ctx.tx.update(grads, opt_state, state.params)
+        # AWP evaluates weight decay at the perturbed weights it trained at (the official code
+        # steps its optimiser there); every other method at the weights themselves.
+        decay_at = aux.get("optimizer_params", state.params)
+        updates, new_opt_state = ctx.tx.update(grads, opt_state, decay_at)
         new_params = optax.apply_updates(state.params, updates)
         finite = _all_finite(loss, grads, new_params, aux["batch_stats"])
         apply = jnp.logical_and(aux.get("apply_update", jnp.asarray(True)), finite)
+        params = _select(apply, new_params, state.params)
+        averaged = state.averaged
+        if averaging_mode(ctx.config.train) == EMA:
+            averaged = ema_step(averaged, state.params, params, state.step,
+                                float(ctx.config.train.ema_decay))
         state = state.replace(
             step=state.step + 1,
-            params=_select(apply, new_params, state.params),
+            params=params,
+            averaged=averaged,
             opt_state=_select(apply, new_opt_state, state.opt_state),
             batch_stats=_select(apply, aux["batch_stats"], state.batch_stats),
             method_state=aux.get("method_state", state.method_state),

@@ -1,0 +1,225 @@
+"""Weight averaging: the reference's hand case (EMA and CFA's FAWA), DeepMind's warmed-up EMA
+inside the jitted step against NumPy, config validation, and whole runs: a run stopped mid-epoch
+resumes to the uninterrupted run's averaged weights and report; FAWA's epoch rule in the trainer;
+`hamjax.evaluate` loads the averaged weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from test_frl import make_batch, make_ctx
+
+from hamjax.averaging import ema_decay_at, ema_step, evaluation_params, fawa_update
+from hamjax.checkpoint import Checkpointer
+from hamjax.config import base_config, method_config, validate_config
+from hamjax.errors import ConfigError, TrainingInterrupted
+from hamjax.evaluation.workdir import load_run
+from hamjax.methods import get_method
+from hamjax.state import create_train_state
+from hamjax.train.loop import Trainer, numeric_scalars
+from hamjax.train.step import make_train_step
+
+
+def test_hand_computed_fawa_and_ema():
+    """decay 0.88, threshold 0.2, R_min=[0.1, 0.25, 0.3], w=[1, 2, 3]: FAWA keeps its init,
+    then copies 2, then 0.88*2 + 0.12*3 = 2.12; the EMA (first update copies) 1, 1.12, 1.3456."""
+    init = {"w": jnp.float32(-7.0)}
+    fawa = {"params": init, "count": jnp.int32(0)}
+    seen = []
+    for w, r_min in zip((1.0, 2.0, 3.0), (0.1, 0.25, 0.3), strict=True):
+        fawa, _ = fawa_update(fawa, {"w": jnp.float32(w)}, r_min, threshold=0.2, decay=0.88)
+        seen.append(float(fawa["params"]["w"]))
+    np.testing.assert_allclose(seen, [-7.0, 2.0, 2.12], rtol=1e-6)
+    assert int(fawa["count"]) == 2
+    # The rule is R_min >= threshold: at the threshold it averages, just below it does not.
+    at, changed = fawa_update(fawa, {"w": jnp.float32(4.0)}, 0.2, threshold=0.2, decay=0.88)
+    assert changed and float(at["params"]["w"]) == pytest.approx(0.88 * 2.12 + 0.12 * 4.0)
+    below, changed = fawa_update(fawa, {"w": jnp.float32(4.0)}, 0.19, threshold=0.2, decay=0.88)
+    assert not changed and float(below["params"]["w"]) == pytest.approx(2.12)
+
+    ema = {"params": init, "count": jnp.int32(0)}
+    seen = []
+    for w in (1.0, 2.0, 3.0):
+        # A late step: the warm-up min(tau, (1 + t) / (10 + t)) is tau = 0.88.
+        ema = ema_step(ema, {"w": jnp.float32(1.0)}, {"w": jnp.float32(w)}, 10**6, 0.88)
+        seen.append(float(ema["params"]["w"]))
+    np.testing.assert_allclose(seen, [1.0, 1.12, 1.3456], rtol=1e-6)
+
+
+def test_warmed_up_decay():
+    np.testing.assert_allclose(
+        [float(ema_decay_at(t, 0.995)) for t in (0, 1, 10, 10**5)],
+        [1 / 10, 2 / 11, 11 / 20, 0.995], rtol=1e-6)
+
+
+def test_ema_in_the_train_step_matches_numpy():
+    """Three jitted steps: avg starts at the initial weights, avg <- d avg + (1 - d) params with
+    d = min(tau, (1 + t) / (10 + t)) after step t; the online weights are those of a run without
+    averaging."""
+    method = get_method("pgd_at")
+    ctx = make_ctx("pgd_at")
+    config = ml_collections.ConfigDict(ctx.config.to_dict())
+    config.train.ema_decay = 0.995
+    ctx_ema = dataclasses.replace(ctx, config=ml_collections.FrozenConfigDict(config))
+    plain, state = (create_train_state(c, method, seed=0) for c in (ctx, ctx_ema))
+    assert plain.averaged == {}
+    step_plain = jax.jit(make_train_step(ctx, method))
+    step_ema = jax.jit(make_train_step(ctx_ema, method))
+    avg = jax.tree.map(np.asarray, state.params)
+    for t in range(3):
+        batch = make_batch(t)
+        plain, _ = step_plain(plain, batch)
+        state, _ = step_ema(state, batch)
+        d = min(0.995, (1 + t) / (10 + t))
+        avg = jax.tree.map(lambda a, p, d=d: d * a + (1 - d) * np.asarray(p), avg, state.params)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for got, want in zip(jax.tree.leaves(state.averaged["params"]), jax.tree.leaves(avg),
+                         strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+    assert int(state.averaged["count"]) == 3
+    assert evaluation_params(state) is state.averaged["params"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ema_decay", 1.0, r"config\.train\.ema_decay"),
+    ("ema_decay", -0.1, r"config\.train\.ema_decay"),
+    ("fawa_decay", 1.5, r"config\.train\.fawa_decay"),
+    ("fawa_threshold", 1.5, r"config\.train\.fawa_threshold"),
+])
+def test_bad_values_are_named(field, value, message):
+    config = base_config()
+    config.train[field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_ema_and_fawa_exclude_each_other_and_fawa_needs_val():
+    config = base_config()
+    config.train.ema_decay, config.train.fawa_decay = 0.995, 0.88
+    with pytest.raises(ConfigError, match=r"config\.train\.fawa_decay.*ema_decay"):
+        validate_config(config)
+    config.train.ema_decay, config.data.val_size = 0.0, 0
+    with pytest.raises(ConfigError, match=r"config\.train\.fawa_decay.*val_size"):
+        validate_config(config)
+
+
+def digits_config(method: str = "pgd_at", **fields):
+    c = base_config()
+    c.data.name = "digits"
+    c.data.val_size = 100
+    c.data.train_size = 640  # 10 steps of 64 per epoch
+    c.data.augment.crop_pad = 1
+    c.data.augment.flip = False
+    c.model.name = "small_cnn"
+    c.method = method_config(method, **fields)
+    c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 3
+    c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.03, 3
+    c.eval.num_examples = 50
+    c.train.epochs = 2
+    c.train.batch_size = 64
+    c.train.lr = 0.05
+    c.train.lr_boundaries = (1,)
+    c.train.lr_values = (0.005,)
+    c.train.checkpoint_every_steps = 7
+    c.train.log_every_steps = 1000
+    return c
+
+
+class StopsAfter(Trainer):
+    """A Trainer that gets a SIGTERM after its `calls`-th stop check (one per epoch start and
+    one per step but the epoch's last): 15 stops after step 14, mid-epoch 2."""
+
+    calls = 15
+
+    def _should_stop(self) -> bool:
+        type(self).calls -= 1
+        if type(self).calls == 0:
+            self.signals.received = signal.SIGTERM
+        return self._stop_agreed is not None
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_with_ema_equals_a_straight_run(tmp_path):
+    """HAM (train_at_m, per-class hard counts in its method state) with the per-step EMA:
+    stopped mid-epoch 2 and resumed, the run ends with the straight run's weights, averaged
+    weights, per-class records and report; the report and `load_run` use the averaged
+    weights."""
+    config = digits_config("ham", warmup_epochs=1, mining_step=1, easy_examples="train_at_m")
+    config.train.ema_decay = 0.99
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    reports = [Trainer(config, straight).run()]
+    with pytest.raises(TrainingInterrupted):
+        StopsAfter(config, stopped).run()
+    saved = Checkpointer(stopped, read_only=True)
+    assert saved.latest_step() is not None and saved.read_meta().get("partial_epoch")
+    saved.close()
+    reports.append(Trainer(config, stopped).run())
+    for key in ("last", "best_on_val"):
+        a, b = (r["results"][key] for r in reports)
+        assert a["clean"]["per_class"] == b["clean"]["per_class"]
+        assert a["robust"]["per_class"] == b["robust"]["per_class"]
+    assert reports[0]["cost"] == {**reports[1]["cost"],
+                                  "compile_seconds": reports[0]["cost"]["compile_seconds"],
+                                  "train_seconds_excluding_compile":
+                                      reports[0]["cost"]["train_seconds_excluding_compile"]}
+    states = []
+    for workdir in (straight, stopped):
+        ckpt = Checkpointer(workdir, read_only=True)
+        states.append(ckpt.restore_host())
+        ckpt.close()
+    assert "averaged" in states[0] and int(states[0]["averaged"]["count"]) == int(
+        states[0]["step"])
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    run = load_run(straight, "last", log=lambda _: None)
+    for got, avg, online in zip(jax.tree.leaves(run.variables["params"]),
+                                jax.tree.leaves(states[0]["averaged"]["params"]),
+                                jax.tree.leaves(states[0]["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), avg)
+        assert got.shape == online.shape
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(states[0]["averaged"]["params"]), jax.tree.leaves(states[0]["params"]),
+        strict=True))
+    assert reports[0]["epochs"][-1]["averaging"]["count"] == int(states[0]["step"])
+    per_class = [r["epochs"][-1]["method"]["hard_fraction_per_class"] for r in reports]
+    assert per_class[0] == per_class[1] and len(per_class[0]) == 10
+    assert all(f is not None and 0 <= f <= 1 for f in per_class[0])
+    assert reports[0]["epochs"][0]["method"]["hard_fraction_per_class"] == [None] * 10  # warm-up
+
+
+def test_numeric_record_scalars_reach_tensorboard():
+    scalars = numeric_scalars("method", {"hard_fraction_per_class": [0.5, None, 0.25],
+                                         "lambdas": {"clean": [1, 2]}, "note": "x"})
+    assert scalars == {"method/hard_fraction_per_class/0": 0.5,
+                       "method/hard_fraction_per_class/2": 0.25,
+                       "method/lambdas/clean/0": 1.0, "method/lambdas/clean/1": 2.0}
+
+
+def test_fawa_in_the_trainer(tmp_path):
+    """MART with FAWA at threshold 0 averages after every epoch (count 2; the first a copy of
+    the online weights); the per-class report and `load_run` use the average."""
+    threshold, updates = 0.0, 2
+    config = digits_config("mart")
+    config.train.fawa_decay, config.train.fawa_threshold = 0.88, threshold
+    workdir = str(tmp_path / "fawa")
+    report = Trainer(config, workdir).run()
+    records = [e["averaging"] for e in report["epochs"]]
+    assert [r["updated"] for r in records] == [threshold == 0.0] * 2
+    assert records[-1]["count"] == updates
+    assert "val_online" in records[0]
+    assert len(report["results"]["last"]["robust"]["per_class"]) == 10
+    ckpt = Checkpointer(workdir, read_only=True)
+    state = ckpt.restore_host()
+    ckpt.close()
+    run = load_run(workdir, "last", log=lambda _: None)
+    expected = state["averaged"]["params"] if updates else state["params"]
+    for got, want in zip(jax.tree.leaves(run.variables["params"]), jax.tree.leaves(expected),
+                         strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
