@@ -311,10 +311,10 @@ def _validate_averaging(config) -> None:
                 "must be in [0, 1) (0: off; EMA 0.995, FAWA 0.88)")
     _number(train, "train", "fawa_threshold", lambda v: 0.0 <= v <= 1.0,
             "must be a worst-class robust accuracy in [0, 1] (CFA: 0.24)")
-    _require(not (train.ema_decay > 0 and train.fawa_decay > 0), "train.fawa_decay",
+    require(not (train.ema_decay > 0 and train.fawa_decay > 0), "train.fawa_decay",
              train.fawa_decay, f"cannot be on with train.ema_decay={train.ema_decay} (one "
              "averaged-weights slot); set one of them to 0")
-    _require(not (train.fawa_decay > 0 and config.data.val_size == 0), "train.fawa_decay",
+    require(not (train.fawa_decay > 0 and config.data.val_size == 0), "train.fawa_decay",
              train.fawa_decay, "FAWA decides on the validation split; set data.val_size > 0 "
              "(CFA: 1000) or train.fawa_decay=0")
 
