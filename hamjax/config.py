@@ -398,13 +398,28 @@ def _flatten(tree, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def default_values(method_name: str) -> dict[str, Any]:
+    """Every field's default (base_config with the method's fields), flattened: what a field
+    added to hamjax after a checkpoint was written stands at when it changes nothing."""
+    config = base_config()
+    if method_name in available_methods():
+        config.method = method_config(method_name)
+    return _flatten(config_to_json(config))
+
+
 def config_changes(saved: Mapping, now: Mapping) -> list[dict]:
     """[{"field", "checkpoint", "now"}] for every field outside RESUME_MAY_CHANGE whose value
-    differs between two JSON configs (`config_to_json`); ABSENT stands for a missing field."""
+    differs between two JSON configs (`config_to_json`); ABSENT stands for a missing field.
+    A field the checkpoint lacks (added to hamjax since) that now holds its default, which
+    keeps the old behaviour (`train.ema_decay=0`, `method.awp_gamma=0`), is no change."""
     old, new = _flatten(saved), _flatten(now)
+    method = new.get("method.name", old.get("method.name", ""))
+    defaults = default_values(method) if set(new) - set(old) else {}
     return [{"field": f, "checkpoint": old.get(f, ABSENT), "now": new.get(f, ABSENT)}
             for f in sorted(set(old) | set(new))
-            if f not in RESUME_MAY_CHANGE and old.get(f, ABSENT) != new.get(f, ABSENT)]
+            if f not in RESUME_MAY_CHANGE and old.get(f, ABSENT) != new.get(f, ABSENT)
+            and not (f not in old and f != "method.name" and f in defaults
+                     and new[f] == defaults[f])]
 
 
 def describe_changes(changes: list[dict]) -> str:

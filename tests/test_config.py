@@ -235,5 +235,22 @@ def test_config_changes_list_every_differing_field_except_the_allowed_ones():
         saved, config_to_json(base_config()))
 
 
+def test_fields_added_since_a_checkpoint_change_nothing_at_their_defaults():
+    """A checkpoint written before `train.ema_decay` and `method.awp_gamma` existed resumes
+    with them at their defaults (off); set to anything else they are changes."""
+    def config():
+        c = base_config()
+        c.method = method_config("pgd_at")
+        return c
+
+    saved = config_to_json(config())
+    del saved["train"]["ema_decay"], saved["method"]["awp_gamma"]
+    assert config_changes(saved, config_to_json(config())) == []
+    now = config()
+    now.train.ema_decay = 0.999
+    assert config_changes(saved, config_to_json(now)) == [
+        {"field": "train.ema_decay", "checkpoint": ABSENT, "now": 0.999}]
+
+
 def test_the_allowed_fields_exist():
     assert set(RESUME_MAY_CHANGE) <= set(_paths(base_config().to_dict()))
