@@ -22,7 +22,8 @@ from hamjax.errors import ConfigError, TrainingInterrupted
 from hamjax.evaluation.workdir import load_run
 from hamjax.methods import get_method
 from hamjax.state import create_train_state
-from hamjax.train.loop import Trainer, numeric_scalars
+from hamjax.train.loop import Trainer
+from hamjax.train.report import numeric_scalars
 from hamjax.train.step import make_train_step
 
 
