@@ -39,6 +39,7 @@ from hamjax.errors import (
     TrainingDivergedError,
     TrainingInterrupted,
 )
+from hamjax.evaluation.selection import selection_evaluator, selection_label, selection_record
 from hamjax.methods import get_method
 from hamjax.metrics import (
     Ledger,
@@ -189,6 +190,7 @@ def _attack_record(config) -> dict:
         "eval_attack": {"name": f"pgd{config.eval.steps}", "eps": config.eval.eps,
                         "step_size": config.eval.step_size, "steps": config.eval.steps,
                         "random_start": True, "bn_mode": "eval"},
+        "selection": selection_record(config.eval),
     }
 
 
@@ -275,6 +277,9 @@ class Trainer:
         self.evaluator = PGDEvaluator(eval_model(self.ctx.model, config.eval.dtype),
                                       self.splits.num_classes, config.eval,
                                       self.mesh, config.eval.batch_size)
+        self.select_evaluator = selection_evaluator(
+            self.evaluator, eval_model(self.ctx.model, config.eval.dtype),
+            self.splits.num_classes, config.eval, self.mesh)
         self._eval_cache: dict = {}
         self._stop_signal: int | None = None  # set by a SIGTERM/SIGINT during `run`
         self._stop_agreed: int | None = None  # the signal every process stops for (`_should_stop`)
@@ -326,9 +331,12 @@ class Trainer:
         return changes
 
     # ----------------------------------------------------------------------------- eval
-    def evaluate(self, state: TrainState, split_name: str) -> tuple[PerClassCounts, ...]:
-        """(clean, robust) per-class counts on a split; cached per (step, split)."""
-        key = (int(state.step), split_name)
+    def evaluate(self, state: TrainState, split_name: str,
+                 evaluator: PGDEvaluator | None = None) -> tuple[PerClassCounts, ...]:
+        """(clean, robust) per-class counts on a split under `evaluator` (default: PGD-N);
+        cached per (step, split, attack)."""
+        evaluator = evaluator or self.evaluator
+        key = (int(state.step), split_name, evaluator.name)
         if key not in self._eval_cache:
             split = {"val": self.val, "meta": self.splits.meta, "test": self.splits.test}[
                 split_name]
@@ -337,9 +345,9 @@ class Trainer:
                                   "meta_per_class is 0)")
             split = subset(split, self.config.eval.num_examples, self.config.seed,
                            self.splits.num_classes)
-            rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
-            self._eval_cache = {key: self.evaluator(_variables(state), split, rng,
-                                                    progress=self.is_main, label=split_name)}
+            rng = evaluator.attack_key(self.config.seed)  # the CLI's pgdN key for PGD
+            self._eval_cache = {key: evaluator(_variables(state), split, rng,
+                                               progress=self.is_main, label=split_name)}
         return self._eval_cache[key]
 
     # ----------------------------------------------------------------------------- train
@@ -581,7 +589,9 @@ class Trainer:
         if self.method.epoch_end is not None:
             state = self.method.epoch_end(state, self.ctx, self.evaluate)
         if self.val is not None and (epoch + 1) % cfg.train.eval_every_epochs == 0:
-            summary = summarize(*self.evaluate(state, "val"), self.splits.class_names)
+            summary = summarize(*self.evaluate(state, "val", self.select_evaluator),
+                                self.splits.class_names)
+            summary["attack"] = self.select_evaluator.name  # which attack the robust numbers are
             record["val"] = summary
             score = _select_score(summary, cfg.eval.select_on)
             if meta["best_score"] is None or score > meta["best_score"]:
@@ -591,7 +601,7 @@ class Trainer:
             self.log.print(
                 f"epoch {epoch + 1}: val clean {summary['clean']['average']:.4f} "
                 f"(worst {summary['clean']['worst']:.4f}), "
-                f"PGD-{cfg.eval.steps} {summary['robust']['average']:.4f} "
+                f"{selection_label(cfg.eval)} {summary['robust']['average']:.4f} "
                 f"(worst {summary['robust']['worst']:.4f}); "
                 f"cost {cost['relative_to_pgd_at']:.3f}x PGD-AT; {record['train_seconds']:.1f}s")
         record["epoch_seconds"] = record["train_seconds"] + time.perf_counter() - t_end
