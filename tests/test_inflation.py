@@ -1,7 +1,8 @@
 """PGD-N vs AutoAttack inflation (hamjax.evaluation.inflation) without a trained run: the margin
 against NumPy, the gap arithmetic and per-stage attribution pinned on a fake model whose
 cross-entropy gradient is exactly zero (PGD-N is blind) while targeted APGD's scale-free DLR
-loss still breaks every example within eps of a class boundary, and the selection checks."""
+loss still breaks every example within eps of a class boundary; the selection checks, and older
+runs' configs filled with the new fields' defaults."""
 
 from __future__ import annotations
 
@@ -118,6 +119,14 @@ def test_pgd_misses_what_targeted_apgd_breaks_and_the_gap_says_so(toy_outcome):
 
 def test_margins_are_the_model_s_and_the_chart_is_written(toy_outcome, tmp_path):
     _, outcome, labels = toy_outcome
+    groups = inflation.margin_groups(outcome.clean_correct, outcome.robust["pgd10"],
+                                     outcome.robust["autoattack"], "pgd10", "autoattack")
+    kind = np.array([e[2] for e in EXAMPLES])
+    expected = {"robust to both": "robust", "broken only by autoattack": "near",
+                "broken by pgd10": "pgd breaks", "misclassified clean": "clean wrong"}
+    assert list(groups) == list(expected)
+    for name, what in expected.items():  # a partition: each example in exactly one group
+        np.testing.assert_array_equal(groups[name], kind == what, err_msg=name)
     images, _ = _toy_split()
     logits = np.asarray(Saturated().apply({"params": {}}, jnp.asarray(images)), np.float64)
     others = np.where(np.eye(4, dtype=bool)[labels], -np.inf, logits)
@@ -126,7 +135,7 @@ def test_margins_are_the_model_s_and_the_chart_is_written(toy_outcome, tmp_path)
     assert outcome.margins[9] < 0  # the clean-wrong example
     path = str(tmp_path / "margins.png")
     inflation.save_margin_chart(path, outcome.margins, labels, NAMES, np.array([1, 2, 0, 3.0]),
-                                "toy")
+                                "toy", groups)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -185,3 +194,24 @@ def test_apgd_selection_settings_and_class_checks():
         check_selection(_eval_config(select_attack="apgd", select_apgd_targets=1), 3)
     check_selection(_eval_config(select_attack="apgd", select_apgd_targets=0), 3)
     check_selection(_eval_config(select_attack="pgd", select_apgd_targets=10), 10)
+
+
+def test_a_run_saved_before_the_selection_fields_stays_evaluable():
+    """A checkpoint's config written before eval.select_* existed: the fields come back at
+    their defaults (selection by PGD, as then), named in a note; its own values stay."""
+    from hamjax.config import base_config, config_to_json, validate_config
+    from hamjax.evaluation.workdir import with_missing_defaults
+
+    saved = config_to_json(base_config())
+    saved["eval"]["steps"] = 7
+    for field in ("select_attack", "select_apgd_steps", "select_apgd_targets"):
+        del saved["eval"][field]
+    with pytest.raises(ConfigError, match=r"config\.eval\.select_apgd_steps is missing"):
+        validate_config(ml_collections.ConfigDict(saved))
+    notes: list[str] = []
+    config = with_missing_defaults(saved, notes.append)
+    validate_config(config)
+    assert config.eval.select_attack == "pgd" and config.eval.steps == 7
+    assert notes == ["note: the run's config predates eval.select_attack, eval.select_apgd_steps, "
+                     "eval.select_apgd_targets; using the defaults"]
+    assert "select_attack" not in saved["eval"]  # the saved dict is left as it was

@@ -238,11 +238,26 @@ def panel_classes(gaps: np.ndarray) -> list[int]:
     return order[:5] + order[-5:]
 
 
+def margin_groups(clean_correct: np.ndarray, pgd_robust: np.ndarray, strong_robust: np.ndarray,
+                  pgd_name: str, strong_name: str) -> dict[str, np.ndarray]:
+    """Each example's fate, for colouring the margin histograms: robust to both, broken only by
+    the strong attack (what PGD-N inflates), broken by PGD-N, misclassified clean."""
+    clean_correct = np.asarray(clean_correct, bool)
+    pgd_robust = np.asarray(pgd_robust, bool) & clean_correct
+    strong_robust = np.asarray(strong_robust, bool) & clean_correct
+    return {"robust to both": pgd_robust & strong_robust,
+            f"broken only by {strong_name}": pgd_robust & ~strong_robust,
+            f"broken by {pgd_name}": clean_correct & ~pgd_robust,
+            "misclassified clean": ~clean_correct}
+
+
 def save_margin_chart(path: str, margins: np.ndarray, labels: np.ndarray,
-                      class_names: Sequence[str], gaps: np.ndarray | None, title: str) -> None:
+                      class_names: Sequence[str], gaps: np.ndarray | None, title: str,
+                      groups: Mapping[str, np.ndarray] | None = None) -> None:
     """One histogram panel per class (see `panel_classes`) of the clean logit margin, a line at
     0 (left of it: misclassified), titled with the class name and its PGD-N minus strong-attack
-    gap; shared bins. Agg canvas: never touches a notebook's matplotlib backend."""
+    gap; shared bins; stacked by `groups` (label -> bool[N], see `margin_groups`) when given.
+    Agg canvas: never touches a notebook's matplotlib backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -260,14 +275,22 @@ def save_margin_chart(path: str, margins: np.ndarray, labels: np.ndarray,
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
+    groups = dict(groups) if groups else {"examples": np.ones(len(labels), bool)}
+    colours = ["tab:blue", "tab:red", "tab:orange", "tab:gray"]
     for ax, k in zip(axes.flat, shown, strict=False):
-        ax.hist(np.clip(margins[labels == k], lo, hi), bins=bins, color="tab:blue")
+        mine = labels == k
+        ax.hist([np.clip(margins[mine & g], lo, hi) for g in groups.values()], bins=bins,
+                stacked=True, label=list(groups), color=colours[: len(groups)])
         ax.axvline(0.0, color="tab:red", linewidth=1)
         gap = "" if not np.isfinite(gaps[k]) else f", gap {gaps[k]:+.1f}"
         ax.set_title(f"{class_names[k]}{gap}", fontsize="small")
         ax.tick_params(labelsize="x-small")
     for ax in axes[-1]:
         ax.set_xlabel("clean logit margin", fontsize="small")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("examples", fontsize="small")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize="small")
     fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)

@@ -7,6 +7,7 @@ model are rebuilt; nothing has to be passed twice. Checkpoints are found and rea
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -18,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.config import validate_config
+from hamjax.config import base_config, config_to_json, validate_config
 from hamjax.data import load_splits
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.evaluation.driver import console
@@ -26,6 +27,7 @@ from hamjax.evaluation.inflation import (
     DEFAULT_THRESHOLD,
     check_threshold,
     inflation_report,
+    margin_groups,
     pairs,
     save_margin_chart,
 )
@@ -79,6 +81,29 @@ def _find(checkpointer: Checkpointer, workdir: str, checkpoint: str,
     return checkpoint, step
 
 
+def with_missing_defaults(saved: Mapping[str, Any], log: Log) -> ml_collections.ConfigDict:
+    """A saved run's config with the fields added to base_config() since it was written, at
+    their defaults (a new field's default keeps the behaviour from before it), named in a note,
+    so older runs stay evaluable; the run's own values are never changed."""
+    added: list[str] = []
+
+    def fill(into: dict, defaults: Mapping[str, Any], prefix: str) -> None:
+        for key, value in defaults.items():
+            if prefix == "" and key == "method":  # a method's own fields: the method's business
+                continue
+            if key not in into:
+                into[key] = copy.deepcopy(value)
+                added.append(prefix + key)
+            elif isinstance(value, Mapping) and isinstance(into[key], dict):
+                fill(into[key], value, f"{prefix}{key}.")
+
+    tree = copy.deepcopy(dict(saved))
+    fill(tree, config_to_json(base_config()), "")
+    if added:
+        log(f"note: the run's config predates {', '.join(added)}; using the defaults")
+    return ml_collections.ConfigDict(tree)
+
+
 def load_run(workdir: str, checkpoint: str = "best", log: Log = print) -> LoadedRun:
     """Rebuilds a run from `workdir`: the best-on-validation checkpoint (or the last one when
     there is no best, with a printed note), the config stored with it, its data and model."""
@@ -93,7 +118,7 @@ def load_run(workdir: str, checkpoint: str = "best", log: Log = print) -> Loaded
         if "config" not in meta:
             raise CheckpointError(f"{workdir}/{kind}/{step} has no config in its metadata; it "
                                   "was not written by hamjax.train")
-        config = ml_collections.ConfigDict(meta["config"])
+        config = with_missing_defaults(meta["config"], log)
         validate_config(config)
         splits = load_splits(config.data, seed=config.seed)
         ctx = build_context(config, splits)
@@ -212,9 +237,12 @@ def evaluate_workdir(
         if inflation is not None:
             inflation["margin_chart_path"] = stem + "_margins.png"
             first = inflation["comparisons"][0]
+            pgd_name, strong_name = first["pgd"], first["strong"]
+            groups = margin_groups(outcome.clean_correct, outcome.robust[pgd_name],
+                                   outcome.robust[strong_name], pgd_name, strong_name)
             save_margin_chart(stem + "_margins.png", outcome.margins, data.labels,
                               result["class_names"], np.asarray(first["per_class"]["gap_points"]),
-                              f"clean logit margins per class ({first['pgd']} - {first['strong']}"
-                              f" gap in points); {chart_title(result)}")
+                              f"clean logit margins per class ({pgd_name} - {strong_name} gap "
+                              f"in points); {chart_title(result)}", groups)
         write_outputs(result, stem, log)
     return result
