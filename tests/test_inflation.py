@@ -118,7 +118,7 @@ def test_pgd_misses_what_targeted_apgd_breaks_and_the_gap_says_so(toy_outcome):
 
 
 def test_margins_are_the_model_s_and_the_chart_is_written(toy_outcome, tmp_path):
-    _, outcome, labels = toy_outcome
+    specs, outcome, labels = toy_outcome
     groups = inflation.margin_groups(outcome.clean_correct, outcome.robust["pgd10"],
                                      outcome.robust["autoattack"], "pgd10", "autoattack")
     kind = np.array([e[2] for e in EXAMPLES])
@@ -134,8 +134,8 @@ def test_margins_are_the_model_s_and_the_chart_is_written(toy_outcome, tmp_path)
                                - others.max(1), rtol=1e-5)
     assert outcome.margins[9] < 0  # the clean-wrong example
     path = str(tmp_path / "margins.png")
-    inflation.save_margin_chart(path, outcome.margins, labels, NAMES, np.array([1, 2, 0, 3.0]),
-                                "toy", groups)
+    report = inflation.inflation_report(specs, outcome, labels, NAMES, threshold=5.0)
+    inflation.chart_margins(path, report, outcome, labels, "toy")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -294,3 +294,17 @@ def save_margin_chart(path: str, margins: np.ndarray, labels: np.ndarray,
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
+
+
+def chart_margins(path: str, report: Mapping[str, Any], outcome, labels: np.ndarray,
+                  subtitle: str) -> None:
+    """The margin chart of an `inflation_report`: its first comparison's per-class gaps in the
+    panel titles, each example coloured by its fate under that pair (`margin_groups`)."""
+    first = report["comparisons"][0]
+    pgd_name, strong_name = first["pgd"], first["strong"]
+    groups = margin_groups(outcome.clean_correct, outcome.robust[pgd_name],
+                           outcome.robust[strong_name], pgd_name, strong_name)
+    save_margin_chart(path, outcome.margins, labels, first["class_names"],
+                      np.asarray(first["per_class"]["gap_points"], np.float64),
+                      f"clean logit margins per class ({pgd_name} - {strong_name} gap in "
+                      f"points); {subtitle}", groups)

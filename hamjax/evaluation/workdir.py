@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.config import base_config, config_to_json, validate_config
@@ -25,11 +24,10 @@ from hamjax.errors import CheckpointError, ConfigError
 from hamjax.evaluation.driver import console
 from hamjax.evaluation.inflation import (
     DEFAULT_THRESHOLD,
+    chart_margins,
     check_threshold,
     inflation_report,
-    margin_groups,
     pairs,
-    save_margin_chart,
 )
 from hamjax.evaluation.report import build_result, chart_title, write_outputs
 from hamjax.evaluation.runner import run_attacks
@@ -236,13 +234,7 @@ def evaluate_workdir(
     if write:
         if inflation is not None:
             inflation["margin_chart_path"] = stem + "_margins.png"
-            first = inflation["comparisons"][0]
-            pgd_name, strong_name = first["pgd"], first["strong"]
-            groups = margin_groups(outcome.clean_correct, outcome.robust[pgd_name],
-                                   outcome.robust[strong_name], pgd_name, strong_name)
-            save_margin_chart(stem + "_margins.png", outcome.margins, data.labels,
-                              result["class_names"], np.asarray(first["per_class"]["gap_points"]),
-                              f"clean logit margins per class ({pgd_name} - {strong_name} gap "
-                              f"in points); {chart_title(result)}", groups)
+            chart_margins(stem + "_margins.png", inflation, outcome, data.labels,
+                          chart_title(result))
         write_outputs(result, stem, log)
     return result
