@@ -80,6 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.num_examples = 0  # 0: the whole split
     c.eval.select_on = "robust_worst"  # robust_average | robust_worst | clean_average
+    # The attack whose validation numbers select the checkpoint: "pgd" (PGD-N above) or "apgd"
+    # (APGD-CE, then targeted APGD on its survivors; 0 targets: APGD-CE only). Defaults keep a
+    # validation pass under a quarter of a Fashion-MNIST training epoch (arithmetic in
+    # hamjax/evaluation/selection.py).
+    c.eval.select_attack = "pgd"
+    c.eval.select_apgd_steps = 10
+    c.eval.select_apgd_targets = 2
     c.eval.final_splits = ("test",)
     # Evaluation attacks' compute dtype, independent of model.dtype: a bfloat16-trained model is
     # attacked in float32 unless asked, so margins (CW, DLR, FAB) are not bfloat16-rounded.
@@ -335,6 +342,9 @@ def _validate_eval(ev) -> None:
     _int(ev, "eval", "batch_size", 1)
     _int(ev, "eval", "num_examples", 0, " (0: the whole split)")
     _choice(ev, "eval", "select_on", SELECT_ON)
+    _choice(ev, "eval", "select_attack", SELECT_ATTACKS)
+    _int(ev, "eval", "select_apgd_steps", 1, " (APGD iterations per run)")
+    _int(ev, "eval", "select_apgd_targets", 0, " (0: APGD-CE only, no targeted stage)")
     splits = ev.final_splits
     require(is_sequence(splits) and bool(splits) and len(set(splits)) == len(splits)
              and all(s in FINAL_SPLITS for s in splits), "eval.final_splits", splits,
@@ -343,6 +353,7 @@ def _validate_eval(ev) -> None:
 
 
 SELECT_ON = ("robust_average", "robust_worst", "clean_average")
+SELECT_ATTACKS = ("pgd", "apgd")  # hamjax.evaluation.selection
 FINAL_SPLITS = ("test", "val")
 
 

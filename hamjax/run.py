@@ -7,7 +7,9 @@ run here, so a checkpoint is read back by the same code that trained it; nothing
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -15,10 +17,10 @@ import ml_collections
 import numpy as np
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.config import validate_config
+from hamjax.config import base_config, config_to_json, method_config, validate_config
 from hamjax.data import DATASET_STATS, Splits, load_splits, num_batches
 from hamjax.errors import CheckpointError, ConfigError
-from hamjax.methods import get_method
+from hamjax.methods import available_methods, get_method
 from hamjax.models import build_model
 from hamjax.optim import make_lr_fn, make_optimizer
 from hamjax.sharding import place_like
@@ -93,16 +95,44 @@ class RestoredRun:
     meta: dict[str, Any]
 
 
-def restore_run(checkpointer: Checkpointer, kind: str, step: int | None = None) -> RestoredRun:
+def with_missing_defaults(saved: Mapping[str, Any],
+                          log: Callable[[str], None] | None = None) -> ml_collections.ConfigDict:
+    """A saved run's config with the fields added to hamjax since it was written (the trainer's
+    and its method's) at their defaults, named in a note, so older runs stay evaluable: a new
+    field's default keeps the behaviour from before it; the run's own values never change."""
+    added: list[str] = []
+
+    def fill(into: dict, defaults: Mapping[str, Any], prefix: str) -> None:
+        for key, value in defaults.items():
+            if key not in into:
+                into[key] = copy.deepcopy(value)
+                added.append(prefix + key)
+            elif isinstance(value, Mapping) and isinstance(into[key], dict):
+                fill(into[key], value, f"{prefix}{key}.")
+
+    tree = copy.deepcopy(dict(saved))
+    defaults = base_config()
+    name = tree.get("method", {}).get("name")
+    if name in available_methods():
+        defaults.method = method_config(name)
+    fill(tree, config_to_json(defaults), "")
+    if added and log is not None:
+        log(f"note: the run's config predates {', '.join(added)}; using the defaults")
+    return ml_collections.ConfigDict(tree)
+
+
+def restore_run(checkpointer: Checkpointer, kind: str, step: int | None = None,
+                log: Callable[[str], None] | None = None) -> RestoredRun:
     """The run saved in `checkpointer`'s `kind` folder (BEST or LAST) at `step` (None: the
-    latest), rebuilt from the config in that checkpoint's metadata: same data split, model and
-    method state, so nothing has to be passed twice."""
+    latest), rebuilt from the config in that checkpoint's metadata (fields added to hamjax
+    since at their defaults, noted through `log`): same data split, model and method state, so
+    nothing has to be passed twice."""
     meta = checkpointer.read_meta(kind, step) or {}
     where = f"{checkpointer.workdir}/{kind}" + ("" if step is None else f"/{step}")
     if "config" not in meta:
         raise CheckpointError(f"{where} has no config in its metadata; it was not written by "
                               "hamjax.train")
-    config = ml_collections.ConfigDict(meta["config"])
+    config = with_missing_defaults(meta["config"], log)
     validate_config(config)
     splits = load_splits(config.data, seed=config.seed)
     ctx = build_context(config, splits)

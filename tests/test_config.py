@@ -76,6 +76,9 @@ INVALID: dict[str, list] = {
     "eval.batch_size": [0],
     "eval.num_examples": [-5, 2.5],
     "eval.select_on": ["robust_best"],
+    "eval.select_attack": ["autoattack", "APGD", 1],
+    "eval.select_apgd_steps": [0, 2.5, "10"],
+    "eval.select_apgd_targets": [-1, 1.5, True],
     "eval.final_splits": [("train",), (), "test", ("test", "test")],
     "eval.dtype": ["float16"],
     # method fields (TRADES, HAM, FRL, CAAT, GAIRAT, FAT)

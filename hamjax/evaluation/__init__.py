@@ -10,6 +10,8 @@ Modules, one responsibility each:
   pgd       `PGDEvaluator`: the trainer's per-epoch clean + PGD-N pass
   workdir   a trained workdir: `load_run` (through `hamjax.run`), `evaluate_workdir`
   report    the JSON record and the per-class bar chart
+  inflation PGD-N vs AutoAttack/APGD per class: gap, breaking stage, margin histograms
+  selection the attack that selects checkpoints on validation (config.eval.select_attack)
   cli       `python -m hamjax.evaluate`
 
 Robust accuracy has one definition everywhere: an example is robust only if it is classified

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from hamjax.cpu_devices import use_cpu_devices
 from hamjax.errors import ConfigError, HamjaxError
+from hamjax.evaluation.inflation import DEFAULT_THRESHOLD
 from hamjax.evaluation.specs import (
     TUNABLE,
     VALID_ATTACKS_TEXT,
@@ -52,6 +53,10 @@ def _define(fv: flags.FlagValues, argv: Sequence[str]) -> flags.FlagHolder:
                       "Square queries (recorded; not comparable with published numbers).",
                       flag_values=fv)
     flags.DEFINE_bool("no_resume", False, "Ignore the partial results file.", flag_values=fv)
+    flags.DEFINE_float("inflation_threshold", DEFAULT_THRESHOLD, "With pgdN beside autoattack "
+                       "or an apgd attack: warn (and flag in the JSON) when pgdN's robust "
+                       "accuracy exceeds the strong attack's by more than this many points, on "
+                       "average or in any class.", flag_values=fv)
     flags.DEFINE_string("cpu_devices", "auto", "On the CPU: host devices to split each chunk "
                         "over ('auto': one per core; 1: none), as launch.py does; chunks are "
                         "rounded up to a multiple of the devices. Results do not depend on it "
@@ -141,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluate_workdir(fv.workdir, fv.attacks, fv.split, fv.num_examples,
                          checkpoint=fv.checkpoint, batch_size=fv.batch_size, seed=fv.seed,
                          eps=fv.eps, step_size=fv.step_size, overrides=overrides_from(attack.value),
-                         fast=fv.fast, resume=not fv.no_resume)
+                         fast=fv.fast, resume=not fv.no_resume,
+                         inflation_threshold=fv.inflation_threshold)
     except HamjaxError as err:  # config, checkpoint, data, disk full: the message says the fix
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from hamjax.evaluation.driver import Driver, class_counts
-from hamjax.evaluation.specs import attack_key, bound_attack, parse_attacks
+from hamjax.evaluation.specs import AttackSpec, attack_key, bound_attack, parse_attacks
 from hamjax.evaluation.stages import (
     ROBUST_DEFINITION,
     ChainStage,
@@ -31,11 +31,15 @@ class PGDEvaluator:
 
     robust_definition = ROBUST_DEFINITION
 
-    def __init__(self, model, num_classes: int, attack_config, mesh, batch_size: int):
+    def __init__(self, model, num_classes: int, attack_config, mesh, batch_size: int,
+                 spec: AttackSpec | None = None):
+        """spec: another attack chain at attack_config.eps instead of PGD (the APGD selection,
+        `hamjax.evaluation.selection`)."""
         self.num_classes = num_classes
         self.eps = float(attack_config.eps)
-        spec = parse_attacks(f"pgd{int(attack_config.steps)}", eps=self.eps,
-                             num_classes=num_classes, step_size=float(attack_config.step_size))[0]
+        spec = spec or parse_attacks(f"pgd{int(attack_config.steps)}", eps=self.eps,
+                                     num_classes=num_classes,
+                                     step_size=float(attack_config.step_size))[0]
         self.name = spec.name
         logits_of = model_logits(model)
         self._driver = Driver(mesh, batch_size)

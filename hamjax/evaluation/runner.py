@@ -19,6 +19,7 @@ from hamjax.attacks import checks
 from hamjax.attacks.autoattack_ensemble import config_warnings
 from hamjax.data.augment import images_to_float
 from hamjax.evaluation.driver import ChunkReport, Driver, StageRecord, console
+from hamjax.evaluation.inflation import margin_fn
 from hamjax.evaluation.resume import ResumeFile, crc
 from hamjax.evaluation.specs import AttackSpec, attack_key, bound_attack
 from hamjax.evaluation.stages import (
@@ -45,6 +46,9 @@ class AttackOutcome:
     warnings: list[str]
     computed_chunks: int
     resumed_examples: int
+    # stage id -> the examples that stage broke (each broken example by one stage of its chain)
+    fooled_by: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    margins: np.ndarray | None = None  # clean logit margins (float32[N]), when asked for
 
 
 class _Progress:
@@ -118,12 +122,15 @@ def run_attacks(
     log: Log = console,
     mesh=None,
     progress: bool = True,
+    margins: bool = False,
 ) -> AttackOutcome:
     """Runs `specs` on (images, labels) chunk by chunk; resumable through `partial_path`.
 
     images: uint8 or [0, 1] float NHWC. batch_size is the chunk size (a multiple of the mesh's
     devices; default mesh: every device). The model runs in eval mode (running BN statistics).
     progress: a bar with ETA per stage on a terminal; `log` gets a line per chunk either way.
+    margins: also each example's clean logit margin (`hamjax.evaluation.inflation`), kept in the
+    resume file like the other per-example results.
     """
     driver = Driver(make_mesh() if mesh is None else mesh, batch_size)
     labels = np.asarray(labels, np.int32)
@@ -142,6 +149,9 @@ def run_attacks(
         x = images_to_float(jnp.asarray(images[: min(n, 16)]))
         store.extra["output_gap"] = checks.randomness_gap(logits_of(variables), x)
         store.save()
+    margin_values = None
+    if margins:
+        margin_values = _clean_margins(driver, store, logits_of, variables, arrays, seed, progress)
     found = clean_checks(clean)
     warnings = checks.clean_warnings(n_zero_grad=found["n_zero_grad"],
                                      n_grad_checked=found["n_grad_checked"],
@@ -151,6 +161,7 @@ def run_attacks(
     correct = clean.output("correct")
     robust: dict[str, np.ndarray] = {}
     stages_out: dict[str, dict[str, Any]] = {}
+    fooled_by: dict[str, np.ndarray] = {}
     for spec in specs:
         chain_stages = [ChainStage(s.stage_id, attack_fn(logits_of, bound_attack(s, num_classes)),
                                    dict(s.kwargs, kind=s.kind)) for s in spec.stages]
@@ -160,6 +171,23 @@ def run_attacks(
                           on_chunk=tracker.chunk, progress=progress)
         robust[spec.name] = chain.robust
         stages_out.update(_stage_summary(spec, chain, n))
+        fooled_by.update(chain.fooled_by)
         warnings += _spec_warnings(spec, chain, num_classes, n)
     return AttackOutcome(correct, robust, stages_out, warnings, tracker.computed_chunks,
-                         tracker.resumed_examples)
+                         tracker.resumed_examples, fooled_by, margin_values)
+
+
+def _clean_margins(driver: Driver, store: ResumeFile, logits_of, variables, arrays, seed: int,
+                   progress: bool) -> np.ndarray:
+    """Every example's clean logit margin: from the resume file, else one forward pass (then
+    saved there: a float per example, so outside the per-stage bit records)."""
+    n = len(arrays["label"])
+    saved = store.extra.get("clean_margins")
+    if saved is not None and len(saved) == n:
+        return np.asarray(saved, np.float32)
+    record = driver.run(margin_fn(logits_of), variables, arrays, np.arange(n),
+                        attack_key(seed, "clean"), name="margins", progress=progress)
+    values = record.output("margin", 0.0).astype(np.float32)
+    store.extra["clean_margins"] = values.tolist()
+    store.save()
+    return values

@@ -21,7 +21,14 @@ from hamjax.checkpoint import BEST, LAST, Checkpointer
 from hamjax.data import stratified_subset
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.evaluation.driver import console
-from hamjax.evaluation.report import build_result, write_outputs
+from hamjax.evaluation.inflation import (
+    DEFAULT_THRESHOLD,
+    chart_margins,
+    check_threshold,
+    inflation_report,
+    pairs,
+)
+from hamjax.evaluation.report import build_result, chart_title, write_outputs
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import check_attack_names, parse_attacks
 from hamjax.models import eval_model
@@ -78,7 +85,7 @@ def load_run(workdir: str, checkpoint: str = "best", log: Log = print) -> Loaded
     try:
         checkpoint, step = _find(checkpointer, workdir, checkpoint, log)
         kind = CHECKPOINTS[checkpoint]
-        run = restore_run(checkpointer, kind, step)
+        run = restore_run(checkpointer, kind, step, log)
     finally:
         checkpointer.close()
     meta, state = run.meta, run.state
@@ -126,6 +133,7 @@ def evaluate_workdir(
     resume: bool = True,
     write: bool = True,
     log: Log = console,
+    inflation_threshold: float = DEFAULT_THRESHOLD,
 ) -> dict[str, Any]:
     """Per-class clean/robust accuracy of a trained workdir under `attacks`; returns the record
     also written to `<workdir>/eval/<split>_<checkpoint>.json` (with a `.png` chart).
@@ -137,8 +145,12 @@ def evaluate_workdir(
     for smoke tests (recorded; not comparable with published numbers). resume: reuse the
     examples finished by an earlier call with the same settings. Files are named after the
     checkpoint actually evaluated (`<split>_last.*` when "best" fell back to the last one).
+    With PGD-N beside AutoAttack or an APGD attack, `result["inflation"]` holds the per-class
+    gap (`hamjax.evaluation.inflation`; warned above `inflation_threshold` points) and
+    `<stem>_margins.png` the clean logit-margin histograms.
     """
     _check_request(split, num_examples)  # before loading anything
+    inflation_threshold = check_threshold(inflation_threshold)
     check_attack_names(attacks)
     run = load_run(workdir, checkpoint, log)
     cfg, splits = run.config, run.splits
@@ -151,6 +163,7 @@ def evaluate_workdir(
     step_size = default_step_size(cfg, eps) if step_size is None else step_size
     specs = parse_attacks(attacks, eps=eps, num_classes=splits.num_classes, step_size=step_size,
                           overrides=overrides, fast=fast)
+    compared = bool(pairs(specs))
     data = splits.test if split == "test" else splits.val
     if data is None:
         raise ConfigError(f"split {split!r} is empty: the run has data.val_size=0")
@@ -169,13 +182,24 @@ def evaluate_workdir(
     outcome = run_attacks(run.model, run.variables, data.images, data.labels, splits.num_classes,
                           specs, eps=eps, seed=seed, batch_size=batch_size,
                           partial_path=stem + ".partial.json" if write else None,
-                          fingerprint=fingerprint, resume=resume, log=log)
+                          fingerprint=fingerprint, resume=resume, log=log, margins=compared)
     result = build_result(run, specs, outcome, data.labels, split=split, eps=eps, seed=seed,
                           batch_size=batch_size, fast=fast, requested=(checkpoint, num_examples),
                           sampled=len(data) < full_size, seconds=time.time() - t0)
     log(result["table"])
     for w in outcome.warnings:
         log(f"warning: {w}")
+    inflation = inflation_report(specs, outcome, data.labels, result["class_names"],
+                                 inflation_threshold)
+    if inflation is not None:
+        result["inflation"] = inflation
+        log(inflation["table"])
+        for w in inflation["warnings"]:
+            log(f"warning: {w}")
     if write:
+        if inflation is not None:
+            inflation["margin_chart_path"] = stem + "_margins.png"
+            chart_margins(stem + "_margins.png", inflation, outcome, data.labels,
+                          chart_title(result))
         write_outputs(result, stem, log)
     return result

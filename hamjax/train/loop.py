@@ -42,6 +42,7 @@ from hamjax.data.prefetch import prefetch
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.evaluation.driver import Driver, map_examples
 from hamjax.evaluation.pgd import PGDEvaluator
+from hamjax.evaluation.selection import selection_evaluator, selection_label
 from hamjax.methods import get_method
 from hamjax.metrics import Ledger, PerClassCounts, format_per_class_table
 from hamjax.models import eval_model
@@ -147,6 +148,9 @@ class Trainer:
         self.evaluator = PGDEvaluator(eval_model(self.ctx.model, config.eval.dtype),
                                       self.splits.num_classes, config.eval,
                                       self.mesh, config.eval.batch_size)
+        self.select_evaluator = selection_evaluator(
+            self.evaluator, eval_model(self.ctx.model, config.eval.dtype),
+            self.splits.num_classes, config.eval, self.mesh)
         self._eval_cache: dict = {}
         self._map_driver: Driver | None = None
         self.signals = StopSignals()  # a SIGTERM/SIGINT during `run`, agreed by all processes
@@ -207,20 +211,23 @@ class Trainer:
         return stratified_subset(split, self.config.eval.num_examples, self.config.seed,
                                  self.splits.num_classes)
 
-    def evaluate(self, state: TrainState, split_name: str,
-                 averaged: bool = False) -> tuple[PerClassCounts, ...]:
-        """(clean, robust) per-class counts on a split; cached per (step, split, weights).
-        Methods' epoch_end see the online weights; validation and reports the averaged ones
-        (`averaged=True`; the online weights when the run averages nothing)."""
+    def evaluate(self, state: TrainState, split_name: str, averaged: bool = False,
+                 evaluator: PGDEvaluator | None = None) -> tuple[PerClassCounts, ...]:
+        """(clean, robust) per-class counts on a split under `evaluator` (default: PGD-N);
+        cached per (step, split, weights, attack). Methods' epoch_end see the online weights;
+        validation and reports the averaged ones (`averaged=True`; the online weights when the
+        run averages nothing)."""
+        evaluator = evaluator or self.evaluator
         variables = evaluation_variables(state) if averaged else _variables(state)
-        key = (int(state.step), split_name, weights_tag(state) if averaged else "online")
+        key = (int(state.step), split_name, weights_tag(state) if averaged else "online",
+               evaluator.name)
         if key not in self._eval_cache:
             split = self._eval_split(split_name)
-            rng = self.evaluator.attack_key(self.config.seed)  # the CLI's pgdN key
+            rng = evaluator.attack_key(self.config.seed)  # the CLI's pgdN key for PGD
             kept = {k: v for k, v in self._eval_cache.items() if k[0] == key[0]}
-            self._eval_cache = {**kept, key: self.evaluator(variables, split, rng,
-                                                            progress=self.is_main,
-                                                            label=split_name)}
+            self._eval_cache = {**kept, key: evaluator(variables, split, rng,
+                                                       progress=self.is_main,
+                                                       label=split_name)}
         return self._eval_cache[key]
 
     def map_split(self, state: TrainState, split_name: str, fn, key: jax.Array
@@ -416,8 +423,10 @@ class Trainer:
         if averaging:
             record["averaging"] = averaging
         if self.val is not None and (epoch + 1) % cfg.train.eval_every_epochs == 0:
-            summary = summarize(*self.evaluate(state, "val", averaged=True),
+            summary = summarize(*self.evaluate(state, "val", averaged=True,
+                                               evaluator=self.select_evaluator),
                                 self.splits.class_names)
+            summary["attack"] = self.select_evaluator.name  # which attack the robust numbers are
             record["val"] = summary
             score = select_score(summary, cfg.eval.select_on)
             if meta["best_score"] is None or score > meta["best_score"]:
@@ -427,7 +436,7 @@ class Trainer:
             self.log.print(
                 f"epoch {epoch + 1}: val clean {summary['clean']['average']:.4f} "
                 f"(worst {summary['clean']['worst']:.4f}), "
-                f"PGD-{cfg.eval.steps} {summary['robust']['average']:.4f} "
+                f"{selection_label(cfg.eval)} {summary['robust']['average']:.4f} "
                 f"(worst {summary['robust']['worst']:.4f}); "
                 f"cost {cost['relative_to_pgd_at']:.3f}x PGD-AT; {record['train_seconds']:.1f}s")
         record["epoch_seconds"] = record["train_seconds"] + time.perf_counter() - t_end

@@ -7,6 +7,7 @@ from etils import epath
 
 from hamjax.checkpoint import BEST, LAST
 from hamjax.config import config_to_json
+from hamjax.evaluation.selection import selection_record
 from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary
 
 
@@ -97,6 +98,7 @@ def attack_record(config) -> dict:
         "eval_attack": {"name": f"pgd{config.eval.steps}", "eps": config.eval.eps,
                         "step_size": config.eval.step_size, "steps": config.eval.steps,
                         "random_start": True, "bn_mode": "eval"},
+        "selection": selection_record(config.eval),
     }
 
 
