@@ -95,7 +95,7 @@ def test_apgd_selection_trains_selects_and_records(run):
 
 
 def _val_subset(loaded):
-    from hamjax.robust_eval import subset
+    from hamjax.data import stratified_subset as subset
 
     cfg = loaded.config
     return subset(loaded.splits.val, cfg.eval.num_examples, cfg.seed, loaded.splits.num_classes)
@@ -137,9 +137,8 @@ def _direct_apgd_robust(loaded, images, labels) -> np.ndarray:
 def test_apgd_validation_attacks_and_equals_direct_calls(run):
     """On the selected checkpoint: the recorded APGD validation counts are what a direct call
     of the APGD functions gives, and no more than PGD-20's on the same examples."""
-    from hamjax.robust_eval import PGDEvaluator
-
     from hamjax.evaluation.driver import class_counts
+    from hamjax.evaluation.pgd import PGDEvaluator
     from hamjax.evaluation.selection import APGDEvaluator
     from hamjax.sharding import make_mesh
 

@@ -10,7 +10,7 @@
   PGD then rewards that inflation.
 
 `config.eval.select_on` picks the statistic (average or worst class) of whichever attack runs.
-Both go through the evaluation driver (`hamjax.robust_eval.PGDEvaluator`): chunks are padded
+Both go through the evaluation driver (`hamjax.evaluation.pgd.PGDEvaluator`): chunks are padded
 and sharded over the mesh and unpadded on return, so each example counts once on any number of
 devices, and each example's randomness is folded from its index.
 
@@ -33,8 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 from hamjax.errors import ConfigError
+from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.evaluation.specs import AttackSpec, Stage
-from hamjax.robust_eval import PGDEvaluator
 
 APGD_SELECTION = "apgd"  # the chain's name: its root key is attack_key(seed, APGD_SELECTION)
 
