@@ -10,8 +10,9 @@ and state. The hard set is forced to a chosen fraction through the batch hook
 is replaced). Compile time is excluded: one warm-up call, then the median of `--repeats` calls,
 each ended by block_until_ready, the steps timed in turn within each repeat (ratios are
 medians of per-repeat ratios). Prints JSON: per fraction the bucket used (fraction b), the
-measured time ratio HAM / PGD-AT, the ideal ratio (M + (K - M) b + b) / (K + 1) from ham.md, and
-the ratio of counted example passes (forward + backward) from the ledger. The masked reference
+measured time ratio HAM / PGD-AT, the ideal ratio (M + (K - M) b + b) / (K + 1) (the attack
+steps and the update HAM runs, over PGD-AT's), and the ratio of counted example passes
+(forward + backward) from the ledger. The masked reference
 path (`method.bucketed=False`) is timed at one fraction to show that masking alone saves nothing.
 
 `--devices N` jits both steps over a mesh of N devices (N fake CPU devices when the backend is the

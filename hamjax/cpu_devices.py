@@ -1,5 +1,5 @@
 """One host device per CPU core: XLA:CPU keeps about one core busy per device, so splitting a
-batch over several host devices is the CPU's data parallelism (measured in the README). Pure
+batch over several host devices is the CPU's data parallelism (docs/performance.md). Pure
 functions of the setting and the environment: they must run before jax creates its CPU backend,
 which reads XLA_FLAGS once."""
 

@@ -12,9 +12,10 @@ Omega is trained Meta-Weight-Net style: every `meta_interval` steps a virtual SG
 W_hat(Omega) (the real optimiser's momentum, weight decay and lr), the composite loss
 (alpha = beta = 1) of W_hat on a clean balanced meta batch, and an Adam step on
 d L_meta / d Omega through W_hat. FRL's multipliers (w0, w1, m) are refitted once per epoch on the
-meta set. See `/work/shared/reference/caat.md`; the official code's defects listed there are not
-copied: the model's BatchNorm is in train mode for every loss forward, the class-average loss
-feature is rolled over each epoch, and the meta batch uses its own class bounds and weights.
+meta set, as xiaolingzhou98/CAAT @9186f6d computes it (`CAAT.py`, `utils.py`, `meta.py`). Three
+of the official code's defects are not copied: the model's BatchNorm is in train mode for every
+loss forward, the class-average loss feature is rolled over each epoch, and the meta batch uses
+its own class bounds and weights.
 
 Everything the run needs to resume (multipliers, meta-net weights and Adam state, running class
 losses, routing counts) lives in `method_state`.

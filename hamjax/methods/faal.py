@@ -67,7 +67,7 @@ _LOG_T_SPAN = 40.0
 _MIN_SPREAD = 1.0e-6
 
 FAAL_DEFAULTS = {
-    "base": "at",  # --loss AT (the README's FAAL_AT); "trades" for FAAL_TRADES
+    "base": "at",  # --loss AT (the official README's FAAL_AT); "trades" for FAAL_TRADES
     "r": 0.5,  # --scale: the KL ball's radius
     "beta": 6.0,  # TRADES base only (hard-coded 6 in ft_prn.py)
 }

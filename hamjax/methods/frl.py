@@ -1,7 +1,9 @@
 """FRL (Xu et al., ICML 2021, "To be Robust or to be Fair"): per-class Lagrange multipliers.
 
 Once per epoch the per-class clean error and boundary error (clean acc - PGD acc) on a held-out
-split move three multiplier vectors (see `/work/shared/reference/caat.md`):
+split move three multiplier vectors, as CAAT's `utils.py: frl_train` (xiaolingzhou98/CAAT
+@9186f6d) does; the FRL scripts (hannxu123/fair_robust @a80547d, `utils_frl.py`,
+`utils_frl2.py`) move a subset of them per variant:
 
     gamma0 = clean_err - mean(clean_err) - delta0;  gamma1 = bndy_err - mean(bndy_err) - delta1
     lambda0 = N(lambda0 + rate1 gamma0);  lambda1 = N(lambda1 + 2 rate1 gamma1)
@@ -58,7 +60,7 @@ FRL_DEFAULTS: dict[str, Any] = {
     "lim": 0.5,  # N(.) rescales lambda0 / lambda1 to sum <= lim (< 1 keeps w > 0)
     "margin_min": 0.98,  # class eps multiplier clamp(exp(2 lambda2), margin_min, margin_max)
     "margin_max": 2.5,  # CAAT: 2.5; the FRL scripts (utils_frl2.py): 3.0
-    # "separate": sum(w0 ce)/sum(w0) + beta sum(w1 kl)/sum(w1) (caat.md, CAAT's code);
+    # "separate": sum(w0 ce)/sum(w0) + beta sum(w1 kl)/sum(w1) (CAAT's code, `utils.py`);
     # "joint": sum(w0 ce + beta w1 kl) / sum(w0 + w1) (the FRL scripts).
     "normalise": "separate",
     "frl_split": "val",  # split the multipliers are fitted on ("meta" for CAAT)
@@ -141,7 +143,8 @@ def update_lambdas(
     lim: float,
     moves: tuple[bool, bool, bool] = (True, True, True),
 ) -> Lambdas:
-    """One FRL multiplier step (caat.md); `moves` picks which of lambda0/1/2 change."""
+    """One FRL multiplier step (the module docstring's update); `moves` picks which of
+    lambda0/1/2 change."""
     clean_err = jnp.asarray(clean_err, jnp.float32)
     bndy_err = jnp.asarray(bndy_err, jnp.float32)
     gamma0 = clean_err - jnp.mean(clean_err) - delta0

@@ -3,7 +3,8 @@
 After `warmup_epochs` of plain PGD-AT, every step runs M PGD steps on the whole batch, one
 forward pass at x_M to find the hard set H = {i : argmax f(x_M)_i != y_i}, and then only H
 continues: the K - M remaining steps and the training pass (mean CE over H, BatchNorm statistics
-from H alone). See `../shared/reference/ham.md`.
+from H alone). The official code is yyl-github-1896/HAM @e3ee5ff (`GAIRAT_wrong_early_time.py`,
+`attack_generator.py`, a fork of GAIRAT): it shrinks the PyTorch batch to H by indexing.
 
 Shapes are static under jit, so a mask alone would save nothing. The hard rows are gathered into
 the smallest of a few fixed bucket sizes (`method.buckets`, fractions of the batch) that holds
@@ -28,8 +29,9 @@ bucket of S rows, padding included since it is executed.
 
 XLA:CPU caveat: backward convolutions inside `lax.switch` branches (and `while` bodies) miss the
 CPU compiler's layout canonicalisation (jax-ml/jax#12868) and run far slower, which on CPU eats
-the bucket saving unless the model's convs have a canonical-layout VJP (see
-`benchmarks/ham_cost.py --canonical_conv_vjp`). GPUs are not affected.
+the bucket saving unless the model's convs have a canonical-layout VJP: `model.conv_vjp="auto"`
+(the default) gives them one on CPU (`hamjax.backends.cpu.conv`; `benchmarks/ham_cost.py` times
+the step with it). GPUs are not affected.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """XLA compile options for the programs hamjax jits, and `jit`, which passes them.
 
 On the CPU backend, recent jaxlibs hand convolutions (and dots) to YNNPACK fusions. On the 2-core
-x86 machine the README quotes, those ran PreAct-ResNet-18's convolutions 1.7-2.3x slower than
-XLA's own Eigen kernels and its weight gradients 5x slower (`benchmarks/train_throughput.py`,
-README "Speed"), so hamjax compiles with the YNNPACK fusions off. Nothing changes on GPU/TPU, on
-a jaxlib without the option, or when the user's XLA_FLAGS already chooses the fusions.
+x86 machine docs/performance.md quotes, those ran PreAct-ResNet-18's convolutions 1.7-2.3x slower
+than XLA's own Eigen kernels and its weight gradients 5x slower (`benchmarks/train_throughput.py`,
+docs/performance.md "What the CPU needs"), so hamjax compiles with the YNNPACK fusions off.
+Nothing changes on GPU/TPU, on a jaxlib without the option, or when the user's XLA_FLAGS already
+chooses the fusions.
 """
 
 from __future__ import annotations
