@@ -20,7 +20,7 @@ PACKAGE = ROOT / "hamjax"
 # Bottom to top. A module belongs to the layer of the longest prefix listed (the root package
 # `hamjax` names only its own `__init__`); it may import from its own layer and those below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("hamjax", "hamjax.errors", "hamjax.paths", "hamjax.validation", "hamjax.compile_options",
+    ("hamjax", "hamjax.errors", "hamjax.paths", "hamjax.validation",
      "hamjax.cpu_devices", "hamjax.backends", "hamjax.sharding", "hamjax.metrics",
      "hamjax.checkpoint", "hamjax.runlog", "hamjax.workdir_lock", "hamjax.flops",
      "hamjax.accelerators"),
