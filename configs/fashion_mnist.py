@@ -14,9 +14,10 @@ attack budget (eps 0.1, PGD-10 with step 0.025), 55k/5k train/validation, no aug
 epochs, lr 0.05 x0.1 at epochs 6 and 9 (HAM's 60/90 of 120, scaled), PGD-20 on 2000 validation /
 test examples. HAM, as the official recipe, trains PGD-AT until the lr first drops (epoch 6), then
 mines with M = 3 over the low-learning-rate phase. Checkpoints are selected on validation with
-APGD-CE + targeted APGD (`eval.select_attack=apgd`), not PGD-20, which overstates HAM. `budget=finetune` is the CAAT
-recipe scaled down from CIFAR-10: fine-tune a robust run (`train.init_from`) for 4 epochs at a
-constant lr 0.005 with 5 attack steps (CAAT attacks twice per step), PGD-20 on 1000 examples.
+APGD-CE + targeted APGD (`eval.select_attack=apgd`), not PGD-20, which overstates HAM.
+`budget=finetune` is the CAAT recipe scaled down from CIFAR-10: fine-tune a robust run
+(`train.init_from`) for 4 epochs at a constant lr 0.005 with 5 attack steps (CAAT attacks twice
+per step), PGD-20 on 1000 examples.
 CAAT holds out 100 clean images per class as its meta set (and FRL's), with no validation split
 (as the official code); `scenario` tokens as in hamjax.data.scenarios (lt10, pairflip20, ...).
 """

@@ -15,6 +15,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from hamjax.accelerators import runs_on_cpu
 from hamjax.cpu_devices import use_cpu_devices
 from hamjax.errors import ConfigError, HamjaxError
 from hamjax.evaluation.inflation import DEFAULT_THRESHOLD
@@ -131,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: {PROG} --workdir DIR [flags]\n{fv.get_help()}")
         return 0
     try:
-        if argv is None:  # a program's own command line; in-process callers keep their devices
+        # a program's own command line on the CPU backend (GPU/TPU hosts keep their devices);
+        # in-process callers keep theirs
+        if argv is None and runs_on_cpu():
             use_cpu_devices(fv.cpu_devices)  # before anything touches a jax device
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

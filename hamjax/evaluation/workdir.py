@@ -32,6 +32,7 @@ from hamjax.evaluation.report import build_result, chart_title, write_outputs
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import check_attack_names, parse_attacks
 from hamjax.models import eval_model
+from hamjax.paths import resolve
 from hamjax.run import restore_run
 
 Log = Callable[[str], None]
@@ -80,7 +81,7 @@ def load_run(workdir: str, checkpoint: str = "best", log: Log = print) -> Loaded
     there is no best, with a printed note), the config stored with it, its data and model."""
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={checkpoint!r}: choose one of {sorted(CHECKPOINTS)}")
-    workdir = os.path.abspath(workdir)
+    workdir = str(resolve(workdir))  # gs:// kept verbatim (abspath would mangle it)
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
         checkpoint, step = _find(checkpointer, workdir, checkpoint, log)
