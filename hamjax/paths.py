@@ -46,3 +46,21 @@ def local_dir_problem(path: str | os.PathLike, flag: str = "--workdir") -> str |
         return (f"{flag}={os.fspath(path)} cannot be created: no permission to write in "
                 f"{parent}")
     return None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` so a reader never sees half a file: locally through a temporary file and a
+    rename; on a bucket in one object write (objects appear whole)."""
+    target = resolve(path)
+    if is_remote(path):
+        target.write_text(text)
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """A matplotlib figure as PNG at a local path or a bucket URL."""
+    with resolve(path).open("wb") as f:
+        fig.savefig(f, format="png", **kwargs)

@@ -156,6 +156,17 @@ def test_a_run_in_a_bucket_reads_trains_checkpoints_resumes_and_is_locked(bucket
     assert checkpointer.latest_step() == 8
     checkpointer.close()
 
+    # hamjax.evaluate reads the run from the bucket and writes its outputs there
+    from hamjax.evaluation.workdir import evaluate_workdir
+
+    result = evaluate_workdir(workdir, ["pgd2", "apgd-ce"], "test", 16, checkpoint="last",
+                              log=lambda line: None)
+    assert result["json_path"] == "gs://b/runs/fmnist/eval/test_last.json"
+    written = sorted(os.listdir(os.path.join(local, "eval")))
+    assert {"test_last.json", "test_last.png", "test_last_margins.png"} <= set(written)
+    with open(os.path.join(local, "eval", "test_last.json")) as f:
+        assert json.load(f)["num_examples"] == 16
+
     _put_lock(bucket, "runs/fmnist", **dict(workdir_lock.holder_record(pid=os.getppid()),
                                              host="another-worker"))
     with pytest.raises(WorkdirLockedError, match="another-worker"):

@@ -27,6 +27,7 @@ from hamjax.errors import ConfigError
 from hamjax.evaluation.driver import ChunkFn
 from hamjax.evaluation.specs import AttackSpec
 from hamjax.evaluation.stages import LogitsOf
+from hamjax.paths import save_figure
 
 DEFAULT_THRESHOLD = 5.0  # accuracy points
 APGD_KINDS = ("apgd-ce", "apgd-dlr", "apgd-t")
@@ -293,7 +294,7 @@ def save_margin_chart(path: str, margins: np.ndarray, labels: np.ndarray,
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize="small")
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def chart_margins(path: str, report: Mapping[str, Any], outcome, labels: np.ndarray,

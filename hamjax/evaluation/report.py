@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ from hamjax.evaluation.resume import json_default
 from hamjax.evaluation.specs import AttackSpec
 from hamjax.evaluation.stages import ROBUST_DEFINITION
 from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary, format_per_class_table
+from hamjax.paths import save_figure, write_text_atomic
 
 COMBINED_RULE = "robust only if clean-correct and robust to every listed attack"
 
@@ -123,7 +123,7 @@ def save_chart(path: str, columns: Mapping[str, Sequence[float]], class_names: S
               borderaxespad=0.0)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def write_outputs(result: dict[str, Any], stem: str, log: Callable[[str], None]) -> None:
@@ -132,8 +132,5 @@ def write_outputs(result: dict[str, Any], stem: str, log: Callable[[str], None])
     result["partial_path"] = stem + ".partial.json"
     save_chart(stem + ".png", result["per_class_accuracy"], result["class_names"],
                chart_title(result))
-    tmp = stem + ".json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=json_default)
-    os.replace(tmp, stem + ".json")
+    write_text_atomic(stem + ".json", json.dumps(result, indent=1, default=json_default))
     log(f"wrote {stem}.json and {stem}.png")

@@ -10,7 +10,6 @@ sample, eps or seed (the fingerprint) is ignored with a note.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from hamjax.evaluation.driver import StageRecord
+from hamjax.paths import resolve, write_text_atomic
 
 VERSION = 2
 _TIMINGS = ("seconds", "compile_seconds", "images", "computed_chunks")
@@ -79,14 +79,13 @@ class ResumeFile:
         self.n = int(fingerprint["n"])
         self.records: dict[str, StageRecord] = {}
         self._settings: dict[str, Any] = {}
-        old = self._read(path, log) if path and resume and os.path.exists(path) else {}
+        old = self._read(path, log) if path and resume and resolve(path).exists() else {}
         self._saved: dict[str, Any] = dict(old.get("stages", {}))
         self.extra: dict[str, Any] = dict(old.get("extra", {}))  # e.g. the randomness check
 
     def _read(self, path: str, log: Callable[[str], None]) -> dict[str, Any]:
         try:
-            with open(path) as f:
-                old = json.load(f)
+            old = json.loads(resolve(path).read_text())
         except (OSError, ValueError):
             log(f"note: could not read {path}; starting over")
             return {}
@@ -115,7 +114,4 @@ class ResumeFile:
         stages.update({k: _encode(r, self._settings[k]) for k, r in self.records.items()})
         data = {"version": VERSION, "fingerprint": self.fingerprint, "stages": stages,
                 "extra": self.extra}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, default=json_default)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(data, default=json_default))

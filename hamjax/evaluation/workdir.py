@@ -171,10 +171,10 @@ def evaluate_workdir(
     full_size = len(data)
     data = stratified_subset(data, num_examples, seed, splits.num_classes)
 
-    stem = os.path.join(os.path.abspath(workdir), "eval", f"{split}_{run.checkpoint}")
+    stem = str(resolve(workdir) / "eval" / f"{split}_{run.checkpoint}")
     if write:
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-    log(f"evaluating {os.path.abspath(workdir)} ({run.checkpoint} checkpoint, step {run.step}) on "
+        resolve(workdir).joinpath("eval").mkdir(parents=True, exist_ok=True)
+    log(f"evaluating {resolve(workdir)} ({run.checkpoint} checkpoint, step {run.step}) on "
         f"{split}: {len(data)} examples, eps {eps:.5f}, attacks {', '.join(s.name for s in specs)}"
         f", chunks of {batch_size}, seed {seed}{' [FAST settings]' if fast else ''}")
     fingerprint = {"split": split, "checkpoint": run.checkpoint, "step": run.step,
