@@ -5,13 +5,13 @@ and a resumed run equal to an uninterrupted one."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from scipy.optimize import minimize
+from toy_models import TinyNet
 
 from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
@@ -25,20 +25,6 @@ from hamjax.train.step import make_train_step
 K = 4
 B = 8
 EPS = 0.05
-
-
-class TinyNet(nn.Module):
-    """conv4-BN-ReLU-dense: the smallest model with BatchNorm."""
-
-    num_classes: int = K
-
-    @nn.compact
-    def __call__(self, x, train: bool = False, mask=None):
-        del mask
-        x = nn.Conv(4, (3, 3))(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-        x = nn.relu(x).reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes)(x)
 
 
 def make_ctx(name: str, steps_per_epoch: int = 3, eps: float = EPS, **method) -> StepContext:

@@ -3,12 +3,12 @@ per-example bound, epoch_end and one jitted train step on a tiny model."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from toy_models import TinyNet
 
 from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
@@ -19,20 +19,6 @@ from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 C = 4
-
-
-class TinyNet(nn.Module):
-    """conv4-BN-ReLU-dense: the smallest model with BatchNorm."""
-
-    num_classes: int = C
-
-    @nn.compact
-    def __call__(self, x, train: bool = False, mask=None):
-        del mask
-        x = nn.Conv(4, (3, 3))(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-        x = nn.relu(x).reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes)(x)
 
 
 def make_ctx(name: str = "frl_rwrm", steps_per_epoch: int = 3, **method) -> StepContext:

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_frl import TinyNet, make_batch
+from test_frl import make_batch
+from toy_models import TinyNet
 
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.errors import ConfigError

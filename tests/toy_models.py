@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,3 +46,17 @@ def train_mlp(x, y, classes: int = 4, steps: int = 200, seed: int = 0):
     for _ in range(steps):
         params, state = step(params, state)
     return functools.partial(apply, params)
+
+
+class TinyNet(nn.Module):
+    """conv4-BN-ReLU-dense: the smallest model with BatchNorm (method steps on 4x4 images)."""
+
+    num_classes: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mask=None):
+        del mask
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x).reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes)(x)
