@@ -35,6 +35,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fashion_mnist_followups import autoattack_one, diagnose_routing
@@ -68,6 +69,8 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed
     workdir = workdir_of(root, suite, name, seed)
     report_path = os.path.join(workdir, "report.json")
     if train and not os.path.exists(report_path):
+        wait_for_branch_point(build_config(suite, suite_runs(suite)[name], epochs, train_size,
+                                           seed, root), workdir)
         bench_dir = os.path.join(REPO, "benchmarks")
         code = (
             f"import sys; sys.path.insert(0, {bench_dir!r})\n"
@@ -85,6 +88,23 @@ def run_one(suite: str, name: str, epochs: int, train_size: int, root: str, seed
         return None
     with open(report_path) as f:
         return json.load(f)
+
+
+def wait_for_branch_point(config, workdir: str, poll_s: float = 30.0) -> None:
+    """A branch (train.branch_from) starts once its source has saved the end of the epoch it
+    branches at; the source trains in another job (started before it), so this waits for it."""
+    source = config.train.branch_from
+    if not source or os.path.exists(os.path.join(workdir, "checkpoints")):
+        return
+    from hamjax.data import load_splits, num_batches
+
+    splits = load_splits(config.data, seed=config.seed)
+    step = config.train.branch_epoch * num_batches(len(splits.train), config.train.batch_size)
+    done = os.path.join(source, "checkpoints", str(step))  # orbax renames it in when complete
+    while not os.path.isdir(done):
+        if os.path.exists(os.path.join(source, "report.json")):
+            raise SystemExit(f"{source} finished without keeping {done} to branch {workdir} from")
+        time.sleep(poll_s)
 
 
 def child_env(cpu_devices: int) -> dict[str, str]:

@@ -157,6 +157,10 @@ class Checkpointer:
                 force=True,
             )
 
+    def steps(self, kind: str = LAST) -> list[int]:
+        """Every complete step of `kind` kept on disk, oldest first."""
+        return sorted(self._settled(kind).all_steps())
+
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
         for kind in self._managers:

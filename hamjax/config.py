@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every_steps = 50
     c.train.eval_every_epochs = 1
     c.train.init_from = ""  # a workdir or checkpoint dir to fine-tune from (weights only)
+    # Branch: start from another run's full state (weights, optimiser, step, RNG, records) at the
+    # end of epoch branch_epoch, with this config's method from then on (hamjax.run.branch_run).
+    c.train.branch_from = ""
+    c.train.branch_epoch = 0
     c.train.keep_checkpoints = 2
     # Weight averaging (hamjax.averaging): the average is validated, selected, reported.
     c.train.ema_decay = 0.0  # per-step EMA tau (Gowal et al.: 0.995); 0: off
@@ -309,6 +313,25 @@ def _validate_train(train, fresh_start: bool) -> None:
              init_from, "no such workdir, or it holds no checkpoint (a <step>/ directory in its "
              "best/ or checkpoints/); point it at a finished run's --workdir, or '' to train "
              "from scratch")
+    _validate_branch(train, fresh_start)
+
+
+def _validate_branch(train, fresh_start: bool) -> None:
+    branch_from, epoch = train.branch_from, train.branch_epoch
+    require(isinstance(branch_from, str), "train.branch_from", branch_from,
+            "a run's workdir to branch from, or '' to start from step 0")
+    require(is_int(epoch) and epoch >= 0, "train.branch_epoch", epoch, "must be an int >= 0")
+    if not branch_from:
+        return
+    require(not train.init_from, "train.branch_from", branch_from,
+            "cannot be combined with train.init_from (a branch takes the whole state, a "
+            "fine-tune only the weights): set one of them to ''")
+    require(not fresh_start or holds_checkpoint(branch_from), "train.branch_from", branch_from,
+            "no such workdir, or it holds no checkpoint; point it at the --workdir of the run "
+            "to branch from")
+    require(1 <= epoch < train.epochs, "train.branch_epoch", epoch,
+            f"the epoch whose end the branch starts from: 1 .. {train.epochs - 1} "
+            "(config.train.epochs - 1)")
 
 
 def _validate_averaging(config) -> None:

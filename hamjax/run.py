@@ -1,5 +1,6 @@
 """A run rebuilt from its config: the step context (model, optimiser, schedule), a fresh state,
-fine-tuning weights (`train.init_from`), and a saved run restored from its checkpoint.
+fine-tuning weights (`train.init_from`), a branch of another run (`train.branch_from`), and a
+saved run restored from its checkpoint.
 
 The trainer, the workdir evaluator (`hamjax.evaluation.workdir`) and the benchmarks all build a
 run here, so a checkpoint is read back by the same code that trained it; nothing here trains.
@@ -17,13 +18,20 @@ import ml_collections
 import numpy as np
 
 from hamjax.checkpoint import BEST, LAST, Checkpointer
-from hamjax.config import base_config, config_to_json, method_config, validate_config
+from hamjax.config import (
+    base_config,
+    config_changes,
+    config_to_json,
+    describe_changes,
+    method_config,
+    validate_config,
+)
 from hamjax.data import DATASET_STATS, Splits, load_splits, num_batches
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.methods import available_methods, get_method
 from hamjax.models import build_model
 from hamjax.optim import make_lr_fn, make_optimizer
-from hamjax.sharding import place_like
+from hamjax.sharding import place_like, put_replicated
 from hamjax.state import StepContext, TrainState, create_train_state
 
 
@@ -142,3 +150,95 @@ def restore_run(checkpointer: Checkpointer, kind: str, step: int | None = None,
         raise CheckpointError(f"{where}: no checkpoint to restore")
     state, meta = restored
     return RestoredRun(config, splits, ctx, state, meta)
+
+
+# What a branch may change from the run it branches from: the method, and where it branched.
+BRANCH_MAY_DIFFER = ("method.", "train.branch_from", "train.branch_epoch")
+
+
+@dataclasses.dataclass
+class Branch:
+    """Another run's state at the end of an epoch, with this run's (fresh) method state; its
+    run metadata (epoch records, selection so far); and its validation-selected checkpoint up
+    to then, as (state, meta), or None if it had selected none."""
+
+    state: TrainState
+    meta: dict[str, Any]
+    best: tuple[TrainState, dict[str, Any]] | None
+
+
+def branch_differences(source_config: Mapping[str, Any], config: Mapping[str, Any]
+                       ) -> list[dict]:
+    """The fields other than the method's (and the branch's own) where two JSON configs differ:
+    up to the branch point the branch must be the run it copies, so data, model, optimiser,
+    schedule, attack, evaluation and seed must agree."""
+    return [c for c in config_changes(source_config, config)
+            if not c["field"].startswith(BRANCH_MAY_DIFFER)]
+
+
+def load_branch(config: ml_collections.ConfigDict, splits: Splits, fresh: TrainState,
+                mesh) -> Branch:
+    """`config.train.branch_from`'s checkpoint at the end of epoch `config.train.branch_epoch`:
+    weights, BN statistics, optimiser, step, RNG and averaged weights, with `fresh`'s method
+    state (this run's method), placed on `mesh` like `fresh`.
+
+    A branch is what a run whose first epochs are another method's would have trained (HAM's
+    recipe: PGD-AT until the lr drops), without training those epochs twice; its records, ledger
+    and wall time include them.
+    """
+    where, epoch = config.train.branch_from, int(config.train.branch_epoch)
+    step = epoch * num_batches(len(splits.train), config.train.batch_size)
+    source = Checkpointer(where, read_only=True)  # looking creates nothing there
+    try:
+        kept = source.steps(LAST)
+        if step not in kept:
+            raise CheckpointError(
+                f"config.train.branch_from={where!r} holds no checkpoint at the end of epoch "
+                f"{epoch} (step {step}); it keeps steps {kept}. Fix: branch at an epoch it "
+                "kept (config.train.branch_epoch), or rerun the source with more "
+                "config.train.keep_checkpoints so that epoch's checkpoint stays")
+        meta = source.read_meta(LAST, step) or {}
+        if "config" not in meta:
+            raise CheckpointError(f"{where}/{LAST}/{step} has no config in its metadata; it was "
+                                  "not written by hamjax.train")
+        source_config = with_missing_defaults(meta["config"])
+        differences = branch_differences(config_to_json(source_config), config_to_json(config))
+        if differences:
+            raise ConfigError(
+                f"config.train.branch_from={where!r} was trained with another setup; a branch "
+                "may change only the method. Differing fields:\n"
+                f"{describe_changes(differences)}\nFix: branch from a run of this config (or "
+                "set these fields to the source's values)")
+        state, meta = _restore_as(source, LAST, step, source_config, splits, fresh, mesh)
+        if meta.get("partial_epoch"):
+            raise CheckpointError(f"{where}/{LAST}/{step} was saved mid-epoch; branch at the "
+                                  "end of an epoch")
+        best = None
+        if meta.get("best_step") is not None:
+            if meta["best_step"] not in source.steps(BEST):
+                raise CheckpointError(
+                    f"config.train.branch_from={where!r}: its checkpoint selected on validation "
+                    f"by epoch {epoch} (step {meta['best_step']}) is no longer kept. Fix: rerun "
+                    "the source with more config.train.keep_checkpoints")
+            best = _restore_as(source, BEST, meta["best_step"], source_config, splits, fresh,
+                               mesh)
+    finally:
+        source.close()
+    meta["branched_from"] = {"workdir": str(where), "epoch": epoch, "step": step,
+                             "method": source_config.method.name}
+    return Branch(state, meta, best)
+
+
+def _restore_as(source: Checkpointer, kind: str, step: int, source_config, splits,
+                fresh: TrainState, mesh) -> tuple[TrainState, dict]:
+    """A source checkpoint restored in the source method's state layout, then given `fresh`'s
+    method state; its meta without the source's config."""
+    source_method = get_method(source_config.method.name)
+    like = create_train_state(build_context(source_config, splits, mesh), source_method,
+                              source_config.seed)
+    restored = source.restore(put_replicated(like, mesh), kind=kind, step=step)
+    if restored is None:  # pragma: no cover - the step was listed a moment ago
+        raise CheckpointError(f"{source.workdir}/{kind}/{step}: no checkpoint to restore")
+    state, meta = restored
+    meta = {k: v for k, v in meta.items() if k != "config"}
+    return state.replace(method_state=fresh.method_state), meta

@@ -66,6 +66,8 @@ INVALID: dict[str, list] = {
     "train.log_every_steps": [0, -5],
     "train.eval_every_epochs": [0],
     "train.init_from": ["/nonexistent/run", "{empty_dir}", 3],
+    "train.branch_from": ["/nonexistent/run", "{empty_dir}", 3],
+    "train.branch_epoch": [-1, 1.5, "2"],
     "train.keep_checkpoints": [0, -1],
     "train.ema_decay": [1.0, -0.1, NAN, "x"],
     "train.fawa_decay": [1.0, -0.1, NAN],

@@ -47,7 +47,7 @@ from hamjax.methods import get_method
 from hamjax.metrics import Ledger, PerClassCounts, format_per_class_table
 from hamjax.models import eval_model
 from hamjax.paths import resolve
-from hamjax.run import build_context, load_init_weights
+from hamjax.run import build_context, load_branch, load_init_weights
 from hamjax.runlog import RunLogger
 from hamjax.sharding import make_mesh, place_like, process_rows, put_replicated, shard_batch
 from hamjax.state import TrainState, create_train_state
@@ -174,6 +174,8 @@ class Trainer:
                 meta["config_changed_on_resume"] = meta.get("config_changed_on_resume", []) + [
                     dict(change, step=int(state.step)) for change in changes]
             return state, meta
+        if self.config.train.branch_from:
+            return self._branch(state)
         if self.config.train.init_from:
             state = load_init_weights(state, self.config.train.init_from)
             if self.method.epoch_end is not None:
@@ -181,6 +183,24 @@ class Trainer:
                 # included, from the hot-start model; from scratch that refit would read noise.
                 state = self.method.epoch_end(state, self.ctx, self.epoch_evaluator())
         return state, {"best_score": None, "best_step": None, "epochs": []}
+
+    def _branch(self, fresh: TrainState) -> tuple[TrainState, dict]:
+        """The state and records of `train.branch_from` at the end of `train.branch_epoch`
+        (hamjax.run.load_branch), saved here at once with its selected checkpoint so far: from
+        then on this workdir resumes by itself."""
+        branch = load_branch(self.config, self.splits, fresh, self.mesh)
+        config = config_to_json(self.config)
+        if branch.best is not None:
+            best_state, best_meta = branch.best
+            self.checkpointer.save(int(best_state.step), best_state,
+                                   dict(best_meta, config=config), kind=BEST)
+        self._save(branch.state, branch.meta)
+        source = branch.meta["branched_from"]
+        self.log.print(f"branched from {source['workdir']} ({source['method']}) at the end of "
+                       f"epoch {source['epoch']} (step {source['step']})")
+        self.log.write("branch", int(branch.state.step), workdir=source["workdir"],
+                       epoch=source["epoch"], method=source["method"])
+        return branch.state, branch.meta
 
     def _check_compatible(self, meta: dict) -> list[dict]:
         """The fields (outside RESUME_MAY_CHANGE) where the checkpoint's config differs from
@@ -488,6 +508,8 @@ class Trainer:
             "epochs": epochs,
             "config_changed_on_resume": meta.get("config_changed_on_resume", []),
         }
+        if "branched_from" in meta:
+            report["branched_from"] = meta["branched_from"]
         if self.is_main:
             (resolve(self.workdir) / "report.json").write_text(json.dumps(report, indent=1))
             for name, res in results.items():

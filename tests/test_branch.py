@@ -1,0 +1,146 @@
+"""`train.branch_from`: a run that starts from another run's full state at the end of an epoch.
+
+Checked against the run it copies: a branch with the same method must be that run, bit for bit
+(the same state, data order and RNG from the branch point on), and a branch with another method
+must keep the source's records up to the branch and train its own method afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from hamjax.checkpoint import BEST, Checkpointer
+from hamjax.config import base_config, method_config, validate_config
+from hamjax.errors import CheckpointError, ConfigError
+from hamjax.train.loop import Trainer
+
+STEPS_PER_EPOCH = 10
+
+
+def _config(method: str = "pgd_at", **method_fields):
+    c = base_config()
+    c.data.name = "digits"
+    c.data.train_size = 16 * STEPS_PER_EPOCH
+    c.data.val_size = 40
+    c.data.augment.flip = False
+    c.model.name = "small_cnn"
+    c.method = method_config(method, **method_fields)
+    c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 2
+    c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.03, 2
+    c.eval.num_examples = 20
+    c.train.epochs = 3
+    c.train.batch_size = 16
+    c.train.lr = 0.02
+    c.train.lr_boundaries = (1,)
+    c.train.lr_values = (0.005,)
+    c.train.checkpoint_every_steps = 1000
+    c.train.log_every_steps = 5
+    c.train.keep_checkpoints = 10  # the end of epoch 1 stays for the branches
+    return c
+
+
+def _branched(config, source, epoch: int = 1):
+    config.train.branch_from = str(source)
+    config.train.branch_epoch = epoch
+    return config
+
+
+def _params(workdir):
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        return ckpt.restore_host()["params"]
+    finally:
+        ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A finished 3-epoch PGD-AT run and its report."""
+    workdir = tmp_path_factory.mktemp("branch") / "pgd_at"
+    report = Trainer(_config(), str(workdir)).run()
+    return workdir, report
+
+
+def test_a_branch_with_the_same_method_is_the_uninterrupted_run(source, tmp_path):
+    workdir, report = source
+    branch = tmp_path / "branch"
+    branched = Trainer(_branched(_config(), workdir), str(branch)).run()
+
+    jax.tree.map(np.testing.assert_array_equal, _params(branch), _params(workdir))
+    assert branched["branched_from"] == {"workdir": str(workdir), "epoch": 1,
+                                         "step": STEPS_PER_EPOCH, "method": "pgd_at"}
+    assert [e["ledger"] for e in branched["epochs"]] == [e["ledger"] for e in report["epochs"]]
+    assert [e["val"] for e in branched["epochs"]] == [e["val"] for e in report["epochs"]]
+    assert branched["epochs"][0]["train_seconds"] == report["epochs"][0]["train_seconds"]
+    assert branched["results"]["last"]["robust"] == report["results"]["last"]["robust"]
+    assert branched["results"]["best_on_val"] == report["results"]["best_on_val"]
+    assert "branched_from" not in report
+
+
+def test_a_ham_branch_keeps_the_warmup_and_then_mines(source, tmp_path):
+    workdir, report = source
+    branch = tmp_path / "ham"
+    config = _branched(_config("ham", warmup_epochs=1, mining_step=1), workdir)
+    ham = Trainer(config, str(branch)).run()
+
+    assert ham["branched_from"]["method"] == "pgd_at"
+    assert ham["epochs"][0] == report["epochs"][0]  # PGD-AT's first epoch, as recorded there
+    assert [e["epoch"] for e in ham["epochs"]] == [1, 2, 3]
+    # HAM's step from the branch on: its own metrics and per-class records, not PGD-AT's.
+    assert all("hard_fraction" in e["train_metrics"] for e in ham["epochs"][1:])
+    assert all("method" in e for e in ham["epochs"][1:])
+    assert ham["config"]["method"]["name"] == "ham"
+    log = [json.loads(line) for line in (branch / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "branch"] == [STEPS_PER_EPOCH]
+
+    # The branch's workdir resumes by itself once branched: the source may go.
+    moved = workdir.parent / "moved"
+    workdir.rename(moved)
+    try:
+        state, meta = Trainer(config, str(branch)).initial_state()
+        assert int(state.step) == 3 * STEPS_PER_EPOCH and meta["branched_from"]["epoch"] == 1
+    finally:
+        moved.rename(workdir)
+    best = Checkpointer(branch, read_only=True)
+    try:
+        assert best.steps(BEST), "the selected checkpoint is kept in the branch's workdir"
+    finally:
+        best.close()
+
+
+def test_a_branch_of_another_setup_or_a_lost_epoch_is_refused(source, tmp_path):
+    workdir, _ = source
+    other = _branched(_config(), workdir)
+    other.train.lr = 0.1
+    with pytest.raises(ConfigError, match=r"(?s)may change only the method.*train\.lr: 0\.02 "):
+        Trainer(other, str(tmp_path / "a")).initial_state()
+    # A source that no longer keeps the epoch's checkpoint (a copy without it).
+    pruned = tmp_path / "pruned"
+    shutil.copytree(workdir, pruned)
+    shutil.rmtree(pruned / "checkpoints" / str(2 * STEPS_PER_EPOCH))
+    with pytest.raises(CheckpointError, match=r"no checkpoint at the end of epoch 2 \(step 20\)"
+                                              r".*keep_checkpoints"):
+        Trainer(_branched(_config(), pruned, epoch=2), str(tmp_path / "b")).initial_state()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("branch_epoch", 3, r"train\.branch_epoch.*1 \.\. 2"),
+    ("branch_epoch", 0, r"train\.branch_epoch.*1 \.\. 2"),
+    ("init_from", "somewhere", r"train\.branch_from.*cannot be combined with train\.init_from"),
+])
+def test_branch_fields_are_validated(field, value, message, source):
+    config = _branched(_config(), source[0])
+    config.train[field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_a_branch_from_a_workdir_without_checkpoints_is_refused(tmp_path):
+    config = _branched(_config(), tmp_path / "nothing")
+    with pytest.raises(ConfigError, match=r"train\.branch_from.*holds no checkpoint"):
+        validate_config(config, fresh_start=True)
