@@ -64,3 +64,35 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
     """A matplotlib figure as PNG at a local path or a bucket URL."""
     with resolve(path).open("wb") as f:
         fig.savefig(f, format="png", **kwargs)
+
+
+def local_cache_dir(url: str, env: str, default: str) -> str:
+    """Where a local copy of the remote folder `url` is kept: under $`env` if set, else `default`
+    (~ expanded), in a subfolder named after the URL (gs://b/tfds -> <root>/gs/b/tfds)."""
+    root = os.environ.get(env) or os.path.expanduser(default)
+    scheme, _, rest = os.fspath(url).partition("://")
+    return os.path.join(root, scheme, *[p for p in rest.split("/") if p not in ("", ".", "..")])
+
+
+def stage_tree(source: str | os.PathLike, target: str) -> int:
+    """Copies the folder `source` (local or remote) to the local folder `target`, skipping the
+    files already there with the same size; returns how many files were copied. Each file is
+    written to a temporary name and renamed into place, so processes of one machine staging at
+    once, or a copy cut short, never leave a partial file under its real name."""
+    copied = 0
+    for entry in resolve(source).iterdir():
+        destination = os.path.join(target, entry.name)
+        if entry.is_dir():
+            copied += stage_tree(entry, destination)
+            continue
+        size = entry.stat().length
+        if os.path.isfile(destination) and os.path.getsize(destination) == size:
+            continue
+        os.makedirs(target, exist_ok=True)
+        partial = f"{destination}.partial-{os.getpid()}"
+        with entry.open("rb") as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        os.replace(partial, destination)
+        copied += 1
+    return copied

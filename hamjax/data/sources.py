@@ -23,7 +23,7 @@ import numpy as np
 from hamjax.data.sampling import stratified_sample
 from hamjax.data.specs import DATASETS, IMAGENETTE_WNIDS, DatasetSpec, get_spec
 from hamjax.errors import ConfigError, HamjaxError
-from hamjax.paths import resolve
+from hamjax.paths import is_remote, local_cache_dir, resolve, stage_tree
 
 log = logging.getLogger(__name__)
 
@@ -453,6 +453,25 @@ def find_local(
 # TFDS (array_record data sources: random access, no TensorFlow needed).
 
 
+TFDS_CACHE_ENV = "HAMJAX_TFDS_CACHE"  # where TFDS folders read from a bucket are copied
+TFDS_CACHE_DEFAULT = "~/.cache/hamjax/tfds"
+
+
+def stage_remote_tfds(data_dir: str, tfds_name: str) -> str:
+    """A local copy of `<data_dir>/<tfds_name>/` from a bucket (gs://...), made once per machine
+    and reused while every file's size matches; returns the local data_dir to read from.
+
+    array_record's reader opens files through its own C++ layer, which does not go through
+    fsspec/gcsfs (pointed at a gs:// path it waits on the network it cannot reach), and every
+    process loads the whole dataset into memory anyway; so the files come over once, through
+    the same path layer as workdirs, and are read locally."""
+    local = local_cache_dir(data_dir, TFDS_CACHE_ENV, TFDS_CACHE_DEFAULT)
+    copied = stage_tree(resolve(data_dir) / tfds_name, os.path.join(local, tfds_name))
+    if copied:
+        log.info("copied %d files of %s/%s to %s", copied, data_dir, tfds_name, local)
+    return local
+
+
 def _tfds_dirs(data_dir: str | None) -> list[str | None]:
     dirs: list[str | None] = []
     if data_dir:
@@ -497,6 +516,9 @@ def read_tfds(name: str, data_dir: str | None, image_size: int | None, looked: l
         if tfds_dir is not None and not (resolve(tfds_dir) / spec.tfds_name).is_dir():
             looked.append(f"TFDS {spec.tfds_name} in {where}/ (no {spec.tfds_name}/ folder)")
             continue
+        if tfds_dir is not None and is_remote(tfds_dir):
+            tfds_dir = stage_remote_tfds(tfds_dir, spec.tfds_name)
+            where = f"{where} (copied to {tfds_dir})"
         try:
             sources = [
                 tfds.data_source(spec.tfds_name, split=split, data_dir=tfds_dir, download=False)
