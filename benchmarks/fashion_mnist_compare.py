@@ -51,6 +51,8 @@ from fashion_mnist_logs import (
 from fashion_mnist_results import (
     EARLIER,
     carry_over,
+    frontier_path,
+    frontier_plot,
     read_previous,
     results_text,
     suite_order,
@@ -258,8 +260,10 @@ def main() -> None:
               "finished_runs": finished, "planned_runs": len(jobs),
               "carried_over_from_earlier_json": carried, "rows": rows,
               "per_epoch": {str(k): v for k, v in per_seed.items()}}
+    plot = frontier_path(table)
+    plotted = frontier_plot(rows, plot)
     text = results_text(args.suite, rows, per_seed, command, finished, len(jobs), where,
-                        carried)
+                        carried, os.path.basename(plot) if plotted else None)
     print(json.dumps(result, indent=1))
     print(text)
     for path in write_results(table, result, text):

@@ -14,6 +14,7 @@ from fashion_mnist_tables import (
     markdown,
     per_class_markdown,
     routing_markdown,
+    verdicts,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,10 +89,45 @@ def write_results(table: str, result: dict, text: str, repo: str = REPO) -> tupl
     return json_path, md_path
 
 
+def frontier_plot(rows: list[dict], path: str, checkpoint: str = "last") -> bool:
+    """AutoAttack worst-class accuracy against training wall time, one point per run and seed
+    (the fairness/cost frontier); False (nothing written) when no run was attacked."""
+    points = [(r["run"], r["seed"], r["train_seconds"] / 60,
+               100 * r["autoattack"][checkpoint]["robust_worst"])
+              for r in rows if checkpoint in r.get("autoattack", {})]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(dict.fromkeys(p[0] for p in points))
+    for i, name in enumerate(names):
+        mine = [p for p in points if p[0] == name]
+        ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=name, color=f"C{i}")
+    ax.set_xlabel("training wall time (minutes, excluding compilation)")
+    ax.set_ylabel(f"AutoAttack worst-class accuracy (%), {checkpoint} checkpoint")
+    ax.set_title("Fairness against cost: one point per run and seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def frontier_path(table: str, repo: str = REPO) -> str:
+    """The frontier plot of a results table, beside its markdown page."""
+    return result_paths(table, repo)[1].removesuffix(".md") + "_frontier.png"
+
+
 def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, finished: int,
-                 planned: int, where: str, carried: list[str]) -> str:
+                 planned: int, where: str, carried: list[str], plot: str | None = None) -> str:
     """Every table of a suite with its captions, ending with the command that reproduces it."""
     aa = autoattack_markdown(rows)
+    plain = "\n".join(verdicts(rows))
     per_class = per_class_markdown(rows) if suite.startswith("noisy") else ""
     routing = routing_markdown(per_seed)
     diagnosis = diagnosis_markdown(rows)
@@ -99,6 +135,11 @@ def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, fin
             + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
                f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
                f"of the four numbers):\n\n{aa}\n\n" if aa else "")
+            + (f"In plain words (last checkpoints; AutoAttack worst class against PGD-AT's; the "
+               f"seed spread is the larger max - min of the two):\n\n{plain}\n\n"
+               if plain else "")
+            + (f"![AutoAttack worst class against training wall time]({plot})\n\n"
+               if plot else "")
             + f"Per epoch:\n\n{epochs_markdown(per_seed)}\n\n"
             + (f"Per class, last checkpoint, test clean / PGD-20 (%):\n\n{per_class}\n\n"
                if per_class else "")

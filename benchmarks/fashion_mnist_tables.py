@@ -155,3 +155,49 @@ def diagnosis_markdown(rows: list[dict]) -> str:
             lines.append(f"| {e['seed']} | {e['adv_fraction']:.3f} | "
                          f"{e['class_majority_agreement']:.3f} | {', '.join(anti) or '-'} |")
     return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _spread(values: list[float]) -> float | None:
+    """max - min over seeds; None with fewer than two."""
+    return max(values) - min(values) if len(values) > 1 else None
+
+
+def verdicts(rows: list[dict], checkpoint: str = "last", baseline: str = "pgd_at") -> list[str]:
+    """One plain sentence per method against `baseline` under AutoAttack: its worst-class gain,
+    whether that exceeds the seed spread (the larger of the two runs' max - min), what it
+    costs in AutoAttack average, and its wall time relative to the baseline's."""
+    def attacked(name: str) -> list[dict]:
+        return [r for r in rows if r["run"] == name and checkpoint in r.get("autoattack", {})]
+
+    base = attacked(baseline)
+    if not base:
+        return []
+    base_worst = [r["autoattack"][checkpoint]["robust_worst"] for r in base]
+    base_avg = [r["autoattack"][checkpoint]["robust_avg"] for r in base]
+    base_seconds = _mean([r["train_seconds"] for r in base])
+    lines = []
+    for name in dict.fromkeys(r["run"] for r in rows):
+        mine = attacked(name)
+        if name == baseline or not mine:
+            continue
+        worst = [r["autoattack"][checkpoint]["robust_worst"] for r in mine]
+        gain = 100 * (_mean(worst) - _mean(base_worst))
+        avg = 100 * (_mean([r["autoattack"][checkpoint]["robust_avg"] for r in mine])
+                     - _mean(base_avg))
+        spreads = [s for s in (_spread(worst), _spread(base_worst)) if s is not None]
+        seeds = f"{len(mine)} seed{'s' if len(mine) > 1 else ''} against {len(base)}"
+        if len(mine) < 2 or len(base) < 2:
+            judged = f"{seeds}: no seed spread to judge it by yet"
+        else:
+            spread = 100 * max(spreads)
+            judged = (f"{'beyond' if abs(gain) > spread else 'within'} the seed spread of "
+                      f"{spread:.1f} ({seeds})")
+        wall = _mean([r["train_seconds"] for r in mine]) / base_seconds
+        lines.append(f"- **{name}** ({checkpoint} checkpoint): AutoAttack worst class "
+                     f"{gain:+.1f} points against {baseline}, {judged}; AutoAttack average "
+                     f"{avg:+.1f} points; training wall time {wall:.2f}x {baseline}'s.")
+    return lines

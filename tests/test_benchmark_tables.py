@@ -234,3 +234,65 @@ def test_recorded_command_reproduces_the_invocation(argv, expected):
     for key in ("suite", "seeds", "runs", "autoattack_examples", "autoattack_checkpoints",
                 "epochs", "train_size", "tag", "parallel", "cpu_devices"):
         assert getattr(replayed, key) == getattr(args, key), key
+
+
+def test_evidence_suite_branches_ham_from_pgd_at_of_the_same_seed(tmp_path):
+    """HAM (faithful and train_at_m) branch from PGD-AT at the end of epoch 6, the recipe's
+    warm-up; every run is the shipped setup's config otherwise."""
+    from hamjax.config import load_config, validate_config
+
+    runs = suites.suite_runs("evidence")
+    configs = {name: suites.build_config("evidence", run, 0, 0, seed=2, root=str(tmp_path))
+               for name, run in runs.items()}
+    source = suites.workdir_of(str(tmp_path), "evidence", "pgd_at", 2)
+    for name, config in configs.items():
+        validate_config(config)
+        assert config.seed == 2 and config.eval.select_attack == "apgd"
+        assert config.train.branch_from == (source if name.startswith("ham") else "")
+    for name in ("ham", "ham_train_at_m"):
+        method = configs[name].method
+        assert (method.warmup_epochs, method.mining_step, configs[name].train.branch_epoch) == (
+            6, 3, 6)
+    assert configs["ham"].method.easy_examples == "drop"
+    assert configs["ham_train_at_m"].method.easy_examples == "train_at_m"
+    shipped = load_config(os.path.join(suites.REPO, "configs", "fashion_mnist.py:method=pgd_at"))
+    shipped.seed, shipped.train.checkpoint_every_steps = 2, 150
+    shipped.train.keep_checkpoints = 40
+    assert configs["pgd_at"].to_dict() == shipped.to_dict()
+
+
+def _attacked(run, seed, avg, worst, seconds):
+    return {"run": run, "seed": seed, "train_seconds": seconds, "autoattack": {"last": {
+        "examples": 1000, "clean_avg": 0.8, "clean_worst": 0.5, "robust_avg": avg,
+        "robust_worst": worst, "epoch": 12, "seconds": 1.0}}}
+
+
+def test_verdicts_judge_the_worst_class_gain_against_the_seed_spread():
+    rows = [_attacked("pgd_at", 0, 0.70, 0.30, 100), _attacked("pgd_at", 1, 0.71, 0.34, 100),
+            _attacked("ham", 0, 0.62, 0.32, 60), _attacked("ham", 1, 0.60, 0.36, 60),
+            _attacked("mart", 0, 0.69, 0.45, 120), _attacked("mart", 1, 0.70, 0.47, 120),
+            _attacked("cfa", 0, 0.70, 0.40, 150)]
+    lines = {line.split("**")[1]: line for line in tables.verdicts(rows)}
+    assert set(lines) == {"ham", "mart", "cfa"}
+    # ham: worst 34.0 vs 32.0 -> +2.0, spread max(4.0, 4.0): within; avg 61.0 vs 70.5 -> -9.5
+    assert ("worst class +2.0 points against pgd_at, within the seed spread of 4.0 (2 seeds "
+            "against 2); AutoAttack average -9.5 points; training wall time 0.60x") in lines["ham"]
+    assert "+14.0 points against pgd_at, beyond the seed spread of 4.0" in lines["mart"]
+    assert "1 seed against 2: no seed spread to judge it by yet" in lines["cfa"]
+    assert tables.verdicts([_attacked("ham", 0, 0.6, 0.3, 1)]) == []  # no baseline, no verdict
+
+
+def test_frontier_plot_has_a_point_per_attacked_run(tmp_path):
+    path = str(tmp_path / "frontier.png")
+    rows = [_attacked("pgd_at", 0, 0.70, 0.30, 600), _attacked("ham", 0, 0.62, 0.32, 360),
+            {"run": "trades", "seed": 0, "train_seconds": 900}]  # not attacked yet: no point
+    assert results.frontier_plot(rows, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not results.frontier_plot(rows[2:], str(tmp_path / "none.png"))
+    assert not os.path.exists(tmp_path / "none.png")
+    text = results.results_text("evidence", rows[:2], {}, "cmd", 2, 4, "here", [],
+                                plot="fashion_mnist_evidence_frontier.png")
+    assert "![AutoAttack worst class against training wall time](fashion_mnist_evidence_" \
+           "frontier.png)" in text
+    assert "**ham** (last checkpoint)" in text
