@@ -1,5 +1,11 @@
 """Real Fashion-MNIST comparisons the README quotes, sized for 2 CPU cores: the orchestration.
 
+    python benchmarks/fashion_mnist_compare.py --suite=evidence --seeds 0 1 2 \
+        --autoattack_examples 1000     # PGD-AT, TRADES, HAM and HAM train_at_m (branched from
+                                       # PGD-AT at epoch 6) on fmnist_cnn, APGD selection,
+                                       # AutoAttack on 1000 stratified test images
+    python benchmarks/fashion_mnist_compare.py --suite=fairness --seeds 0 \
+        --autoattack_examples 1000     # MART, AWP, EMA, CFA, WAT, DAFA, FAAL (after evidence)
     python benchmarks/fashion_mnist_compare.py --suite=ham_full --seeds 0 1 2
                                       # configs/fashion_mnist.py's PGD-AT and HAM runs on the
                                       # full training split (58,000 images), 8 epochs each

@@ -40,9 +40,11 @@ def suite_runs(suite: str) -> dict[str, dict]:
         }
     if suite == "evidence":
         return evidence_runs()
+    if suite == "fairness":
+        return fairness_runs()
     if suite == "noisy_full":
         return noisy_full_runs()
-    raise SystemExit(f"--suite={suite!r}: choose evidence, ham_full, noisy_full, ham or noisy")
+    raise SystemExit(f"--suite={suite!r}: choose evidence, fairness, ham_full, noisy_full, ham or noisy")
 
 
 def is_shipped(suite: str) -> bool:
@@ -67,6 +69,21 @@ def evidence_runs() -> dict[str, dict]:
                                          "easy_examples": "train_at_m"},
                            "branch_from": "pgd_at"},
         "trades": {"config": "method=trades", "overrides": {"beta": 6.0}},
+    }
+
+
+def fairness_runs() -> dict[str, dict]:
+    """The robust-fairness field's methods on the evidence suite's setup and seeds, each with
+    its recipe from configs/fashion_mnist.py; FAAL fine-tunes the evidence suite's PGD-AT run of
+    the same seed, as its code fine-tunes a robust model."""
+    return {
+        "mart": {"config": "method=mart"},
+        "pgd_at_awp": {"config": "method=pgd_at", "overrides": {"awp_gamma": 0.005}},
+        "pgd_at_ema": {"config": "method=pgd_at", "train": {"ema_decay": 0.995}},
+        "cfa": {"config": "method=cfa"},
+        "wat": {"config": "method=wat"},
+        "dafa": {"config": "method=dafa"},
+        "faal": {"config": "method=faal", "init_from": ("evidence", "pgd_at")},
     }
 
 
@@ -115,12 +132,13 @@ def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int 
                  root: str | None = None):
     """The config of one run of a suite at `seed`; `root`: where the workdirs are (needed by a
     run that fine-tunes another)."""
-    from hamjax.config import load_config, method_config
+    from hamjax.config import load_config
 
     config = load_config(f"{SETUP}:{run['config']}")
     config.seed = seed  # also draws the validation split and the training subset
     if "overrides" in run:
-        config.method = method_config(config.method.name, **run["overrides"])
+        config.method.update(run["overrides"])
+    config.train.update(run.get("train", {}))
     if suite in SCALED:
         # HAM's saving depends on K, so its suite keeps the paper's K = 10; the noisy suite
         # uses K = 5 (CAAT runs two attacks per step) to fit 2 CPU cores.
@@ -128,14 +146,16 @@ def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int 
         scale_down(config, epochs=epochs, train_size=train_size)
     else:
         config.train.checkpoint_every_steps = 150  # often enough to resume
-    if suite == "evidence":  # the checkpoint at the end of epoch 6, which HAM branches from, stays
+    if suite in ("evidence", "fairness"):  # the checkpoint HAM branches from (epoch 6) stays
         config.train.keep_checkpoints = 40
     if suite == "noisy_full":
         config.data.val_size, config.data.meta_per_class = 2000, 100
     if "init_from" in run:
         if root is None:
             raise ValueError(f"run {run} fine-tunes another run: pass root")
-        config.train.init_from = workdir_of(root, suite, run["init_from"], seed)
+        source_suite, source = (run["init_from"] if isinstance(run["init_from"], tuple)
+                                else (suite, run["init_from"]))
+        config.train.init_from = workdir_of(root, source_suite, source, seed)
     if "branch_from" in run:  # from the end of the source's warm-up (HAM's PGD-AT epochs)
         if root is None:
             raise ValueError(f"run {run} branches from another run: pass root")

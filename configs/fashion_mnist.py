@@ -60,7 +60,28 @@ def caat(config) -> None:
     config.data.meta_per_class = 100
 
 
-RECIPES = {"ham": lambda c: c.method.update(warmup_epochs=6, mining_step=3), "caat": caat}
+def cfa(config) -> None:
+    config.method.begin = 1  # official: epoch 10 of ~100, the same share of 12
+    config.train.fawa_decay = 0.88  # CFA's fairness-aware weight averaging, as its code
+
+
+def faal(config) -> None:
+    """FAAL fine-tunes a robust model (set train.init_from): official 2 epochs at lr 0.01,
+    / 10 after the first."""
+    config.train.epochs = 2
+    config.train.lr = 0.01
+    config.train.lr_boundaries = (1,)
+    config.train.lr_values = (0.001,)
+
+
+RECIPES = {
+    "ham": lambda c: c.method.update(warmup_epochs=6, mining_step=3),
+    "caat": caat,
+    "cfa": cfa,
+    # Official: class weights from the end of epoch 70 of 110, the same share of 12.
+    "dafa": lambda c: c.method.update(warmup_epochs=8),
+    "faal": faal,
+}
 
 
 def get_config(arg=None):

@@ -296,3 +296,22 @@ def test_frontier_plot_has_a_point_per_attacked_run(tmp_path):
     assert "![AutoAttack worst class against training wall time](fashion_mnist_evidence_" \
            "frontier.png)" in text
     assert "**ham** (last checkpoint)" in text
+
+
+def test_fairness_suite_runs_every_method_with_its_recipe(tmp_path):
+    from hamjax.config import validate_config
+
+    runs = suites.suite_runs("fairness")
+    configs = {name: suites.build_config("fairness", run, 0, 0, seed=1, root=str(tmp_path))
+               for name, run in runs.items()}
+    for config in configs.values():
+        validate_config(config)
+    assert {c.method.name for c in configs.values()} == {"mart", "pgd_at", "cfa", "wat", "dafa",
+                                                         "faal"}
+    assert configs["pgd_at_awp"].method.awp_gamma == 0.005
+    assert configs["pgd_at_ema"].train.ema_decay == 0.995
+    assert (configs["cfa"].method.begin, configs["cfa"].train.fawa_decay) == (1, 0.88)
+    assert configs["dafa"].method.warmup_epochs == 8 < configs["dafa"].train.epochs
+    faal = configs["faal"]
+    assert faal.train.init_from == suites.workdir_of(str(tmp_path), "evidence", "pgd_at", 1)
+    assert (faal.train.epochs, faal.train.lr) == (2, 0.01)
