@@ -44,7 +44,8 @@ def suite_runs(suite: str) -> dict[str, dict]:
         return fairness_runs()
     if suite == "noisy_full":
         return noisy_full_runs()
-    raise SystemExit(f"--suite={suite!r}: choose evidence, fairness, ham_full, noisy_full, ham or noisy")
+    raise SystemExit(f"--suite={suite!r}: choose evidence, fairness, ham_full, noisy_full, ham "
+                     "or noisy")
 
 
 def is_shipped(suite: str) -> bool:
