@@ -95,16 +95,27 @@ def torch_models():
 
 
 def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr: float,
-                           momentum: float, weight_decay: float, compile_mode: str | None = None):
+                           momentum: float, weight_decay: float, compile_mode: str | None = None,
+                           autocast_dtype: str | None = None):
     """A PyTorch PGD-AT step as the usual research scripts write it (and as hamjax's `pgd_at`
     runs it): L_inf PGD-K with a uniform random start, BN in eval mode while attacking, then one
     SGD(momentum, weight decay) update on the adversarial batch in train mode. Eager by default;
     compile_mode ("default", "reduce-overhead", "max-autotune") runs the network through
     `torch.compile(net, mode=...)`, as a user who compiles would: forward and backward are
     compiled (AOTAutograd), one graph for each BN mode; the PGD loop and the optimizer stay in
-    Python. Returns step(x, y) -> loss (float)."""
+    Python. autocast_dtype ("bfloat16"): forwards and backwards under `torch.autocast`, weights
+    and optimiser in float32 (the mixed precision of hamjax's `model.dtype`). Returns
+    step(x, y) -> loss (float)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
+
+    def precision():
+        if autocast_dtype in (None, "float32"):
+            return contextlib.nullcontext()
+        device = next(net.parameters()).device.type
+        return torch.autocast(device, dtype=getattr(torch, autocast_dtype))
 
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     module = net
@@ -116,7 +127,8 @@ def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr:
         x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            loss = F.cross_entropy(net(x_adv), y)
+            with precision():
+                loss = F.cross_entropy(net(x_adv).float(), y)
             (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = x_adv.detach() + step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
@@ -126,7 +138,8 @@ def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr:
         x_adv = attack(x, y)
         module.train()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x_adv), y)
+        with precision():
+            loss = F.cross_entropy(net(x_adv).float(), y)
         loss.backward()
         opt.step()
         return float(loss)

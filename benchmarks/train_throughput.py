@@ -78,9 +78,11 @@ def method_block(name: str) -> ml_collections.ConfigDict:
     return block
 
 
-def make_config(model: str, method: str, batch: int) -> ml_collections.FrozenConfigDict:
+def make_config(model: str, method: str, batch: int, dtype: str = "float32"
+                ) -> ml_collections.FrozenConfigDict:
     config = base_config()
     config.model.name = model
+    config.model.dtype = dtype
     config.method = method_block(method)
     if get_method(method).needs_meta_batch:
         config.data.meta_per_class = 10
@@ -113,9 +115,10 @@ def step_flops(step, args: tuple, seconds: float, dtype: str, devices=None) -> d
     return flop_report(counted, seconds, str(dtype), devices, xla_flops=xla, notes=notes)
 
 
-def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[str, Any]:
+def time_cell(model: str, method_name: str, batch: int, repeats: int,
+              dtype: str = "float32") -> dict[str, Any]:
     shape = SHAPES[model]
-    config = make_config(model, method_name, batch)
+    config = make_config(model, method_name, batch, dtype)
     step, state, method = make_step(config, shape)
     rs = np.random.RandomState(0)
     data = {"image": jnp.asarray(rs.rand(batch, *shape).astype(np.float32)),
@@ -147,7 +150,7 @@ def time_cell(model: str, method_name: str, batch: int, repeats: int) -> dict[st
 
 
 def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu",
-                  compile_mode: str = "default") -> dict[str, Any]:
+                  compile_mode: str = "default", dtype: str = "float32") -> dict[str, Any]:
     """The jitted PGD-AT step over all of JAX's devices vs its PyTorch twin on `torch_device`,
     eager and (unless compile_mode is "none") through `torch.compile(mode=compile_mode)`, the
     three interleaved within each repeat. On CUDA the twins run as research scripts run them
@@ -158,7 +161,7 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
         torch.backends.cudnn.benchmark = True
 
     shape = SHAPES[model]
-    config = make_config(model, "pgd_at", batch)
+    config = make_config(model, "pgd_at", batch, dtype)
     mesh = make_mesh()
     step, state, _ = make_step(config, shape, mesh)
     rs = np.random.RandomState(0)
@@ -175,7 +178,8 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
         net = (twin(channels=shape[-1]) if model.endswith("cnn") else twin()).to(torch_device)
         return make_torch_pgd_at_step(
             net, eps=attack.eps, step_size=attack.step_size, steps=attack.steps, lr=train.lr,
-            momentum=train.momentum, weight_decay=train.weight_decay, compile_mode=mode)
+            momentum=train.momentum, weight_decay=train.weight_decay, compile_mode=mode,
+            autocast_dtype=dtype)
 
     x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(torch_device)
     y_t = torch.from_numpy(labels.astype(np.int64)).to(torch_device)
@@ -208,6 +212,8 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
         "jax_devices": len(mesh.devices.flat), "jax_backend": jax.default_backend(),
         "torch_device": torch_device, "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "torch_compile_mode": compile_mode,
+        "dtype": dtype, "torch_precision": "float32" if dtype == "float32" else
+        f"torch.autocast({dtype}), float32 weights",
         "jax_seconds_per_step": round(jax_s, 4), "jax_images_per_s": round(batch / jax_s, 2),
         "jax_first_call_seconds_incl_compile": round(warmup["jax"], 2),
     }
@@ -238,6 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"training_attack": "PGD-10, eps 8/255, step 2/255 (base_config)",
                      "data": "random images and labels", "repeats": args.repeats,
                      "timing": "median of repeats after a compiling warm-up call",
+                     "dtype": args.dtype,
                      "batch": {m: args.batch or (64 if m.endswith("cnn") else 4)
                                for m in args.models}},
         "results": {},
@@ -249,7 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for model in args.models:
             batch = args.batch or (128 if model.endswith("cnn") else 32)
             result["vs_torch"][model] = vs_torch_cell(model, batch, args.repeats,
-                                                      args.torch_device, args.torch_compile_mode)
+                                                      args.torch_device, args.torch_compile_mode,
+                                                      args.dtype)
             print(f"# {model} vs torch: {json.dumps(result['vs_torch'][model])}",
                   file=sys.stderr, flush=True)
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -259,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = {}
         for method in methods:
             try:
-                row[method] = time_cell(model, method, batch, args.repeats)
+                row[method] = time_cell(model, method, batch, args.repeats, args.dtype)
             except Exception as err:  # one broken method must not hide the others' numbers
                 row[method] = {"error": f"{type(err).__name__}: {err}"}
             print(f"# {model} {method}: {json.dumps(row[method])}", file=sys.stderr,
@@ -293,6 +301,9 @@ def main() -> None:
     p.add_argument("--torch_compile_mode", default="default",
                    help="torch.compile mode of the compiled PyTorch column with --vs_torch "
                         "(default, reduce-overhead, max-autotune), or 'none' for eager only")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="config.model.dtype (compute dtype; weights stay float32), and the "
+                        "torch twin under torch.autocast of the same dtype with --vs_torch")
     p.add_argument("--cpu_devices", default="1",
                    help="host devices on the CPU ('auto': one per core); read before jax starts")
     args = p.parse_args()
