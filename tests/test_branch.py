@@ -1,8 +1,9 @@
 """`train.branch_from`: a run that starts from another run's full state at the end of an epoch.
 
-Checked against the run it copies: a branch with the same method must be that run, bit for bit
-(the same state, data order and RNG from the branch point on), and a branch with another method
-must keep the source's records up to the branch and train its own method afterwards.
+Checked against the runs it stands for: a branch with the same method is the source run, bit
+for bit (the same state, data order and RNG from the branch point on); HAM branched from PGD-AT
+at the end of its warm-up is the HAM run from scratch, bit for bit, and keeps the source's
+records up to the branch.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def test_a_ham_branch_keeps_the_warmup_and_then_mines(source, tmp_path):
     ham = Trainer(config, str(branch)).run()
 
     assert ham["branched_from"]["method"] == "pgd_at"
+    # HAM's warm-up is PGD-AT's step: the branch is the HAM run from scratch, bit for bit.
+    scratch = tmp_path / "ham_from_scratch"
+    Trainer(_config("ham", warmup_epochs=1, mining_step=1), str(scratch)).run()
+    jax.tree.map(np.testing.assert_array_equal, _params(branch), _params(scratch))
     assert ham["epochs"][0] == report["epochs"][0]  # PGD-AT's first epoch, as recorded there
     assert [e["epoch"] for e in ham["epochs"]] == [1, 2, 3]
     # HAM's step from the branch on: its own metrics and per-class records, not PGD-AT's.
