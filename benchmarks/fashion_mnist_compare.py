@@ -258,7 +258,9 @@ def main() -> None:
                 "parallel_runs": args.parallel, "cpu_devices_per_run": cpu_devices})
     machine["devices_per_run"] = sorted({", ".join(d) for d in
                                          (run_devices(workdir_row(r)) for r in rows) if d})
+    accelerators = [d for d in machine["devices_per_run"] if "cpu" not in d.lower()]
     where = (args.trained_elsewhere if args.trained_elsewhere else
+             f"{accelerators[0]}, {args.parallel} runs side by side" if accelerators else
              f"{os.cpu_count()} CPU cores, {args.parallel} runs side by side")
     result = {"suite": args.suite, "command": command, "machine": machine,
               "epochs": None if shipped else args.epochs,
