@@ -168,6 +168,19 @@ def test_cli_last_checkpoint(workdir, capsys):
     assert "per-class accuracy" in capsys.readouterr().out
 
 
+def test_named_evaluation_keeps_its_own_files(workdir, capsys):
+    """--name: another evaluation of the same checkpoint beside test_last.json, not over it."""
+    plain = os.path.join(workdir, "eval", "test_last.json")
+    before = open(plain).read() if os.path.exists(plain) else None
+    assert ev.main(["--workdir", workdir, "--attacks", "fgsm", "--checkpoint", "last",
+                    "--num_examples", "10", "--name", "fgsm-10"]) == 0
+    with open(os.path.join(workdir, "eval", "test_last_fgsm-10.json")) as f:
+        assert json.load(f)["num_examples"] == 10
+    assert (open(plain).read() if os.path.exists(plain) else None) == before
+    assert ev.main(["--workdir", workdir, "--name", "../x"]) == 2
+    assert "name='../x': letters, digits" in capsys.readouterr().err
+
+
 def test_best_falls_back_to_last(workdir, tmp_path):
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)

@@ -54,6 +54,9 @@ def _define(fv: flags.FlagValues, argv: Sequence[str]) -> flags.FlagHolder:
                       "Square queries (recorded; not comparable with published numbers).",
                       flag_values=fv)
     flags.DEFINE_bool("no_resume", False, "Ignore the partial results file.", flag_values=fv)
+    flags.DEFINE_string("name", "", "Suffix of the output files (eval/<split>_<checkpoint>_<name>"
+                        ".json), to keep another evaluation of the same checkpoint beside them.",
+                        flag_values=fv)
     flags.DEFINE_float("inflation_threshold", DEFAULT_THRESHOLD, "With pgdN beside autoattack "
                        "or an apgd attack: warn (and flag in the JSON) when pgdN's robust "
                        "accuracy exceeds the strong attack's by more than this many points, on "
@@ -150,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          checkpoint=fv.checkpoint, batch_size=fv.batch_size, seed=fv.seed,
                          eps=fv.eps, step_size=fv.step_size, overrides=overrides_from(attack.value),
                          fast=fv.fast, resume=not fv.no_resume,
-                         inflation_threshold=fv.inflation_threshold)
+                         inflation_threshold=fv.inflation_threshold, name=fv.name)
     except HamjaxError as err:  # config, checkpoint, data, disk full: the message says the fix
         print(f"error: {err}", file=sys.stderr)
         return 2

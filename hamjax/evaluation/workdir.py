@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -104,7 +105,13 @@ def default_step_size(config: ml_collections.ConfigDict, eps: float) -> float:
     return float(config.eval.step_size) * eps / float(config.eval.eps)
 
 
-def _check_request(split: str, num_examples: int) -> None:
+NAME = re.compile(r"^[A-Za-z0-9_-]*$")
+
+
+def _check_request(split: str, num_examples: int, name: str = "") -> None:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ConfigError(f"name={name!r}: letters, digits, '_' and '-' only (it becomes part "
+                          "of the output file names)")
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: choose one of {SPLITS}")
     if num_examples < 0:
@@ -135,9 +142,12 @@ def evaluate_workdir(
     write: bool = True,
     log: Log = console,
     inflation_threshold: float = DEFAULT_THRESHOLD,
+    name: str = "",
 ) -> dict[str, Any]:
     """Per-class clean/robust accuracy of a trained workdir under `attacks`; returns the record
-    also written to `<workdir>/eval/<split>_<checkpoint>.json` (with a `.png` chart).
+    also written to `<workdir>/eval/<split>_<checkpoint>.json` (with a `.png` chart), or to
+    `<split>_<checkpoint>_<name>.*` with a `name`, so several evaluations of one checkpoint (say
+    PGD-20 on the whole test set beside AutoAttack on a subset) keep their own files.
 
     Defaults come from the run's config: eps = config.eval.eps, batch_size = eval.batch_size,
     seed = config.seed, step_size (pgdN, cwN; a number or "eps/K") = the run's eval step at
@@ -150,7 +160,7 @@ def evaluate_workdir(
     gap (`hamjax.evaluation.inflation`; warned above `inflation_threshold` points) and
     `<stem>_margins.png` the clean logit-margin histograms.
     """
-    _check_request(split, num_examples)  # before loading anything
+    _check_request(split, num_examples, name)  # before loading anything
     inflation_threshold = check_threshold(inflation_threshold)
     check_attack_names(attacks)
     run = load_run(workdir, checkpoint, log)
@@ -171,7 +181,7 @@ def evaluate_workdir(
     full_size = len(data)
     data = stratified_subset(data, num_examples, seed, splits.num_classes)
 
-    stem = str(resolve(workdir) / "eval" / f"{split}_{run.checkpoint}")
+    stem = str(resolve(workdir) / "eval" / "_".join(filter(None, (split, run.checkpoint, name))))
     if write:
         resolve(workdir).joinpath("eval").mkdir(parents=True, exist_ok=True)
     log(f"evaluating {resolve(workdir)} ({run.checkpoint} checkpoint, step {run.step}) on "
