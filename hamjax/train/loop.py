@@ -6,7 +6,8 @@ and is reported through `hamjax.train.report`.
 
 A run never loses or poisons its workdir: one run per workdir (`hamjax.workdir_lock`), a
 non-finite step stops it before anything of that step is saved, and SIGTERM/SIGINT stop it after
-the current step with a checkpoint to resume from.
+the current step with a checkpoint to resume from. With `train.steps_per_dispatch` > 1 each jitted
+call runs several steps (`hamjax.train.dispatch`): all of this then happens at dispatch ends.
 """
 
 from __future__ import annotations
@@ -329,7 +330,8 @@ class Trainer:
         """Trains to config.train.epochs and returns the final report (also written as JSON).
 
         Holds the workdir lock throughout and releases it on the way out, errors included.
-        While training, SIGTERM/SIGINT stop the run after the current step with a checkpoint
+        While training, SIGTERM/SIGINT stop the run after the current dispatch (one step by
+        default) with a checkpoint
         (TrainingInterrupted); a non-finite step raises TrainingDivergedError. Pending
         checkpoint writes finish before run returns or raises.
         """
