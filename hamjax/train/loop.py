@@ -331,9 +331,8 @@ class Trainer:
 
         Holds the workdir lock throughout and releases it on the way out, errors included.
         While training, SIGTERM/SIGINT stop the run after the current dispatch (one step by
-        default) with a checkpoint
-        (TrainingInterrupted); a non-finite step raises TrainingDivergedError. Pending
-        checkpoint writes finish before run returns or raises.
+        default) with a checkpoint (TrainingInterrupted); a non-finite step raises
+        TrainingDivergedError. Pending checkpoint writes finish before run returns or raises.
         """
         if self._lock is None and self.is_main:  # a second run() of this Trainer
             self._lock = workdir_lock.acquire(self.workdir)
