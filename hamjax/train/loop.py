@@ -302,15 +302,14 @@ class Trainer:
             stacked = {key: np.stack([batch[key] for batch in group]) for key in group[0]}
             yield first, end, shard_batch(stacked, self.mesh, stacked=True)
 
-    def _compile(self, state: TrainState, epoch: int, start: int) -> dict:
-        """The compiled train step per dispatch length this run needs (one unless the epoch's
-        steps are not a multiple of config.train.steps_per_dispatch, or a resume starts off a
-        boundary); lowered from shapes, so nothing runs."""
+    def _compile(self, state: TrainState, sample: dict, epoch: int, start: int) -> dict:
+        """The compiled train step per dispatch length this run needs from (epoch, start): one
+        unless the epoch's steps are not a multiple of config.train.steps_per_dispatch or a
+        resume starts off a boundary. Lowered from `sample`'s (one step's batch) shapes."""
         spe = self.ctx.steps_per_epoch
         spans = dispatch_spans(start, spe, self.per_dispatch)
         if epoch + 1 < self.config.train.epochs:
             spans += dispatch_spans(0, spe, self.per_dispatch)
-        sample = next(self._device_batches(0, 0))
         if self.per_dispatch == 1:
             return {1: self.train_step.lower(state, sample).compile()}
         sharding = stacked_batch_sharding(self.mesh)
@@ -389,8 +388,10 @@ class Trainer:
         self.log.write("run", int(state.step), config=config_to_json(cfg),
                        data=self.splits.info, devices=[str(d) for d in jax.devices()],
                        **attack_record(cfg))
+        sample = next(self._device_batches(0, 0))
         t0 = time.perf_counter()
-        programs = self._compile(state, *divmod(min(int(state.step), total_steps - 1), spe))
+        programs = self._compile(state, sample,
+                                 *divmod(min(int(state.step), total_steps - 1), spe))
         meta.setdefault("compile_seconds", []).append(time.perf_counter() - t0)
         per_call = ("" if self.per_dispatch == 1 else
                     f", {self.per_dispatch} steps per dispatch "
