@@ -64,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 2e-4
     c.train.checkpoint_every_steps = 500
     c.train.log_every_steps = 50
+    # Train steps per jitted call (a lax.scan over that many batches; bit-exact with 1): > 1
+    # lifts small, launch-bound models on a GPU/TPU. Logs and periodic checkpoints fall on the
+    # first dispatch end at or after each multiple of their interval; no dispatch crosses an
+    # epoch's end (its last one is shorter when steps_per_epoch is not a multiple).
+    c.train.steps_per_dispatch = 1
     c.train.eval_every_epochs = 1
     c.train.init_from = ""  # a workdir or checkpoint dir to fine-tune from (weights only)
     # Branch: start from another run's full state (weights, optimiser, step, RNG, records) at the
@@ -303,6 +308,8 @@ def _validate_train(train, fresh_start: bool) -> None:
     _number(train, "train", "weight_decay", lambda v: v >= 0, "must be a number >= 0")
     _int(train, "train", "checkpoint_every_steps", 1)
     _int(train, "train", "log_every_steps", 1)
+    _int(train, "train", "steps_per_dispatch", 1, " (train steps per jitted call; 1: one, "
+         "8-32 for a small model on a GPU/TPU)")
     _int(train, "train", "eval_every_epochs", 1)
     _int(train, "train", "keep_checkpoints", 1, " (the newest are kept: 2 keeps one to fall "
          "back on if the latest is damaged)")
@@ -416,6 +423,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "train.log_every_steps": "how often progress is printed and logged",
     "train.checkpoint_every_steps": "where periodic saves fall; a resume from any is bit-exact",
     "train.keep_checkpoints": "how many older checkpoints stay on disk",
+    "train.steps_per_dispatch": "how many of the same steps one jitted call runs (bit-exact)",
     "eval.batch_size": "evaluation chunking; each result depends on its example alone",
     "eval.final_splits": "which splits the final report lists",
     "data.data_dir": "where the dataset's files are looked for (e.g. a copy on another machine)",

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 ROWS = PartitionSpec(DATA_AXIS)  # an array split on its leading (example) axis
+STACKED_ROWS = PartitionSpec(None, DATA_AXIS)  # k stacked batches, each split on its rows
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -28,6 +29,12 @@ def make_mesh(devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over the data axis."""
     return NamedSharding(mesh, ROWS)
+
+
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """k batches stacked on a new leading axis (one per step of a multi-step dispatch), each
+    split over the data axis on its own rows (axis 1)."""
+    return NamedSharding(mesh, STACKED_ROWS)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -48,9 +55,10 @@ def process_rows(mesh: Mesh, global_rows: int) -> slice:
     return slice(spans[0][0], spans[-1][1])
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host arrays (this process's rows) -> global arrays sharded over the mesh."""
-    sharding = batch_sharding(mesh)
+def shard_batch(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
+    """Host arrays (this process's rows) -> global arrays sharded over the mesh; `stacked`:
+    each array holds k batches on a leading axis and its rows on axis 1."""
+    sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }

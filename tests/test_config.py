@@ -64,6 +64,7 @@ INVALID: dict[str, list] = {
     "train.weight_decay": [-1, NAN],
     "train.checkpoint_every_steps": [0],
     "train.log_every_steps": [0, -5],
+    "train.steps_per_dispatch": [0, -1, 2.5, "4", True],
     "train.eval_every_epochs": [0],
     "train.init_from": ["/nonexistent/run", "{empty_dir}", 3],
     "train.branch_from": ["/nonexistent/run", "{empty_dir}", 3],

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from hamjax.attacks import per_example_loss
+from hamjax.backends.cpu.conv import conv_impl
 
 
 def toy_data(n: int = 256, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -49,14 +50,18 @@ def train_mlp(x, y, classes: int = 4, steps: int = 200, seed: int = 0):
 
 
 class TinyNet(nn.Module):
-    """conv4-BN-ReLU-dense: the smallest model with BatchNorm (method steps on 4x4 images)."""
+    """conv4-BN-ReLU-dense: the smallest model with BatchNorm (method steps on 4x4 images).
+    conv_vjp: None for flax's conv, else a `model.conv_vjp` mode, as the library's models."""
 
     num_classes: int = 4
+    conv_vjp: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
         del mask
-        x = nn.Conv(4, (3, 3))(x)
+        conv = {} if self.conv_vjp is None else {  # explicit SAME padding: a plain conv
+            "conv_general_dilated": conv_impl(self.conv_vjp), "padding": ((1, 1), (1, 1))}
+        x = nn.Conv(4, (3, 3), **conv)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.relu(x).reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes)(x)

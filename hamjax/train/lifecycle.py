@@ -101,12 +101,16 @@ def interrupted(signals: StopSignals, step: int, saved: int | None,
 
 
 def first_nonfinite(pending: list[tuple[int, Any, Any]]) -> tuple[int, float] | None:
-    """(step, loss) of the first entry of (step, finite flag, loss) whose flag is 0, else None;
-    one device_get for the whole list, so checking costs no sync per step."""
+    """(step, loss) of the first non-finite step in `pending`, else None. Each entry is (step,
+    finite flag, loss) of one dispatch: scalars for one step, or (k,) arrays for the k steps
+    step, step + 1, ... of a multi-step dispatch. One device_get for the whole list, so
+    checking costs no sync per step."""
     flags = jax.device_get([flag for _, flag, _ in pending])
     for (step, _, loss), ok in zip(pending, flags, strict=True):
-        if not ok:
-            return step, float(jax.device_get(loss))
+        bad = np.flatnonzero(np.atleast_1d(ok) == 0)
+        if bad.size:
+            at = int(bad[0])
+            return step + at, float(np.atleast_1d(jax.device_get(loss))[at])
     return None
 
 

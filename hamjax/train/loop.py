@@ -6,7 +6,8 @@ and is reported through `hamjax.train.report`.
 
 A run never loses or poisons its workdir: one run per workdir (`hamjax.workdir_lock`), a
 non-finite step stops it before anything of that step is saved, and SIGTERM/SIGINT stop it after
-the current step with a checkpoint to resume from.
+the current step with a checkpoint to resume from. With `train.steps_per_dispatch` > 1 each jitted
+call runs several steps (`hamjax.train.dispatch`): all of this then happens at dispatch ends.
 """
 
 from __future__ import annotations
@@ -49,9 +50,22 @@ from hamjax.models import eval_model
 from hamjax.paths import resolve
 from hamjax.run import build_context, load_branch, load_init_weights
 from hamjax.runlog import RunLogger
-from hamjax.sharding import make_mesh, place_like, process_rows, put_replicated, shard_batch
+from hamjax.sharding import (
+    make_mesh,
+    place_like,
+    process_rows,
+    put_replicated,
+    shard_batch,
+    stacked_batch_sharding,
+)
 from hamjax.state import TrainState, create_train_state
-from hamjax.train.dispatch import RunAhead, add_trees
+from hamjax.train.dispatch import (
+    RunAhead,
+    add_steps,
+    dispatch_spans,
+    passes_multiple,
+    with_step_axis,
+)
 from hamjax.train.lifecycle import StopSignals, diverged, first_nonfinite, interrupted
 from hamjax.train.report import (
     attack_record,
@@ -62,7 +76,7 @@ from hamjax.train.report import (
     summarize,
     where_text,
 )
-from hamjax.train.step import jit_train_step, make_train_step
+from hamjax.train.step import jit_multi_step, jit_train_step, make_multi_step, make_train_step
 
 
 def _variables(state: TrainState) -> dict:
@@ -144,7 +158,12 @@ class Trainer:
         self.rows = process_rows(self.mesh, config.train.batch_size)  # this host's share
         self.checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
         self.log = RunLogger(workdir, enabled=self.is_main)
-        self.train_step = jit_train_step(make_train_step(self.ctx, self.method), self.mesh)
+        train_step = make_train_step(self.ctx, self.method)
+        self.per_dispatch = int(config.train.steps_per_dispatch)
+        # One step per call: the step itself; k: a scan of it over k stacked batches.
+        self.train_step = (jit_train_step(with_step_axis(train_step), self.mesh)
+                           if self.per_dispatch == 1 else
+                           jit_multi_step(make_multi_step(train_step), self.mesh))
         self.evaluator = PGDEvaluator(eval_model(self.ctx.model, config.eval.dtype),
                                       self.splits.num_classes, config.eval,
                                       self.mesh, config.eval.batch_size)
@@ -269,9 +288,9 @@ class Trainer:
         return EpochEvaluator(self.evaluate, self.map_split)
 
     # ----------------------------------------------------------------------------- train
-    def _device_batches(self, epoch: int, start: int):
-        """This epoch's global batches from step `start` on, as sharded device arrays: this
-        host gathers only its rows of the training batch (and of CAAT's meta batch)."""
+    def _host_batches(self, epoch: int, start: int):
+        """This epoch's batches from step `start` on, as this host's rows of the training batch
+        (and of CAAT's meta batch) in host memory."""
         cfg = self.config
         batches = iterate_batches(self.splits.train, cfg.train.batch_size, cfg.seed, epoch, start,
                                   rows=self.rows)
@@ -280,7 +299,47 @@ class Trainer:
                 step = epoch * self.ctx.steps_per_epoch + i
                 batch.update(meta_batch(self.splits.meta, cfg.train.batch_size, cfg.seed, step,
                                         rows=self.rows))
+            yield batch
+
+    def _device_batches(self, epoch: int, start: int):
+        """This epoch's global batches from step `start` on, as sharded device arrays."""
+        for batch in self._host_batches(epoch, start):
             yield shard_batch(batch, self.mesh)
+
+    def _dispatches(self, epoch: int, start: int):
+        """(first, end, batch) per dispatch of this epoch from step `start` on
+        (`dispatch_spans`): one step's batch, or with config.train.steps_per_dispatch > 1 the
+        end - first batches stacked on a new leading axis, each split over the devices."""
+        spans = dispatch_spans(start, self.ctx.steps_per_epoch, self.per_dispatch)
+        if self.per_dispatch == 1:
+            for (first, end), batch in zip(spans, self._device_batches(epoch, start),
+                                           strict=True):
+                yield first, end, batch
+            return
+        batches = self._host_batches(epoch, start)
+        for first, end in spans:
+            group = [next(batches) for _ in range(end - first)]
+            stacked = {key: np.stack([batch[key] for batch in group]) for key in group[0]}
+            yield first, end, shard_batch(stacked, self.mesh, stacked=True)
+
+    def _compile(self, state: TrainState, sample: dict, epoch: int, start: int) -> dict:
+        """The compiled train step per dispatch length this run needs from (epoch, start): one
+        unless the epoch's steps are not a multiple of config.train.steps_per_dispatch or a
+        resume starts off a boundary. Lowered from `sample`'s (one step's batch) shapes."""
+        spe = self.ctx.steps_per_epoch
+        spans = dispatch_spans(start, spe, self.per_dispatch)
+        if epoch + 1 < self.config.train.epochs:
+            spans += dispatch_spans(0, spe, self.per_dispatch)
+        if self.per_dispatch == 1:
+            return {1: self.train_step.lower(state, sample).compile()}
+        sharding = stacked_batch_sharding(self.mesh)
+        programs = {}
+        for length in sorted({end - first for first, end in spans}):
+            shapes = {key: jax.ShapeDtypeStruct((length, *value.shape), value.dtype,
+                                                sharding=sharding)
+                      for key, value in sample.items()}
+            programs[length] = self.train_step.lower(state, shapes).compile()
+        return programs
 
     def _save(self, state: TrainState, meta: dict) -> None:
         meta = dict(meta, config=config_to_json(self.config))
@@ -290,9 +349,9 @@ class Trainer:
         """Trains to config.train.epochs and returns the final report (also written as JSON).
 
         Holds the workdir lock throughout and releases it on the way out, errors included.
-        While training, SIGTERM/SIGINT stop the run after the current step with a checkpoint
-        (TrainingInterrupted); a non-finite step raises TrainingDivergedError. Pending
-        checkpoint writes finish before run returns or raises.
+        While training, SIGTERM/SIGINT stop the run after the current dispatch (one step by
+        default) with a checkpoint (TrainingInterrupted); a non-finite step raises
+        TrainingDivergedError. Pending checkpoint writes finish before run returns or raises.
         """
         if self._lock is None and self.is_main:  # a second run() of this Trainer
             self._lock = workdir_lock.acquire(self.workdir)
@@ -351,61 +410,70 @@ class Trainer:
                        **attack_record(cfg))
         sample = next(self._device_batches(0, 0))
         t0 = time.perf_counter()
-        compiled = self.train_step.lower(state, sample).compile()
+        programs = self._compile(state, sample,
+                                 *divmod(min(int(state.step), total_steps - 1), spe))
         meta.setdefault("compile_seconds", []).append(time.perf_counter() - t0)
+        per_call = ("" if self.per_dispatch == 1 else
+                    f", {self.per_dispatch} steps per dispatch "
+                    f"({len(programs)} program{'s' * (len(programs) > 1)})")
         self.log.print(f"compiled the train step in {meta['compile_seconds'][-1]:.1f}s; "
-                       f"{spe} steps/epoch, {jax.device_count()} device(s)")
+                       f"{spe} steps/epoch, {jax.device_count()} device(s){per_call}")
 
         while int(state.step) < total_steps:
             if self.signals.should_stop():  # the state here is already saved
                 self._stop(state)
             epoch, start = divmod(int(state.step), spe)
-            state, meta = self._train_epoch(compiled, state, meta, epoch, start)
+            state, meta = self._train_epoch(programs, state, meta, epoch, start)
         if self.signals.should_stop():
             self._stop(state)
         return state, meta
 
-    def _train_epoch(self, compiled, state, meta, epoch: int, start: int):
+    def _train_epoch(self, programs: dict, state, meta, epoch: int, start: int):
+        """One epoch from step `start`, a dispatch at a time (`programs`: the compiled step per
+        dispatch length); logs, finite checks, signals and periodic saves at dispatch ends."""
         cfg, spe = self.config, self.ctx.steps_per_epoch
         epoch_record = meta.pop("partial_epoch", None) or {"seconds": 0.0, "skipped": 0.0,
                                                            "metric_sums": {}, "steps": 0}
         t_last, images, sums, counted_from = time.perf_counter(), 0, None, start
-        pending = []  # (step, finite flag, loss) on device, checked at logs and before saves
-        batches = prefetch(self._device_batches(epoch, start), size=2)
+        # (first step, finite flags, losses) per dispatch on device, checked at logs and saves
+        pending = []
+        dispatches = prefetch(self._dispatches(epoch, start), size=2)
         # Moved every step without a device sync; its values change at the log interval only.
         # Left open by a stop or an error, it is closed with the logs (`_close`).
         bar = self.log.epoch_bar(epoch, cfg.train.epochs, start, spe, cfg.train.batch_size)
         in_flight = RunAhead(depth=1)  # see hamjax.train.dispatch: no unbounded run-ahead
-        for i, batch in enumerate(batches, start=start):
-            step = epoch * spe + i
-            state, metrics = compiled(state, batch)
+        for first, end, batch in dispatches:
+            before, after = epoch * spe + first, epoch * spe + end  # steps done
+            state, metrics = programs[end - first](state, batch)  # metrics: (steps, ...)
             in_flight.dispatched(metrics["finite"])
-            bar.step()
-            pending.append((step + 1, metrics["finite"], metrics["loss"]))
-            images += cfg.train.batch_size
-            sums = metrics if sums is None else add_trees(sums, metrics)
-            last_in_epoch = i + 1 == spe
-            if (step + 1) % cfg.train.log_every_steps == 0 or last_in_epoch:
-                metrics = jax.device_get(metrics)
+            for _ in range(end - first):
+                bar.step()
+            pending.append((before + 1, metrics["finite"], metrics["loss"]))
+            images += (end - first) * cfg.train.batch_size
+            sums = add_steps(sums, metrics)
+            last_in_epoch = end == spe
+            logged = passes_multiple(before, after, cfg.train.log_every_steps)
+            if logged or last_in_epoch:
+                last = {k: np.asarray(v[-1]) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 epoch_record["seconds"] += now - t_last
                 rate = images / max(now - t_last, 1e-9)
                 t_last, images = now, 0
-                bar.log(i + 1, rate, metrics)
-                self.log.write("train", step + 1, epoch=epoch, images_per_s=rate, **metrics)
+                bar.log(end, rate, last)
+                self.log.write("train", after, epoch=epoch, images_per_s=rate, **last)
                 self._check_finite(pending)
             # A signal is served like a periodic save: the partial-epoch record makes the resumed
             # epoch's ledger and metrics exactly those of an uninterrupted one. Several processes
             # agree on it at log and checkpoint steps only (a collective); the epoch's end is
             # served by `_train`.
-            periodic = (step + 1) % cfg.train.checkpoint_every_steps == 0 and not last_in_epoch
-            asked = (jax.process_count() == 1 or periodic
-                     or (step + 1) % cfg.train.log_every_steps == 0)
+            periodic = (passes_multiple(before, after, cfg.train.checkpoint_every_steps)
+                        and not last_in_epoch)
+            asked = jax.process_count() == 1 or periodic or logged
             stopping = not last_in_epoch and asked and self.signals.should_stop()
             if periodic or stopping:
                 self._check_finite(pending)
-                epoch_record = _fold_sums(epoch_record, sums, i + 1 - counted_from)
-                sums, counted_from = None, i + 1
+                epoch_record = _fold_sums(epoch_record, sums, end - counted_from)
+                sums, counted_from = None, end
                 jax.block_until_ready(state)
                 now = time.perf_counter()
                 epoch_record["seconds"] += now - t_last

@@ -13,7 +13,7 @@ from hamjax.averaging import EMA, averaging_mode, ema_step
 from hamjax.backends.cpu.compile_options import jit
 from hamjax.data import augment, images_to_float
 from hamjax.optim import set_learning_rate
-from hamjax.sharding import batch_sharding, replicated
+from hamjax.sharding import batch_sharding, replicated, stacked_batch_sharding
 from hamjax.state import StepContext, TrainState
 
 IMAGE_KEYS = ("image", "meta_image")  # batch entries that arrive as uint8 and are scaled here
@@ -89,6 +89,30 @@ def jit_train_step(train_step, mesh: Mesh):
     return jit(
         train_step,
         in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_multi_step(train_step: Callable[[TrainState, dict], tuple]
+                    ) -> Callable[[TrainState, dict], tuple]:
+    """`multi_step(state, batches) -> (state, metrics)`: `train_step` over the leading axis of
+    `batches` (k stacked batches) as one `lax.scan`, so k steps cost one dispatch
+    (`config.train.steps_per_dispatch`). Each step is the same pure function of (state, batch),
+    so k scanned steps equal k single ones; metrics come back stacked, (k, ...) per entry."""
+
+    def multi_step(state: TrainState, batches: dict):
+        return jax.lax.scan(train_step, state, batches)
+
+    return multi_step
+
+
+def jit_multi_step(multi_step, mesh: Mesh):
+    """jit of `make_multi_step`'s function: state replicated and donated, the stacked batches
+    split over the devices on their per-step batch axis (axis 1)."""
+    return jit(
+        multi_step,
+        in_shardings=(replicated(mesh), stacked_batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=(0,),
     )
