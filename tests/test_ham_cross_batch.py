@@ -10,6 +10,10 @@ The step tests use test_ham's MarkerNet, whose marker pixels fix the hard set ex
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,8 @@ from hamjax.methods.ham import HamSettings, cross_batch_terms, validate
 from hamjax.methods.ham_buffer import append_rows, init_buffer, keep_overflow, take_rows
 from hamjax.state import create_train_state
 from hamjax.train.step import make_train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------
 # The bookkeeping alone, against a list-based model
@@ -272,3 +278,156 @@ def test_cross_batch_rows_is_validated(fields, message):
     with pytest.raises(ConfigError, match=rf"config\.method\.cross_batch_rows.*{message}"):
         validate(make_config(**fields))
     validate(make_config(cross_batch_rows=8, gair=True, hard_keep_fraction=0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Two devices (a child process: JAX fixes its device count at start-up)
+
+TWO_DEVICES = textwrap.dedent(
+    """
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from hamjax.config import base_config, method_config
+    from hamjax.errors import ConfigError
+    from hamjax.methods import get_method
+    from hamjax.methods.ham import FORCE_HARD_KEY
+    from hamjax.models import build_model
+    from hamjax.optim import make_lr_fn, make_optimizer
+    from hamjax.sharding import make_mesh, put_replicated, shard_batch
+    from hamjax.state import StepContext, create_train_state
+    from hamjax.train.step import jit_train_step, make_train_step
+
+    assert jax.device_count() == 2, jax.devices()
+    B, SHAPE, METHOD = 16, (16, 16, 3), get_method("ham")
+
+    def setup(rows, devices):
+        c = base_config()
+        c.model.name, c.model.conv_vjp = "small_cnn", "xla"
+        c.method = method_config("ham", warmup_epochs=0, mining_step=1, cross_batch_rows=rows)
+        c.attack.steps = 3
+        c.train.batch_size, c.train.lr_schedule = B, "constant"
+        c.data.augment.crop_pad, c.data.augment.flip = 0, False
+        c = ml_collections.FrozenConfigDict(c)
+        mesh = make_mesh(jax.devices()[:devices])
+        ctx = StepContext(model=build_model(c.model, 10, SHAPE), tx=make_optimizer(c.train),
+                          lr_fn=make_lr_fn(c.train, 100), config=c, num_classes=10,
+                          class_counts=np.ones(10), steps_per_epoch=100, image_shape=SHAPE,
+                          mesh=mesh)
+        state = put_replicated(create_train_state(ctx, METHOD, seed=0), mesh)
+        return jit_train_step(make_train_step(ctx, METHOD), mesh), state, mesh
+
+    def batch(t, per_device, mesh):
+        rs = np.random.RandomState(t)
+        hard = np.zeros((2, B // 2), bool)
+        for block, n in zip(hard, per_device):
+            block[rs.permutation(B // 2)[:n]] = True
+        host = {"image": rs.rand(B, *SHAPE).astype(np.float32),
+                "label": rs.randint(0, 10, B).astype(np.int32),
+                "index": (100 * t + np.arange(B)).astype(np.int32),
+                FORCE_HARD_KEY: hard.reshape(B)}
+        return host, shard_batch(host, mesh)
+
+    def run(rows, devices, pattern):
+        step, state, mesh = setup(rows, devices)
+        hosts, flushes = [], []
+        for t, per_device in enumerate(pattern):
+            host, device_batch = batch(t, per_device, mesh)
+            state, metrics = step(state, device_batch)
+            hosts.append(host)
+            flushes.append(float(metrics["cross_batch_flush"]))
+        return jax.device_get(state), flushes, hosts
+
+    # Even: 2 hard rows per device per step. Two devices of R/2 = 4 and one device of R = 8
+    # flush at the same step on the same 8 rows: same weights, statistics and ledger.
+    even = [(2, 2)] * 3
+    one, one_flushes, _ = run(8, 1, even)
+    two, two_flushes, _ = run(8, 2, even)
+    assert one_flushes == two_flushes == [0.0, 1.0, 0.0], (one_flushes, two_flushes)
+    for tree in ("params", "batch_stats", "opt_state", "ledger"):
+        for a, b in zip(jax.tree.leaves(getattr(one, tree)), jax.tree.leaves(getattr(two, tree)),
+                        strict=True):
+            np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5, err_msg=tree)
+    assert one.method_state["buffer"]["count"].tolist() == [4]
+    assert two.method_state["buffer"]["count"].tolist() == [2, 2]
+    print("two devices equal one ok", flush=True)
+
+    # Uneven: device 0 gathers 3 rows a step, device 1 one. At the second step device 0 holds
+    # 6 >= 4 and both flush: device 0 trains its oldest 4 and keeps 2, device 1 trains its 2
+    # (2 slots padded) and keeps none. Each device's block of the buffer holds its own rows.
+    state, flushes, hosts = run(8, 2, [(3, 1), (3, 1)])
+    assert flushes == [0.0, 1.0], flushes
+    buffer, record = state.method_state["buffer"], state.method_state["cross_batch"]
+    assert buffer["count"].tolist() == [2, 0]
+    assert {k: int(record[k]) for k in ("flushes", "trained_rows", "padded_rows",
+                                        "dropped_rows")} == {"flushes": 1, "trained_rows": 6,
+                                                             "padded_rows": 2, "dropped_rows": 0}
+    slots = buffer["label"].shape[0] // 2  # per device: R/2 + B/2 = 12
+    last = hosts[1]
+    rows_dev0 = np.flatnonzero(last[FORCE_HARD_KEY][: B // 2])  # its 3 rows of step 2
+    kept = rows_dev0[1:]  # 3 from step 1 + the first of step 2 trained; the other 2 kept
+    np.testing.assert_array_equal(buffer["index"][:2], last["index"][kept])
+    np.testing.assert_array_equal(buffer["label"][:2], last["label"][kept])
+    np.testing.assert_array_equal(buffer["clean"][:2], last["image"][kept])
+    assert not buffer["index"][2:slots].any() and not buffer["index"][slots:].any()
+    print("per-device bookkeeping ok", flush=True)
+
+    try:
+        setup(7, 2)
+    except ConfigError as err:
+        assert "config.method.cross_batch_rows=7" in str(err), err
+        print("divisibility ok", flush=True)
+    """
+)
+
+
+def test_two_devices(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(TWO_DEVICES)
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for line in ("two devices equal one ok", "per-device bookkeeping ok", "divisibility ok"):
+        assert line in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume mid-accumulation
+
+
+@pytest.mark.slow
+def test_resume_mid_accumulation_equals_a_straight_run(tmp_path):
+    """Stopped mid-epoch 2 with rows waiting in the buffer and resumed from that checkpoint,
+    the run ends with the straight run's state (buffer included), records and report."""
+    from test_averaging import StopsAfter, digits_config
+
+    from hamjax.checkpoint import Checkpointer
+    from hamjax.errors import TrainingInterrupted
+    from hamjax.train.loop import Trainer
+
+    config = digits_config("ham", warmup_epochs=0, mining_step=1, cross_batch_rows=128)
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    reports = [Trainer(config, straight).run()]
+    StopsAfter.calls = 15  # after step 14 of 20
+    with pytest.raises(TrainingInterrupted):
+        StopsAfter(config, stopped).run()
+    saved = Checkpointer(stopped, read_only=True)
+    waiting = saved.restore_host()["method_state"]["buffer"]["count"]
+    saved.close()
+    assert 0 < int(waiting[0]) < 128  # rows were waiting when it stopped
+    reports.append(Trainer(config, stopped).run())
+    for key in ("last", "best_on_val"):
+        a, b = (r["results"][key] for r in reports)
+        assert a["robust"]["per_class"] == b["robust"]["per_class"]
+    records = [[e["method"]["cross_batch"] for e in r["epochs"]] for r in reports]
+    assert records[0] == records[1] and all(r["flushes"] > 0 for r in records[0])
+    states = []
+    for workdir in (straight, stopped):
+        ckpt = Checkpointer(workdir, read_only=True)
+        states.append(ckpt.restore_host())
+        ckpt.close()
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
