@@ -33,7 +33,8 @@ method state, with their clean image, x_M, label and kappa, per device (`ham_buf
 device holds R/n rows, every device continues its oldest R/n buffered rows (padding masked)
 through steps M+1..K with the *current* weights, and one optimiser step trains on them; the
 overflow waits for the next step. Steps that do not flush take no optimiser step
-(`apply_update`). The ledger counts M*B + B every step and (K - M + 1)*R on a flush. Staleness:
+(`apply_update`). The ledger counts (M + 1)*B forward and M*B backward every step, and
+(K - M + 1)*R forward+backward more on a flush. Staleness:
 a trained row waited (steps since it was mined); as weights change only at flushes, its x_M was
 made with the current weights unless it was overflow of an earlier flush (then one update old:
 the overflow is trained first at the next flush). The epoch record (`summarize_state`) carries
