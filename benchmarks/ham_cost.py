@@ -21,6 +21,15 @@ hard rows into a local bucket; the forced hard rows are spread evenly over the d
 (ceil(f * B/N) per device), so every device holds the same count. Every device does the same work,
 so the wall-time ratio is the per-device ratio (on fake CPU devices the N devices share the cores).
 
+`--per_device_batches 32 64 128 256` instead times HAM at small per-device batches, where the
+faithful step's buckets are small (issue 26): per per-device batch b (global b x devices), at one
+hard fraction (`--hard_fraction`), PGD-AT, the faithful HAM step and the cross-batch variant
+(`method.cross_batch_rows`, `--cross_batch_rows` rows per device). The cross-batch step is timed
+over a whole cycle (the steps after which its buffer is empty again: one or more flushes, the
+other steps mining only), chained from one state; its ratio is the cycle's time per step over
+PGD-AT's step, i.e. per example. Its ideal is (M + (K - M + 1) h) / (K + 1): no bucket padding.
+On a CPU every step is compute-bound, so these ratios do not show a GPU's idle small buckets.
+
 XLA:CPU note: backward convs inside `lax.switch` / `while` bodies are slow on XLA:CPU
 (jax-ml/jax#12868); the models therefore use `hamjax.backends.cpu.conv.canonical_conv` on CPU,
 whose VJP is written with canonical NHWC/HWIO convs. These timings include that conv.
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -195,6 +205,118 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cycle_steps(rows: int, hard: int) -> int:
+    """Steps after which a buffer of `rows` that gains `hard` rows a step is empty again."""
+    return rows // math.gcd(rows, hard)
+
+
+def chained_seconds(cases: dict, repeats: int) -> tuple[dict, dict]:
+    """Per case (step, state, batches): seconds per step of running the batches in turn from a
+    fresh copy of the state (each call chained on the last), the cases interleaved within each
+    repeat; plus each case's final state of the compiling warm-up run."""
+    fresh = lambda state: jax.block_until_ready(jax.tree.map(jnp.copy, state))
+
+    def go(step, state, batches):
+        applied = 0.0
+        for batch in batches:
+            state, metrics = step(state, batch)
+            applied += metrics["update_applied"]
+        return jax.block_until_ready((state, applied))
+
+    ends = {name: go(step, fresh(state), batches)
+            for name, (step, state, batches) in cases.items()}
+    times: dict = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (step, state, batches) in cases.items():
+            copy = fresh(state)
+            start = time.perf_counter()
+            go(step, copy, batches)
+            times[name].append((time.perf_counter() - start) / len(batches))
+    return times, ends
+
+
+def passes(state) -> float:
+    return float(state.ledger.forward + state.ledger.backward)
+
+
+def random_batch(batch: int, image_size: int, mesh, hard_fraction: float | None,
+                 rs: np.random.RandomState) -> dict:
+    """A random batch on the mesh; with a hard fraction, the hard set forced to it per device."""
+    shape = (batch, image_size, image_size, 3)
+    out = {"image": rs.rand(*shape).astype(np.float32),
+           "label": rs.randint(0, NUM_CLASSES, batch).astype(np.int32),
+           "index": np.arange(batch, dtype=np.int32)}
+    if hard_fraction is not None:
+        out[FORCE_HARD_KEY] = forced_hard(batch, mesh.devices.size, hard_fraction, rs)
+    return shard_batch(out, mesh)
+
+
+def run_small_batches(args: argparse.Namespace) -> dict[str, Any]:
+    """Faithful and cross-batch HAM against PGD-AT at each per-device batch (see module doc)."""
+    rs = np.random.RandomState(0)
+    mesh = make_mesh(jax.devices()[: args.devices])
+    devices = mesh.devices.size
+    m, h = args.mining_step, args.hard_fraction
+    rows = []
+    for local in args.per_device_batches:
+        batch = local * devices
+        hard_local = max(1, int(np.ceil(round(h * local, 6))))
+        if hard_local > args.cross_batch_rows:
+            raise SystemExit(f"--cross_batch_rows {args.cross_batch_rows} is below the "
+                             f"{hard_local} hard rows a device gathers per step at batch {local}")
+        cycle = cycle_steps(args.cross_batch_rows, hard_local)
+
+        host_batch = lambda hard, b=batch: random_batch(b, args.image_size, mesh,
+                                                        h if hard else None, rs)
+        ham = lambda b=batch, **fields: make_config(args.model, b, method_config(
+            "ham", warmup_epochs=0, mining_step=m, **fields))
+
+        pgd_step, pgd_state = make_step(make_config(args.model, batch, _pgd()), args.image_size,
+                                        mesh)
+        faithful_step, faithful_state = make_step(ham(), args.image_size, mesh)
+        cross_config = ham(cross_batch_rows=args.cross_batch_rows * devices)
+        cross_step, cross_state = make_step(cross_config, args.image_size, mesh)
+        steps = int(cross_config.attack.steps)
+        cases = {"pgd_at": (pgd_step, pgd_state, [host_batch(False)]),
+                 "faithful": (faithful_step, faithful_state, [host_batch(True)]),
+                 "cross_batch": (cross_step, cross_state,
+                                 [host_batch(True) for _ in range(cycle)])}
+        times, ends = chained_seconds(cases, args.repeats)
+        t_pgd = times["pgd_at"]
+        pgd_passes = passes(ends["pgd_at"][0])
+        bucket = next(s for s in bucket_sizes(tuple(method_config("ham").buckets), local)
+                      if s >= hard_local) / local
+        hard = hard_local / local
+        rows.append({
+            "per_device_batch": local, "global_batch": batch,
+            "pgd_at_seconds_per_step": round(statistics.median(t_pgd), 5),
+            "faithful": {
+                "bucket_fraction": bucket,
+                "seconds_per_step": round(statistics.median(times["faithful"]), 5),
+                "measured_ratio": round(median_ratio(times["faithful"], t_pgd), 3),
+                "ideal_ratio": round((m + (steps - m) * bucket + bucket) / (steps + 1), 3),
+                "ledger_ratio": round(passes(ends["faithful"][0]) / pgd_passes, 3),
+            },
+            "cross_batch": {
+                "rows_per_device": args.cross_batch_rows, "cycle_steps": cycle,
+                "flushes_per_cycle": int(ends["cross_batch"][1]),
+                "seconds_per_step": round(statistics.median(times["cross_batch"]), 5),
+                "measured_ratio": round(median_ratio(times["cross_batch"], t_pgd), 3),
+                "ideal_ratio": round((m + (steps - m + 1) * hard) / (steps + 1), 3),
+                "ledger_ratio": round(passes(ends["cross_batch"][0]) / cycle / pgd_passes, 3),
+            },
+        })
+    device = jax.devices()[0]
+    return {
+        "mode": "per_device_batches", "model": args.model, "image_size": args.image_size,
+        "K": steps, "M": m, "devices": devices, "hard_fraction": h,
+        "repeats": args.repeats, "device": f"{device.platform}:{device.device_kind}",
+        "conv": "hamjax.models.layers.conv_impl() = " + conv_impl().__name__,
+        "cpu_isa": cpu_isa() if device.platform == "cpu" else None,
+        "batches": rows,
+    }
+
+
 def _pgd() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"name": "pgd_at"})
 
@@ -208,10 +330,17 @@ def main() -> None:
     parser.add_argument("--mining_step", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1,
                         help="mesh size; on the CPU that many fake host devices (XLA_FLAGS)")
+    parser.add_argument("--per_device_batches", type=int, nargs="*", default=None,
+                        help="time faithful and cross-batch HAM at these per-device batches")
+    parser.add_argument("--hard_fraction", type=float, default=0.25,
+                        help="with --per_device_batches: the forced hard fraction")
+    parser.add_argument("--cross_batch_rows", type=int, default=128,
+                        help="with --per_device_batches: cross-batch buffer rows per device")
     args = parser.parse_args()
     if jax.device_count() < args.devices:
         raise SystemExit(f"--devices {args.devices}: only {jax.device_count()} device(s) here")
-    print(json.dumps(run(args), indent=2))
+    result = run_small_batches(args) if args.per_device_batches else run(args)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ INVALID: dict[str, list] = {
     "method.eta": [-0.1, INF],
     "method.r": [-0.5, NAN],
     "method.easy_examples": ["keep", 1],
+    "method.cross_batch_rows": [-1, 1.5, True, "128"],
     "method.awp_gamma": [-0.1, 1.0, NAN, "x"],
     "method.awp_warmup_epochs": [-1, 1.5],
     "method.awp_proxy_lr": [0.0, NAN],

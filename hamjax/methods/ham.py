@@ -27,6 +27,21 @@ branches (zero-filled), paying memory for the full batch even when a small bucke
 Ledger: M*B forward+backward (phase 1), B forward (mining), (K - M)*S + S forward+backward on the
 bucket of S rows, padding included since it is executed.
 
+Cross-batch variant (opt-in, `method.cross_batch_rows = R > 0`; the faithful step above is the
+default and unchanged): the selected rows do not continue at once but join a buffer in the
+method state, with their clean image, x_M, label and kappa, per device (`ham_buffer`). Once some
+device holds R/n rows, every device continues its oldest R/n buffered rows (padding masked)
+through steps M+1..K with the *current* weights, and one optimiser step trains on them; the
+overflow waits for the next step. Steps that do not flush take no optimiser step
+(`apply_update`). The ledger counts (M + 1)*B forward and M*B backward every step, and
+(K - M + 1)*R forward+backward more on a flush. Staleness:
+a trained row waited (steps since it was mined); as weights change only at flushes, its x_M was
+made with the current weights unless it was overflow of an earlier flush (then one update old:
+the overflow is trained first at the next flush). The epoch record (`summarize_state`) carries
+flushes, mean and maximum staleness in steps and the rows one update behind. The state is
+replicated, so on a mesh the buffer is gathered onto every device after each step (its images
+travel; nothing else does).
+
 XLA:CPU caveat: backward convolutions inside `lax.switch` branches (and `while` bodies) miss the
 CPU compiler's layout canonicalisation (jax-ml/jax#12868) and run far slower, which on CPU eats
 the bucket saving unless the model's convs have a canonical-layout VJP: `model.conv_vjp="auto"`
@@ -55,6 +70,7 @@ from hamjax.methods.common import (
     step_aux,
     train_attack,
 )
+from hamjax.methods.ham_buffer import append_rows, init_buffer, keep_overflow, take_rows
 from hamjax.methods.relatives import gair_weights
 from hamjax.metrics import Ledger
 from hamjax.sharding import max_local_count, mesh_size, per_device, place_like
@@ -85,6 +101,12 @@ DEFAULTS: dict[str, Any] = {
     # "train_at_m" (a variant: they are trained on their step-M adversaries, already computed;
     # the training pass then covers the whole batch).
     "easy_examples": "drop",
+    # Opt-in cross-batch variant for small per-device batches; 0 (the default) is the faithful
+    # step. R > 0: the rows selected after step M gather across batches, with their step-M
+    # adversaries, in a buffer of R rows (R / devices per device); once R have gathered they run
+    # the K - M remaining steps with the current weights and are trained on in one optimiser
+    # step, and steps in between take none (`hamjax.methods.ham_buffer`, docs/performance.md).
+    "cross_batch_rows": 0,
 }
 EASY_EXAMPLES = ("drop", "train_at_m")
 
@@ -106,6 +128,7 @@ class HamSettings:
     keep_easy_fraction: float
     hard_keep_fraction: float
     easy_examples: str = "drop"
+    cross_batch_rows: int = 0
 
     @classmethod
     def from_config(cls, config) -> HamSettings:
@@ -129,6 +152,7 @@ class HamSettings:
             keep_easy_fraction=float(get("keep_easy_fraction")),
             hard_keep_fraction=float(get("hard_keep_fraction")),
             easy_examples=str(get("easy_examples")),
+            cross_batch_rows=int(get("cross_batch_rows")),
         )
 
 
@@ -432,9 +456,8 @@ def _train_at_m_phase(ctx, s, params, batch_stats, x, y, rng, x_mid, hard, selec
     )
 
 
-def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
-    """M steps on the batch, mining, then the rest on the selected rows only."""
-    batch = x.shape[0]
+def _mine_and_select(ctx, s, params, batch_stats, x, y, rng, force_hard):
+    """M steps on the whole batch and the rows that continue: (x_M, hard, selected, info)."""
     x_mid, mined, info = mine_hard(
         attack_logits_fn(ctx, params, batch_stats), x, y, rng, eps=s.eps,
         step_size=s.step_size, mining_step=s.mining_step,
@@ -445,6 +468,14 @@ def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
         hard, info.loss, jax.random.fold_in(rng, 1),
         keep_easy_fraction=s.keep_easy_fraction, hard_keep_fraction=s.hard_keep_fraction,
     )
+    return x_mid, hard, selected, info
+
+
+def _ham_phase(ctx, s, params, batch_stats, x, y, rng, force_hard) -> HamOutput:
+    """M steps on the batch, mining, then the rest on the selected rows only."""
+    batch = x.shape[0]
+    x_mid, hard, selected, info = _mine_and_select(ctx, s, params, batch_stats, x, y, rng,
+                                                   force_hard)
     if s.easy_examples == "train_at_m":
         return _train_at_m_phase(ctx, s, params, batch_stats, x, y, rng, x_mid, hard, selected,
                                  info.kappa)
@@ -529,9 +560,167 @@ def ham_terms(
     return jax.lax.cond(epoch < settings.warmup_epochs, warmup, ham)
 
 
+# ---------------------------------------------------------------------------------------------
+# Cross-batch variant (`method.cross_batch_rows` > 0, opt-in)
+
+# Per-step counters of a flush, summed over the epoch in the method state.
+FLUSH_COUNTERS = ("flushes", "trained_rows", "padded_rows", "dropped_rows", "staleness_sum",
+                  "staleness_max", "stale_rows", "updates_behind_max", "correct")
+_MAX_COUNTERS = ("staleness_max", "updates_behind_max")
+
+
+@flax.struct.dataclass
+class CrossBatchOutput:
+    """One cross-batch HAM step. out: the step as HamOutput (x_adv: the batch at x_M; weights 0:
+    the batch's own rows are trained later, from the buffer). buffer: the method state's buffer
+    after the step. flushed: this step trained. counters: FLUSH_COUNTERS of this step.
+    trained: the flushed rows (clean, x_adv after K steps, label, index, mined_step, valid,
+    weights; zeros when nothing flushed), n * R/n rows."""
+
+    out: HamOutput
+    buffer: dict
+    flushed: Array
+    counters: dict
+    trained: dict
+
+
+def _no_flush_record(rows: int, image_shape: tuple[int, ...]) -> tuple[dict, dict]:
+    """(counters, trained) of a step that did not flush: zeros of the flush's shapes."""
+    images = jnp.zeros((rows, *image_shape), jnp.float32)
+    ints = jnp.zeros((rows,), jnp.int32)
+    trained = {"clean": images, "x_adv": jnp.copy(images), "label": ints, "index": ints,
+               "mined_step": ints, "valid": jnp.zeros((rows,), bool),
+               "weights": jnp.zeros((rows,), jnp.float32)}
+    return {k: jnp.float32(0.0) for k in FLUSH_COUNTERS}, trained
+
+
+def _flush(ctx, s: HamSettings, rows: int, step: Array, params, batch_stats, buffer, key):
+    """Steps M+1..K with the current weights on each device's oldest `rows` buffered rows, the
+    training loss and gradient over them, and the buffer that keeps the overflow."""
+    taken, valid = per_device(ctx.mesh, lambda b: take_rows(b, rows))(buffer)
+    x_adv, _, weights, loss, grads, stats, correct = _finish(
+        ctx, s, params, batch_stats, taken["clean"], taken["label"], taken["adv"],
+        taken["kappa"], valid, key)
+    kept, dropped = per_device(ctx.mesh, lambda b: keep_overflow(b, rows))(buffer)
+    age = jnp.where(valid, step - taken["mined_step"], 0).astype(jnp.float32)
+    behind = jnp.where(valid, taken["updates_behind"], 0).astype(jnp.float32)
+    trained_rows = jnp.sum(valid).astype(jnp.float32)
+    counters = {"flushes": jnp.float32(1.0), "trained_rows": trained_rows,
+                "padded_rows": valid.shape[0] - trained_rows,
+                "dropped_rows": jnp.sum(dropped).astype(jnp.float32),
+                "staleness_sum": jnp.sum(age), "staleness_max": jnp.max(age),
+                "stale_rows": jnp.sum(behind > 0).astype(jnp.float32),
+                "updates_behind_max": jnp.max(behind), "correct": correct}
+    trained = {"clean": taken["clean"], "x_adv": x_adv, "label": taken["label"],
+               "index": taken["index"], "mined_step": taken["mined_step"], "valid": valid,
+               "weights": weights}
+    return loss, grads, stats, kept, counters, trained
+
+
+def _cross_batch_phase(ctx, s, params, batch_stats, x, y, index, rng, step, buffer,
+                       force_hard) -> CrossBatchOutput:
+    """M steps on the batch and mining as the faithful step; the selected rows join the buffer
+    with their x_M; a full buffer (on any device) continues and trains (see ham_buffer)."""
+    batch = x.shape[0]
+    x_mid, hard, selected, info = _mine_and_select(ctx, s, params, batch_stats, x, y, rng,
+                                                   force_hard)
+    devices = mesh_size(ctx.mesh)
+    rows = s.cross_batch_rows // devices
+    new = {"clean": x, "adv": x_mid, "label": y, "kappa": info.kappa, "index": index,
+           "mined_step": jnp.full((batch,), step, jnp.int32)}
+    buffer = per_device(ctx.mesh, append_rows)(buffer, selected, new)
+    flushed = max_local_count(ctx.mesh, buffer["count"]) >= rows
+
+    def flush(params, batch_stats, buffer):
+        return _flush(ctx, s, rows, step, params, batch_stats, buffer, rng)
+
+    def wait(params, batch_stats, buffer):
+        counters, trained = _no_flush_record(devices * rows, x.shape[1:])
+        return (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, params), batch_stats, buffer,
+                counters, trained)
+
+    loss, grads, stats, buffer, counters, trained = jax.lax.cond(
+        flushed, flush, wait, params, batch_stats, buffer)
+    executed = jnp.where(flushed, devices * rows, 0).astype(jnp.int32)
+    out = HamOutput(
+        loss=loss, grads=grads, batch_stats=stats, x_adv=x_mid, hard=hard, selected=selected,
+        weights=jnp.zeros((batch,), jnp.float32), kappa=info.kappa, correct=counters["correct"],
+        bucket_size=executed, bucket_index=jnp.int32(-1), warmup=jnp.asarray(False),
+        ledger=ham_ledger(batch, s.steps, s.mining_step, executed),
+    )
+    return CrossBatchOutput(out=out, buffer=buffer, flushed=flushed, counters=counters,
+                            trained=trained)
+
+
+def cross_batch_terms(ctx, settings: HamSettings, params: Params, batch_stats, x: Array,
+                      y: Array, index: Array, rng: Array, epoch: Array, step: Array,
+                      buffer: dict, force_hard: Array | None = None) -> CrossBatchOutput:
+    """One cross-batch HAM step (`method.cross_batch_rows` > 0); jittable, one compile. The
+    warm-up is PGD-AT as in `ham_terms` and leaves the buffer alone."""
+    params = jax.lax.stop_gradient(params)
+
+    def ham():
+        return _cross_batch_phase(ctx, settings, params, batch_stats, x, y, index, rng, step,
+                                  buffer, force_hard)
+
+    if settings.warmup_epochs <= 0:
+        return ham()
+
+    def warmup():
+        out = _warmup_phase(ctx, settings, params, batch_stats, x, y, rng)
+        counters, trained = _no_flush_record(settings.cross_batch_rows, x.shape[1:])
+        return CrossBatchOutput(out=out, buffer=buffer, flushed=jnp.asarray(False),
+                                counters=counters, trained=trained)
+
+    return jax.lax.cond(epoch < settings.warmup_epochs, warmup, ham)
+
+
+def cross_batch_loss(params, state, batch, rng, ctx, settings: HamSettings):
+    """ham_loss for `cross_batch_rows` > 0: an optimiser step only in warm-up or on a flush."""
+    x, y = batch["image"], batch["label"]
+    index = batch.get("index", jnp.full(y.shape, -1, jnp.int32))
+    epoch = state.step // ctx.steps_per_epoch
+    method_state = state.method_state
+    result = cross_batch_terms(ctx, settings, params, state.batch_stats, x, y, index, rng,
+                               epoch, state.step, method_state["buffer"],
+                               batch.get(FORCE_HARD_KEY))
+    out = result.out
+    loss = attach_gradient(params, out.loss, out.grads)
+    batch_size = x.shape[0]
+    n = jnp.sum(out.selected)
+    trained = jnp.where(out.warmup, batch_size, result.counters["trained_rows"])
+    metrics = {
+        "warmup": out.warmup,
+        "hard_fraction": jnp.sum(out.hard) / batch_size,
+        "train_fraction": n / batch_size,
+        "bucket_size": out.bucket_size,
+        "bucket_fraction": out.bucket_size / batch_size,
+        "bucket_index": out.bucket_index,
+        "empty_batch": (~out.warmup) & (n == 0),
+        "cross_batch_flush": result.flushed,
+        "cross_batch_buffered": jnp.sum(result.buffer["count"]) / settings.cross_batch_rows,
+        "train_robust_acc": out.correct / jnp.maximum(trained, 1),
+    }
+    aux = step_aux(out.batch_stats, out.ledger, apply_update=out.warmup | result.flushed,
+                   **metrics)
+    counts = count_hard_per_class(method_state, out.hard, y, out.warmup, ctx.num_classes)
+    aux["method_state"] = {**counts, "buffer": result.buffer,
+                           "cross_batch": add_counters(method_state["cross_batch"],
+                                                       result.counters)}
+    return loss, aux
+
+
+def add_counters(total: dict, step: dict) -> dict:
+    """The epoch's flush counters with one step's added (the *_max ones: the maximum)."""
+    return {k: jnp.maximum(total[k], step[k]) if k in _MAX_COUNTERS else total[k] + step[k]
+            for k in FLUSH_COUNTERS}
+
+
 def ham_loss(params, state, batch, rng, ctx):
     """The Method loss_fn: HAM's loss with its in-branch gradient attached (see module doc)."""
     settings = HamSettings.from_config(ctx.config)
+    if settings.cross_batch_rows:
+        return cross_batch_loss(params, state, batch, rng, ctx, settings)
     x, y = batch["image"], batch["label"]
     epoch = state.step // ctx.steps_per_epoch
     out = ham_terms(
@@ -567,10 +756,22 @@ def ham_loss(params, state, batch, rng, ctx):
 
 
 def init_hard_counts(ctx, rng) -> dict:
-    """Per-class counts of mined-hard and mined rows over the current epoch's HAM steps."""
+    """Per-class counts of mined-hard and mined rows over the current epoch's HAM steps; with
+    `cross_batch_rows` > 0 also the empty buffer and the epoch's flush counters."""
     del rng
     zeros = jnp.zeros((ctx.num_classes,), jnp.float32)
-    return {"hard": zeros, "mined": jnp.copy(zeros)}
+    state = {"hard": zeros, "mined": jnp.copy(zeros)}
+    rows = HamSettings.from_config(ctx.config).cross_batch_rows
+    if rows:
+        devices = mesh_size(ctx.mesh)
+        batch = int(ctx.config.train.batch_size)
+        require(rows % devices == 0 and batch % devices == 0, "method.cross_batch_rows", rows,
+                f"must be divisible by the {devices} devices of the mesh (each device keeps "
+                f"cross_batch_rows / {devices} rows of its own)")
+        state["buffer"] = init_buffer(rows // devices, batch // devices, devices,
+                                      tuple(ctx.image_shape))
+        state["cross_batch"] = {k: jnp.float32(0.0) for k in FLUSH_COUNTERS}
+    return state
 
 
 def count_hard_per_class(counts: dict, hard: Array, labels: Array, warmup: Array,
@@ -585,14 +786,36 @@ def count_hard_per_class(counts: dict, hard: Array, labels: Array, warmup: Array
 def summarize_hard_counts(counts: dict) -> dict:
     """The epoch's hard fraction per class (None for a class never mined, e.g. in warm-up)."""
     hard, mined = (np.asarray(counts[k], np.float64) for k in ("hard", "mined"))
-    return {"hard_fraction_per_class": [None if m == 0 else float(h / m)
-                                        for h, m in zip(hard, mined, strict=True)]}
+    summary = {"hard_fraction_per_class": [None if m == 0 else float(h / m)
+                                           for h, m in zip(hard, mined, strict=True)]}
+    if "cross_batch" in counts:
+        summary["cross_batch"] = summarize_flushes(counts["cross_batch"], counts["buffer"])
+    return summary
+
+
+def summarize_flushes(counters: dict, buffer: dict) -> dict:
+    """The epoch's cross-batch record: flushes, rows trained / padded / dropped, the staleness
+    of the trained rows (steps between mining a row and training it; and the rows whose x_M was
+    made with weights older than the current ones, by how many optimiser updates at most),
+    their robust accuracy, and the rows left in the buffer."""
+    c = {k: float(np.asarray(v)) for k, v in counters.items()}
+    trained = c["trained_rows"]
+    return {"flushes": int(c["flushes"]), "trained_rows": int(trained),
+            "padded_rows": int(c["padded_rows"]), "dropped_rows": int(c["dropped_rows"]),
+            "mean_staleness_steps": c["staleness_sum"] / trained if trained else None,
+            "max_staleness_steps": int(c["staleness_max"]),
+            "stale_weight_rows": int(c["stale_rows"]),
+            "max_updates_behind": int(c["updates_behind_max"]),
+            "train_robust_acc": c["correct"] / trained if trained else None,
+            "buffered_rows": int(np.sum(np.asarray(buffer["count"])))}
 
 
 def reset_hard_counts(state, ctx, evaluator):
-    """Starts the next epoch's per-class counts from zero (after they were logged)."""
+    """Starts the next epoch's per-class (and flush) counts from zero (after they were logged);
+    the cross-batch buffer carries over into the next epoch."""
     del ctx, evaluator
-    zeros = jax.tree.map(jnp.zeros_like, state.method_state)
+    zeros = {k: v if k == "buffer" else jax.tree.map(jnp.zeros_like, v)
+             for k, v in state.method_state.items()}
     return state.replace(method_state=place_like(zeros, state.method_state))
 
 
@@ -639,6 +862,16 @@ def validate(config) -> None:
     if easy_examples not in EASY_EXAMPLES:
         _fail("easy_examples", easy_examples, f"choose one of {EASY_EXAMPLES} ('drop': the "
               "official rule)")
+    rows = get("cross_batch_rows")
+    if not is_int(rows) or rows < 0:
+        _fail("cross_batch_rows", rows, "needs an int >= 0 (0: the faithful step; R > 0: train "
+              "once R selected rows have gathered across batches, e.g. train.batch_size)")
+    if rows and easy_examples != "drop":
+        _fail("cross_batch_rows", rows, "needs easy_examples='drop' (train_at_m trains every "
+              "row every step; set cross_batch_rows=0)")
+    if rows and not get("bucketed"):
+        _fail("cross_batch_rows", rows, "needs bucketed=True (the masked reference path is the "
+              "faithful step's; set cross_batch_rows=0 to use it)")
     if easy_examples == "train_at_m" and get("gair"):
         _fail("gair", True, "GAIRAT weights need easy_examples='drop' (train_at_m trains every "
               "row with weight 1)")
