@@ -249,12 +249,13 @@ def test_evidence_suite_branches_ham_from_pgd_at_of_the_same_seed(tmp_path):
         validate_config(config)
         assert config.seed == 2 and config.eval.select_attack == "apgd"
         assert config.train.branch_from == (source if name.startswith("ham") else "")
-    for name in ("ham", "ham_train_at_m"):
+    for name in ("ham", "ham_train_at_m", "ham_cross_batch"):
         method = configs[name].method
         assert (method.warmup_epochs, method.mining_step, configs[name].train.branch_epoch) == (
             6, 3, 6)
     assert configs["ham"].method.easy_examples == "drop"
     assert configs["ham_train_at_m"].method.easy_examples == "train_at_m"
+    assert configs["ham_cross_batch"].method.cross_batch_rows == 128
     shipped = load_config(os.path.join(suites.REPO, "configs", "fashion_mnist.py:method=pgd_at"))
     shipped.seed, shipped.train.checkpoint_every_steps = 2, 150
     shipped.train.keep_checkpoints = 40
