@@ -57,9 +57,10 @@ def is_shipped(suite: str) -> bool:
 def evidence_runs() -> dict[str, dict]:
     """The evidence issue's suite on the setup's budget: PGD-AT, TRADES (beta 6) and HAM as the
     official recipe runs it (PGD-AT until the lr drops at epoch 6, then mining with M = 3), the
-    faithful rule, the `train_at_m` variant and the cross-batch step. The HAM runs branch from the PGD-AT run of their
-    seed at the end of epoch 6 (`train.branch_from`): their first six epochs are that run's,
-    which is what the recipe trains, and their ledger and wall time include them."""
+    faithful rule, the `train_at_m` variant and the cross-batch step. The HAM runs branch from
+    the PGD-AT run of their seed at the end of epoch 6 (`train.branch_from`): their first six
+    epochs are that run's, which is what the recipe trains, and their ledger and wall time
+    include them."""
     # HAM right after PGD-AT: with two jobs at a time it waits for PGD-AT's epoch 6, then the
     # two train side by side, so their per-epoch wall times share one window.
     return {

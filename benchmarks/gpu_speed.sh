@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue-26 speed measurements on one GPU, in priority order, each step bounded so the whole fits
-# one ~9-minute device call (about 570 s of bounds; WRN=1 adds 120 s); every step writes its JSON to OUT (default benchmarks/results/gpu).
+# one ~10-minute device call (about 600 s of bounds; WRN=1 adds 120 s); every step writes its JSON to OUT (default benchmarks/results/gpu).
 #
 #   HAMJAX_DATA_DIR=/path/with/fashion-mnist bash benchmarks/gpu_speed.sh [OUT]
 #
@@ -11,7 +11,8 @@
 # 1. the jitted PGD-AT step against eager and compiled PyTorch (torch.compile, default mode) on
 #    the same GPU, with FLOP/s and fraction of peak: PreAct-ResNet-18 at batch 128 and 512 in
 #    float32 and bfloat16, the small CNN and fmnist_cnn at 128 in float32;
-# 2. HAM / PGD-AT step time per hard fraction (0.15-0.6) with the ideal beside it, at the
+# 2. train.steps_per_dispatch 1 against 16 for the small CNNs' PGD-AT and HAM steps;
+#    HAM / PGD-AT step time per hard fraction (0.15-0.6) with the ideal beside it, at the
 #    paper's batch (128) and at 512, PreAct-ResNet-18;
 # 3. bfloat16 against float32 training accuracy: configs/fashion_mnist.py PGD-AT, both at once;
 # 4. with WRN=1, WRN-34-10 at batch 128, float32, against eager and compiled torch.
@@ -24,19 +25,24 @@ tag() { echo "${GPU:-gpu}"; }
 bound() { local seconds=$1; shift; timeout --signal=TERM --kill-after=10 "$seconds" "$@"; }
 
 for dtype in float32 bfloat16; do for batch in 128 512; do
-  bound 75 python benchmarks/train_throughput.py --vs_torch --torch_device cuda \
+  bound 65 python benchmarks/train_throughput.py --vs_torch --torch_device cuda \
     --models preact_resnet18 --batch $batch --dtype $dtype --repeats 10 \
     > "$OUT/vs_torch_preact_resnet18_b${batch}_${dtype}_$(tag).json" 2>>"$OUT/stderr.log"
 done; done
 bound 60 python benchmarks/train_throughput.py --vs_torch --torch_device cuda \
   --models small_cnn fmnist_cnn --batch 128 --repeats 20 \
   > "$OUT/vs_torch_cnns_b128_float32_$(tag).json" 2>>"$OUT/stderr.log"
+for n in 1 16; do  # train.steps_per_dispatch on the launch-bound small models
+  bound 40 python benchmarks/train_throughput.py --models small_cnn fmnist_cnn \
+    --methods pgd_at ham --batch 128 --repeats 20 --steps_per_dispatch $n \
+    > "$OUT/steps_per_dispatch_${n}_cnns_b128_$(tag).json" 2>>"$OUT/stderr.log"
+done
 for batch in 128 512; do
   bound 45 python benchmarks/ham_cost.py --model preact_resnet18 --batch $batch --repeats 10 \
     > "$OUT/ham_cost_preact_resnet18_b${batch}_$(tag).json" 2>>"$OUT/stderr.log"
 done
 for dtype in float32 bfloat16; do
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 bound 120 python launch.py \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 bound 110 python launch.py \
     --config=configs/fashion_mnist.py:method=pgd_at --config.model.dtype=$dtype \
     --workdir="/tmp/fmnist_pgdat_$dtype" > "$OUT/fmnist_pgdat_${dtype}.log" 2>&1 &
 done; wait

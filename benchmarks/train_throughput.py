@@ -57,7 +57,7 @@ from hamjax.models import build_model
 from hamjax.optim import make_lr_fn, make_optimizer
 from hamjax.sharding import make_mesh, put_replicated, shard_batch
 from hamjax.state import StepContext, create_train_state
-from hamjax.train.step import jit_train_step, make_train_step
+from hamjax.train.step import jit_train_step, make_multi_step, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_twins import make_torch_pgd_at_step, torch_models  # benchmarks/ beside this file
@@ -92,9 +92,11 @@ def make_config(model: str, method: str, batch: int, dtype: str = "float32"
     return ml_collections.FrozenConfigDict(config)
 
 
-def make_step(config, shape: tuple[int, int, int], mesh=None):
+def make_step(config, shape: tuple[int, int, int], mesh=None, per_dispatch: int = 1):
     """(jitted train step, initial state, method) on a StepContext built without a dataset;
-    with a mesh, jitted over it (the batch split over its devices, the state replicated)."""
+    with a mesh, jitted over it (the batch split over its devices, the state replicated).
+    per_dispatch > 1: the trainer's `train.steps_per_dispatch` program, that many steps as one
+    `lax.scan` over stacked batches (no mesh)."""
     ctx = StepContext(
         model=build_model(config.model, NUM_CLASSES, shape), tx=make_optimizer(config.train),
         lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
@@ -102,6 +104,8 @@ def make_step(config, shape: tuple[int, int, int], mesh=None):
         mesh=mesh)
     method = get_method(config.method.name)
     state = create_train_state(ctx, method, seed=0)
+    if per_dispatch > 1:
+        return jit(make_multi_step(make_train_step(ctx, method))), state, method
     if mesh is None:
         return jit(make_train_step(ctx, method)), state, method
     return jit_train_step(make_train_step(ctx, method), mesh), put_replicated(state, mesh), method
@@ -116,10 +120,12 @@ def step_flops(step, args: tuple, seconds: float, dtype: str, devices=None) -> d
 
 
 def time_cell(model: str, method_name: str, batch: int, repeats: int,
-              dtype: str = "float32") -> dict[str, Any]:
+              dtype: str = "float32", per_dispatch: int = 1) -> dict[str, Any]:
+    """One model x method cell; per_dispatch > 1 times the scanned program of that many steps
+    (the same batch each step) and reports per-step figures (FLOPs and FLOP/s per call)."""
     shape = SHAPES[model]
     config = make_config(model, method_name, batch, dtype)
-    step, state, method = make_step(config, shape)
+    step, state, method = make_step(config, shape, per_dispatch=per_dispatch)
     rs = np.random.RandomState(0)
     data = {"image": jnp.asarray(rs.rand(batch, *shape).astype(np.float32)),
             "label": jnp.asarray(rs.randint(0, NUM_CLASSES, batch).astype(np.int32)),
@@ -127,18 +133,24 @@ def time_cell(model: str, method_name: str, batch: int, repeats: int,
     if method.needs_meta_batch:
         data["meta_image"] = jnp.asarray(rs.rand(batch, *shape).astype(np.float32))
         data["meta_label"] = jnp.asarray(rs.randint(0, NUM_CLASSES, batch).astype(np.int32))
+    if per_dispatch > 1:
+        data = jax.tree.map(lambda x: jnp.stack([x] * per_dispatch), data)
     t0 = time.perf_counter()
     new_state, metrics = jax.block_until_ready(step(state, data))
+    if per_dispatch > 1:  # per-step figures: the first step's metrics, the ledger per step
+        metrics = jax.tree.map(lambda m: m[0], metrics)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(step(state, data))
         times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    flop_fields = step_flops(step, (state, data), sec, config.model.dtype)
-    passes = float(new_state.ledger.forward + new_state.ledger.backward) / batch
+    call = statistics.median(times)
+    flop_fields = step_flops(step, (state, data), call, config.model.dtype)
+    sec = call / per_dispatch
+    passes = float(new_state.ledger.forward + new_state.ledger.backward) / batch / per_dispatch
     cell = {"images_per_s": round(batch / sec, 3), "seconds_per_step": round(sec, 5),
+            "steps_per_dispatch": per_dispatch,
             "first_call_seconds_incl_compile": round(compile_s, 2),
             "example_passes_per_image": round(passes, 3), **flop_fields}
     extra = {k: round(float(v), 4) for k, v in metrics.items()
@@ -244,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"training_attack": "PGD-10, eps 8/255, step 2/255 (base_config)",
                      "data": "random images and labels", "repeats": args.repeats,
                      "timing": "median of repeats after a compiling warm-up call",
-                     "dtype": args.dtype,
+                     "dtype": args.dtype, "steps_per_dispatch": args.steps_per_dispatch,
                      "batch": {m: args.batch or (64 if m.endswith("cnn") else 4)
                                for m in args.models}},
         "results": {},
@@ -267,7 +279,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = {}
         for method in methods:
             try:
-                row[method] = time_cell(model, method, batch, args.repeats, args.dtype)
+                row[method] = time_cell(model, method, batch, args.repeats, args.dtype,
+                                        args.steps_per_dispatch)
             except Exception as err:  # one broken method must not hide the others' numbers
                 row[method] = {"error": f"{type(err).__name__}: {err}"}
             print(f"# {model} {method}: {json.dumps(row[method])}", file=sys.stderr,
@@ -304,6 +317,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="config.model.dtype (compute dtype; weights stay float32), and the "
                         "torch twin under torch.autocast of the same dtype with --vs_torch")
+    p.add_argument("--steps_per_dispatch", type=int, default=1,
+                   help="time the train.steps_per_dispatch program of this many scanned steps "
+                        "(per-step figures reported); not with --vs_torch")
     p.add_argument("--cpu_devices", default="1",
                    help="host devices on the CPU ('auto': one per core); read before jax starts")
     args = p.parse_args()
