@@ -13,7 +13,8 @@
 #    float32 and bfloat16, the small CNN and fmnist_cnn at 128 in float32;
 # 2. train.steps_per_dispatch 1 against 16 for the small CNNs' PGD-AT and HAM steps;
 #    HAM / PGD-AT step time per hard fraction (0.15-0.6) with the ideal beside it, at the
-#    paper's batch (128) and at 512, PreAct-ResNet-18;
+#    paper's batch (128), PreAct-ResNet-18; and per device batch 32-256 the faithful step
+#    against the cross-batch one (method.cross_batch_rows);
 # 3. bfloat16 against float32 training accuracy: configs/fashion_mnist.py PGD-AT, both at once;
 # 4. with WRN=1, WRN-34-10 at batch 128, float32, against eager and compiled torch.
 # A step that runs past its bound is cut and the next one starts; what finished is in OUT.
@@ -37,10 +38,11 @@ for n in 1 16; do  # train.steps_per_dispatch on the launch-bound small models
     --methods pgd_at ham --batch 128 --repeats 20 --steps_per_dispatch $n \
     > "$OUT/steps_per_dispatch_${n}_cnns_b128_$(tag).json" 2>>"$OUT/stderr.log"
 done
-for batch in 128 512; do
-  bound 45 python benchmarks/ham_cost.py --model preact_resnet18 --batch $batch --repeats 10 \
-    > "$OUT/ham_cost_preact_resnet18_b${batch}_$(tag).json" 2>>"$OUT/stderr.log"
-done
+bound 45 python benchmarks/ham_cost.py --model preact_resnet18 --batch 128 --repeats 10 \
+  > "$OUT/ham_cost_preact_resnet18_b128_$(tag).json" 2>>"$OUT/stderr.log"
+bound 45 python benchmarks/ham_cost.py --model preact_resnet18 --per_device_batches 32 64 128 256 \
+  --cross_batch_rows 128 --repeats 10 \
+  > "$OUT/ham_cost_small_batches_cross_batch_$(tag).json" 2>>"$OUT/stderr.log"
 for dtype in float32 bfloat16; do
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 bound 110 python launch.py \
     --config=configs/fashion_mnist.py:method=pgd_at --config.model.dtype=$dtype \
