@@ -134,18 +134,18 @@ def digits_config(method: str = "pgd_at", **fields):
 
 
 class StopsAfter(Trainer):
-    """A Trainer that gets a SIGTERM after its `calls`-th stop check (one per epoch start and
-    one per step but the epoch's last): 15 stops after step 14, mid-epoch 2."""
+    """A Trainer that gets a SIGTERM at its `stop_after`-th stop check (one per epoch start and
+    one per step but the epoch's last): 15 stops after step 14, mid-epoch 2 of 10-step epochs.
+    The count is the instance's own, so tests sharing this class cannot disturb each other."""
 
-    calls = 15
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, stop_after: int = 15, **kwargs):
         super().__init__(*args, **kwargs)
         ask = self.signals.should_stop
+        self.checks_left = stop_after
 
         def counted() -> bool:
-            type(self).calls -= 1
-            if type(self).calls == 0:
+            self.checks_left -= 1
+            if self.checks_left == 0:
                 self.signals.received = signal.SIGTERM
             return ask()
 

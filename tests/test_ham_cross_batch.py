@@ -411,9 +411,8 @@ def test_resume_mid_accumulation_equals_a_straight_run(tmp_path):
     config = digits_config("ham", warmup_epochs=0, mining_step=1, cross_batch_rows=128)
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     reports = [Trainer(config, straight).run()]
-    StopsAfter.calls = 15  # after step 14 of 20
     with pytest.raises(TrainingInterrupted):
-        StopsAfter(config, stopped).run()
+        StopsAfter(config, stopped, stop_after=15).run()  # after step 14 of 20
     saved = Checkpointer(stopped, read_only=True)
     waiting = saved.restore_host()["method_state"]["buffer"]["count"]
     saved.close()
