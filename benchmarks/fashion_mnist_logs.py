@@ -66,6 +66,8 @@ def epoch_row(record: dict) -> dict:
     if "val" in record:
         out["val_robust_avg"] = record["val"]["robust"]["average"]
         out["val_robust_worst"] = record["val"]["robust"]["worst"]
+        attack = record["val"].get("attack", "PGD-20")  # the selection attack's name
+        out["val_attack"] = {"apgd": "APGD-CE+T"}.get(attack, attack)
     return out
 
 

@@ -68,8 +68,11 @@ def autoattack_markdown(rows: list[dict]) -> str:
 
 def epochs_markdown(per_seed: dict[int, dict[str, list[dict]]]) -> str:
     """One line per run and epoch: the per-epoch record the issue asks for."""
+    attacks = {r.get("val_attack", "PGD-20") for per_run in per_seed.values()
+               for rows in per_run.values() for r in rows if "val_robust_avg" in r}
+    attack = " or ".join(sorted(attacks)) or "PGD-20"
     lines = ["| seed | run | epoch | train s | wall / PGD-AT, same window | ledger / PGD-AT "
-             "| hard frac | buckets run (share of steps) | val PGD-20 avg / worst |",
+             f"| hard frac | buckets run (share of steps) | val {attack} avg / worst |",
              "|---|---|---|---|---|---|---|---|---|"]
     for seed, per_run in per_seed.items():
         for name, rows in per_run.items():
