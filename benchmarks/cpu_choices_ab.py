@@ -1,16 +1,23 @@
-"""Interleaved A/B of the CPU conv VJP's variants in the jitted PGD-AT train step (JSON out).
+"""Interleaved A/B of hamjax's CPU choices in the jitted PGD-AT train step, on this host's ISA.
 
-    python benchmarks/conv_vjp_ab.py --out benchmarks/results/conv_vjp_ab.json
+    python benchmarks/cpu_choices_ab.py --out benchmarks/results/cpu_choices_ab_$ISA.json
 
-Variants (`hamjax.backends.cpu.conv`):
-  canonical                  the shipped conv: custom transposes, the input gradient's spatial
-                             reversal on the kernel
+The choices (`hamjax.backends.cpu.choices`) are decided per vector ISA (the JSON's `cpu_isa`:
+avx2, avx512, avx512_on_256bit_pipes): run this on a quiet machine of each kind and record the
+decision there. `decision` in the JSON says what the medians favour: `ynn_fusions` true if the
+YNNPACK fusions beat the shipped step on most models, `conv_vjp` "xla" if XLA's VJP does.
+
+Variants (`hamjax.backends.cpu.conv`, `hamjax.backends.cpu.compile_options`):
+  canonical                  the AVX2 choice: custom transposes, the input gradient's spatial
+                             reversal on the kernel, YNNPACK fusions off
+  ynn_fusions                the same conv, compiled with XLA's default options (YNNPACK
+                             fusions on where this jaxlib has them)
   canonical_activation_flip  the same, except that where the kernel outweighs the activations
                              (deep layers at small spatial size) the input gradient reverses the
                              activations and its result instead (patched in from here)
-  xla                        `model.conv_vjp='xla'`: XLA's own conv VJP (small CNN only by
-                             default: on PreAct-ResNet-18 its backward convs inside the PGD loop
-                             are the jax-ml/jax#12868 slow path)
+  xla                        `model.conv_vjp='xla'`: XLA's own conv VJP, YNNPACK fusions off
+                             (the CNNs only by default: on PreAct-ResNet-18 its backward convs
+                             inside the PGD loop are the jax-ml/jax#12868 slow path)
 
 benchmarks/results/conv_vjp_ab.json and conv_vjp_ab_resnet_8_repeats.json were taken while the
 activation flip was still shipped: their `canonical` is today's canonical_activation_flip and
@@ -26,6 +33,7 @@ ratio of each variant to `canonical` (median; > 1: slower than canonical).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,7 +48,9 @@ import ml_collections
 import numpy as np
 
 from hamjax.backends.cpu import conv
+from hamjax.backends.cpu.choices import cpu_choices
 from hamjax.backends.cpu.compile_options import compiler_options, jit
+from hamjax.backends.cpu.isa import cpu_isa
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.methods import get_method
 from hamjax.models import build_model
@@ -49,11 +59,13 @@ from hamjax.state import StepContext, create_train_state
 from hamjax.train.step import make_train_step
 
 NUM_CLASSES = 10
-SHAPES = {"small_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3)}
-VARIANTS = {  # name -> (model.conv_vjp, whether the input gradient may reverse the activations)
-    "canonical": ("canonical", False),
-    "canonical_activation_flip": ("canonical", True),
-    "xla": ("xla", False),
+SHAPES = {"small_cnn": (28, 28, 1), "fmnist_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3)}
+# name -> (model.conv_vjp, whether the input gradient may reverse the activations, YNNPACK on)
+VARIANTS = {
+    "canonical": ("canonical", False, False),
+    "ynn_fusions": ("canonical", False, True),
+    "canonical_activation_flip": ("canonical", True, False),
+    "xla": ("xla", False, False),
 }
 
 
@@ -92,8 +104,9 @@ def cpu_description() -> dict[str, Any]:
     return info
 
 
-def make_step(model: str, conv_vjp: str, batch: int):
-    """(jitted PGD-AT train step, state) for `model` with `model.conv_vjp` = conv_vjp."""
+def make_step(model: str, conv_vjp: str, batch: int, ynn_fusions: bool = False):
+    """(jitted PGD-AT train step, state) for `model` with `model.conv_vjp` = conv_vjp, compiled
+    with XLA's default options if ynn_fusions, else with hamjax's."""
     config = base_config()
     config.model.name, config.model.conv_vjp = model, conv_vjp
     config.method = method_config("pgd_at")
@@ -107,7 +120,8 @@ def make_step(model: str, conv_vjp: str, batch: int):
         lr_fn=make_lr_fn(config.train, 1000), config=config, num_classes=NUM_CLASSES,
         class_counts=np.ones(NUM_CLASSES, np.int64), steps_per_epoch=1000, image_shape=shape)
     method = get_method("pgd_at")
-    return jit(make_train_step(ctx, method)), create_train_state(ctx, method, seed=0)
+    compile_with = jax.jit if ynn_fusions else jit
+    return compile_with(make_train_step(ctx, method)), create_train_state(ctx, method, seed=0)
 
 
 def ab(model: str, variants: list[str], batch: int, repeats: int) -> dict[str, Any]:
@@ -118,8 +132,8 @@ def ab(model: str, variants: list[str], batch: int, repeats: int) -> dict[str, A
             "index": jnp.arange(batch, dtype=jnp.int32)}
     steps, compile_s = {}, {}
     for name in variants:
-        conv_vjp, flips = VARIANTS[name]
-        step, state = make_step(model, conv_vjp, batch)
+        conv_vjp, flips, ynn = VARIANTS[name]
+        step, state = make_step(model, conv_vjp, batch, ynn)
         correlation = activation_flip_correlation if flips else conv._transposed_correlation
         with mock.patch.object(conv, "_transposed_correlation", correlation):
             t0 = time.perf_counter()
@@ -145,34 +159,49 @@ def ab(model: str, variants: list[str], batch: int, repeats: int) -> dict[str, A
     }
 
 
+def decision(results: dict[str, Any]) -> dict[str, Any]:
+    """What the medians favour over the models measured: YNNPACK fusions on if they beat the
+    shipped step on most models; XLA's conv VJP if it beats the canonical one on most models
+    where it ran (None where a variant did not run)."""
+    def favoured(variant: str) -> bool | None:
+        ratios = [r["ratio_to_canonical_median"][variant] for r in results.values()
+                  if variant in r["ratio_to_canonical_median"]]
+        return None if not ratios else sum(x < 1 for x in ratios) > len(ratios) / 2
+
+    ynn, xla = favoured("ynn_fusions"), favoured("xla")
+    return {"ynn_fusions": ynn, "conv_vjp": None if xla is None else ("xla" if xla else
+                                                                      "canonical")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resnet_batch", type=int, default=16)
     parser.add_argument("--cnn_batch", type=int, default=64)
-    parser.add_argument("--resnet_variants", nargs="+", default=["canonical",
-                                                                  "canonical_activation_flip"])
-    parser.add_argument("--cnn_variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--resnet_variants", nargs="+", default=["canonical", "ynn_fusions"])
+    parser.add_argument("--cnn_variants", nargs="+", default=["canonical", "ynn_fusions", "xla"])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     result = {
-        "benchmark": "conv_vjp_ab",
+        "benchmark": "cpu_choices_ab",
+        "cpu_isa": cpu_isa(),
+        "shipped_choices": dataclasses.asdict(cpu_choices()),
         "machine": {**cpu_description(), "platform": platform.platform(),
                     "jax": jax.__version__, "backend": jax.default_backend(),
                     "compiler_options": compiler_options(),
                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
-        "note": ("shared machine: other jobs ran on the same cores during the run (see the load "
-                 "averages); the variants are interleaved within each repeat so that load hits "
-                 "them alike, and only the per-repeat ratios should be compared"),
+        "note": ("the variants are interleaved within each repeat so that any load on the cores "
+                 "hits them alike; compare the per-repeat ratios, and the load averages"),
         "step": "jitted PGD-AT train step (PGD-10 attack + update), random data, step 0 state",
         "results": {},
     }
-    settings = {"preact_resnet18": (args.resnet_variants, args.resnet_batch),
-                "small_cnn": (args.cnn_variants, args.cnn_batch)}
     for model in args.models:
-        variants, batch = settings[model]
+        resnet = model == "preact_resnet18"
+        variants = args.resnet_variants if resnet else args.cnn_variants
+        batch = args.resnet_batch if resnet else args.cnn_batch
         result["results"][model] = ab(model, variants, batch, args.repeats)
+    result["decision"] = decision(result["results"])
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     text = json.dumps(result, indent=2)
     print(text)

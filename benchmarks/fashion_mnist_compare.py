@@ -5,7 +5,8 @@
                                        # PGD-AT at epoch 6) on fmnist_cnn, APGD selection,
                                        # AutoAttack on 1000 stratified test images
     python benchmarks/fashion_mnist_compare.py --suite=fairness --seeds 0 \
-        --autoattack_examples 1000     # MART, AWP, EMA, CFA, WAT, DAFA, FAAL (after evidence)
+        --autoattack_examples 1000     # MART, AWP, EMA, CFA, WAT, DAFA, FAAL, against the
+                                       # evidence suite's PGD-AT (run that suite first)
     python benchmarks/fashion_mnist_compare.py --suite=ham_full --seeds 0 1 2
                                       # configs/fashion_mnist.py's PGD-AT and HAM runs on the
                                       # full training split (58,000 images), 8 epochs each
@@ -199,7 +200,9 @@ def main() -> None:
     firsts = sum(1 for name, _ in jobs if runs[name].get("first"))
 
     def selected(name: str) -> bool:
-        return not args.report_only and (args.runs is None or name in args.runs)
+        """Trained (and attacked) here: not a run another suite trains (`from_suite`)."""
+        return (not args.report_only and (args.runs is None or name in args.runs)
+                and "from_suite" not in runs.get(name, {}))
 
     from hamjax.cpu_devices import cpu_device_count
 

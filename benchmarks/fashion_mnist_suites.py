@@ -17,7 +17,8 @@ NOISY_FULL_SCENARIO = "pairflip20"  # 20% pair-flip (Meta-Weight-Net's flip2), C
 
 def suite_runs(suite: str) -> dict[str, dict]:
     """Run name -> {"config": the argument of configs/fashion_mnist.py, "overrides": method
-    fields, "init_from": the run it fine-tunes, "first": trained before the others}."""
+    fields, "init_from": the run it fine-tunes, "first": trained before the others,
+    "from_suite": the suite that trains it (this one only reads its workdir)}."""
     if suite == "ham_full":  # the setup as shipped: configs/fashion_mnist_{pgdat,ham}.py
         return {"pgd_at": {"config": "method=pgd_at"}, "ham": {"config": "method=ham"}}
     if suite == "ham":
@@ -81,8 +82,11 @@ def evidence_runs() -> dict[str, dict]:
 def fairness_runs() -> dict[str, dict]:
     """The robust-fairness field's methods on the evidence suite's setup and seeds, each with
     its recipe from configs/fashion_mnist.py; FAAL fine-tunes the evidence suite's PGD-AT run of
-    the same seed, as its code fine-tunes a robust model."""
+    the same seed, as its code fine-tunes a robust model. PGD-AT, the baseline every verdict
+    reads against, is the evidence suite's run of the same setup and seed (`from_suite`: read
+    from that suite's workdir, never trained or attacked by this one)."""
     return {
+        "pgd_at": {"config": "method=pgd_at", "from_suite": "evidence"},
         "mart": {"config": "method=mart"},
         "pgd_at_awp": {"config": "method=pgd_at", "overrides": {"awp_gamma": 0.005}},
         "pgd_at_ema": {"config": "method=pgd_at", "train": {"ema_decay": 0.995}},
@@ -171,5 +175,8 @@ def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int 
 
 
 def workdir_of(root: str, suite: str, name: str, seed: int) -> str:
+    """Where run `name` of `suite` keeps its workdir: in the suite it comes from
+    (`from_suite`), else in its own."""
+    suite = suite_runs(suite).get(name, {}).get("from_suite", suite)
     return os.path.join(root, suite, name) if seed == 0 else os.path.join(
         root, suite, f"seed{seed}", name)

@@ -41,6 +41,7 @@ import jax
 import jax.extend.core as jex_core
 
 from hamjax.backends.cpu.conv import canonical_conv_p
+from hamjax.backends.cpu.isa import cpu_flags, cpu_isa
 
 # device-kind prefix -> {"fp32", "tf32", "bf16"} dense TFLOP/s per chip. Longer (more specific)
 # prefixes are tried first.
@@ -170,42 +171,9 @@ def jaxpr_flops(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, list[str]]:
     return _count(jaxpr, notes), sorted(notes)
 
 
-def _cpu_flags() -> tuple[set[str], int | None, float | None]:
-    """(ISA flags, AMD CPU family or None, clock in GHz or None) from /proc/cpuinfo."""
-    flags: set[str] = set()
-    family, mhz, vendor = None, None, ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "flags" and not flags:
-                    flags = set(value.split())
-                elif key == "cpu family" and family is None:
-                    family = int(value)
-                elif key == "cpu MHz" and mhz is None:
-                    mhz = float(value)
-                elif key == "vendor_id" and not vendor:
-                    vendor = value
-    except (OSError, ValueError):
-        pass
-    return flags, (family if vendor == "AuthenticAMD" else None), (mhz / 1e3 if mhz else None)
-
-
-def cpu_isa() -> str:
-    """The vector ISA XLA:CPU can use here: avx512, avx512_on_256bit_pipes (Zen 4), avx2 or
-    sse; benchmarks record it because CPU-specific choices are decided per ISA."""
-    flags, amd_family, _ = _cpu_flags()
-    if "avx512f" in flags:
-        return "avx512_on_256bit_pipes" if amd_family == 25 else "avx512"
-    if "avx2" in flags and "fma" in flags:
-        return "avx2"
-    return "sse"
-
-
 def cpu_peak_flops(cores: int | None = None) -> float | None:
     """FP32 peak of this host's CPU (bfloat16 has no faster path on these ISAs)."""
-    _, _, ghz = _cpu_flags()
+    _, _, ghz = cpu_flags()
     if ghz is None:
         return None
     cores = cores or len(os.sched_getaffinity(0))

@@ -38,3 +38,18 @@ def saved_steps(workdir) -> list[int]:
     if not os.path.isdir(path):
         return []
     return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def run_on_host_devices(script_text: str, tmp_path, devices: int, *args: str,
+                        timeout: float = 900) -> str:
+    """Runs `script_text` as a child Python process on `devices` forced host CPU devices (the
+    flag must be set before jax starts, hence a child); asserts it exits cleanly and returns
+    its stdout, where the child prints one "... ok" line per check that passed."""
+    script = tmp_path / "child.py"
+    script.write_text(script_text)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={devices}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout

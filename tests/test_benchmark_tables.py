@@ -316,3 +316,11 @@ def test_fairness_suite_runs_every_method_with_its_recipe(tmp_path):
     faal = configs["faal"]
     assert faal.train.init_from == suites.workdir_of(str(tmp_path), "evidence", "pgd_at", 1)
     assert (faal.train.epochs, faal.train.lr) == (2, 0.01)
+    # The baseline is the evidence suite's PGD-AT of the same seed, on the same setup.
+    root = str(tmp_path)
+    assert suites.workdir_of(root, "fairness", "pgd_at", 1) == suites.workdir_of(
+        root, "evidence", "pgd_at", 1)
+    assert suites.workdir_of(root, "fairness", "cfa", 1).startswith(os.path.join(root, "fairness"))
+    evidence = suites.build_config("evidence", suites.suite_runs("evidence")["pgd_at"], 0, 0,
+                                   seed=1, root=root)
+    assert configs["pgd_at"].to_dict() == evidence.to_dict()

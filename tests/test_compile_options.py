@@ -1,20 +1,28 @@
 """hamjax's XLA compile options: on the CPU the convolutions leave YNNPACK for Eigen and still
 compute the same convolution (against a NumPy reference); the user's XLA_FLAGS and other
-backends are left alone; an option this jaxlib lacks is detected, never passed."""
+backends are left alone; an option this jaxlib lacks is detected, never passed. The CPU choices
+are decided per ISA, each by its recorded A/B, and an unmeasured ISA is named."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from hamjax.backends.cpu import compile_options
+from hamjax.backends.cpu import compile_options, conv
+from hamjax.backends.cpu.choices import FALLBACK_ISA, MEASURED, choices_for
 from hamjax.backends.cpu.compile_options import (
     CPU_OPTIONS,
     YNN_FUSION_OPTION,
     compiler_options,
     jit,
 )
+from hamjax.backends.cpu.isa import isa_of
 
 
 @pytest.fixture
@@ -77,3 +85,61 @@ def test_other_backends_keep_xla_defaults(monkeypatch, fresh_options):
     assert compiler_options() is None
     jitted = jit(lambda x: x * 2)
     assert float(jitted(np.float32(2.0))) == 4.0
+
+
+# ------------------------------------------------------------------ the per-ISA decisions
+@pytest.mark.parametrize("flags, family, isa", [
+    ({"avx2", "fma", "avx512f"}, 25, "avx512_on_256bit_pipes"),  # AMD Zen 4
+    ({"avx2", "fma", "avx512f"}, None, "avx512"),  # Intel
+    ({"avx2", "fma"}, 23, "avx2"),  # AMD Zen 2/3
+    ({"avx", "sse4_2"}, None, "sse"),
+])
+def test_the_isa_is_read_from_cpuinfo_flags(flags, family, isa):
+    assert isa_of(frozenset(flags), family) == isa
+
+
+def test_every_measured_row_is_the_decision_of_its_recorded_ab():
+    """A row of MEASURED stands on a committed cpu_choices_ab JSON of that ISA whose medians
+    favour exactly the row's choices (rerun the A/B and update both together)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for isa, row in MEASURED.items():
+        assert row.measured and row.isa == isa
+        record = json.loads((root / row.evidence).read_text())
+        assert record["benchmark"] == "cpu_choices_ab" and record["cpu_isa"] == isa
+        assert record["decision"] == {"ynn_fusions": row.ynn_fusions, "conv_vjp": row.conv_vjp}
+
+
+def test_an_unmeasured_isa_keeps_the_avx2_choices_and_says_so(caplog):
+    choices_for.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hamjax.backends.cpu.choices"):
+            row = choices_for("isa_never_measured")
+            again = choices_for("isa_never_measured")
+    finally:
+        choices_for.cache_clear()
+    assert row is again and not row.measured and row.evidence == ""
+    assert (row.ynn_fusions, row.conv_vjp) == (MEASURED[FALLBACK_ISA].ynn_fusions,
+                                               MEASURED[FALLBACK_ISA].conv_vjp)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, "said once"
+    assert "isa_never_measured" in warnings[0] and "cpu_choices_ab.py" in warnings[0]
+
+
+def _decided(monkeypatch, **choices):
+    row = dataclasses.replace(MEASURED[FALLBACK_ISA], **choices)
+    monkeypatch.setattr(compile_options, "cpu_choices", lambda: row)
+    monkeypatch.setattr(conv, "cpu_choices", lambda: row)
+
+
+def test_an_isa_decided_for_ynnpack_compiles_with_xlas_defaults(monkeypatch, fresh_options):
+    _decided(monkeypatch, ynn_fusions=True)
+    assert compiler_options() is None
+
+
+def test_auto_conv_vjp_follows_the_isas_decision(monkeypatch):
+    _decided(monkeypatch, conv_vjp="xla")
+    assert conv.conv_impl("auto") is jax.lax.conv_general_dilated
+    assert conv.conv_impl("canonical") is conv.canonical_conv
+    _decided(monkeypatch, conv_vjp="canonical")
+    assert conv.conv_impl("auto") is conv.canonical_conv
+    assert conv.conv_impl("xla") is jax.lax.conv_general_dilated

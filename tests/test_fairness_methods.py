@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from launching import run_on_host_devices
 from scipy.optimize import minimize
 from toy_models import TinyNet
 
@@ -619,17 +620,6 @@ for name, fields in FIELDS.items():
 def test_four_device_steps_equal_one_device(tmp_path):
     """The per-class sums inside the step (CFA counts, DAFA's collected softmax, FAAL's DRO
     weights and running sums) and WAT's sharded validation pass equal one device's."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "child.py"
-    script.write_text(FOUR_DEVICE_CHILD)
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, str(script)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stdout = run_on_host_devices(FOUR_DEVICE_CHILD, tmp_path, 4)
     for name in ("cfa", "dafa", "faal", "wat"):
-        assert f"{name} ok" in proc.stdout
+        assert f"{name} ok" in stdout

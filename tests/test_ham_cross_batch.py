@@ -10,9 +10,6 @@ The step tests use test_ham's MarkerNet, whose marker pixels fix the hard set ex
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -20,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from launching import run_on_host_devices
 from test_ham import ALPHA, EPS, HAM_STEP, B, K, M, close, make_config, make_ctx, marker_batch
 
 from hamjax.errors import ConfigError
@@ -28,8 +26,6 @@ from hamjax.methods.ham import HamSettings, cross_batch_terms, validate
 from hamjax.methods.ham_buffer import append_rows, init_buffer, keep_overflow, take_rows
 from hamjax.state import create_train_state
 from hamjax.train.step import make_train_step
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------
 # The bookkeeping alone, against a list-based model
@@ -383,15 +379,9 @@ TWO_DEVICES = textwrap.dedent(
 
 
 def test_two_devices(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(TWO_DEVICES)
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stdout = run_on_host_devices(TWO_DEVICES, tmp_path, 2)
     for line in ("two devices equal one ok", "per-device bookkeeping ok", "divisibility ok"):
-        assert line in proc.stdout
+        assert line in stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,9 @@ weight-gradient conv puts channels where the batch would be, which would muddle 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launching import run_on_host_devices
 
 CHILD = textwrap.dedent(
     """
@@ -108,12 +105,6 @@ CHILD = textwrap.dedent(
 
 
 def test_ham_buckets_run_per_device_and_equal_one_device(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "per-device buckets ok" in proc.stdout
-    assert "eight devices equal one ok" in proc.stdout
+    stdout = run_on_host_devices(CHILD, tmp_path, 8)
+    assert "per-device buckets ok" in stdout
+    assert "eight devices equal one ok" in stdout

@@ -8,12 +8,9 @@ XLA_FLAGS=--xla_force_host_platform_device_count=4.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launching import run_on_host_devices
 
 CHILD = textwrap.dedent(
     """
@@ -126,13 +123,7 @@ CHILD = textwrap.dedent(
 
 
 def test_four_device_steps_and_evaluation_equal_one_device(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     names = ("pgd_at", "ham", "caat", "pgd_at_awp_ema", "mart")
-    proc = subprocess.run([sys.executable, str(script), *names],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stdout = run_on_host_devices(CHILD, tmp_path, 4, *names)
     for name in (*names, "evaluator"):
-        assert f"{name} ok" in proc.stdout
+        assert f"{name} ok" in stdout

@@ -675,6 +675,18 @@ def cross_batch_terms(ctx, settings: HamSettings, params: Params, batch_stats, x
     return jax.lax.cond(epoch < settings.warmup_epochs, warmup, ham)
 
 
+def _mining_metrics(out, n: Array, batch_size: int) -> dict:
+    """The per-step mining record both HAM steps log: phase, hard and trained shares, bucket."""
+    return {
+        "warmup": out.warmup,
+        "hard_fraction": jnp.sum(out.hard) / batch_size,
+        "train_fraction": n / batch_size,
+        "bucket_size": out.bucket_size,
+        "bucket_fraction": out.bucket_size / batch_size,
+        "bucket_index": out.bucket_index,
+    }
+
+
 def cross_batch_loss(params, state, batch, rng, ctx, settings: HamSettings):
     """ham_loss for `cross_batch_rows` > 0: an optimiser step only in warm-up or on a flush."""
     x, y = batch["image"], batch["label"]
@@ -690,12 +702,7 @@ def cross_batch_loss(params, state, batch, rng, ctx, settings: HamSettings):
     n = jnp.sum(out.selected)
     trained = jnp.where(out.warmup, batch_size, result.counters["trained_rows"])
     metrics = {
-        "warmup": out.warmup,
-        "hard_fraction": jnp.sum(out.hard) / batch_size,
-        "train_fraction": n / batch_size,
-        "bucket_size": out.bucket_size,
-        "bucket_fraction": out.bucket_size / batch_size,
-        "bucket_index": out.bucket_index,
+        **_mining_metrics(out, n, batch_size),
         "empty_batch": (~out.warmup) & (n == 0),
         "cross_batch_flush": result.flushed,
         "cross_batch_buffered": jnp.sum(result.buffer["count"]) / settings.cross_batch_rows,
@@ -733,12 +740,7 @@ def ham_loss(params, state, batch, rng, ctx):
     # train_at_m always trains (every row, easy ones at x_M): an empty hard set is no skip.
     empty = (~out.warmup) & (n == 0) & (settings.easy_examples == "drop")
     metrics = {
-        "warmup": out.warmup,
-        "hard_fraction": jnp.sum(out.hard) / batch_size,
-        "train_fraction": n / batch_size,
-        "bucket_size": out.bucket_size,
-        "bucket_fraction": out.bucket_size / batch_size,
-        "bucket_index": out.bucket_index,
+        **_mining_metrics(out, n, batch_size),
         **bucket_shares(out.bucket_index, bucket_sizes(settings.buckets, local_batch),
                          local_batch),
         "empty_batch": empty,

@@ -1,11 +1,11 @@
 """XLA compile options for the programs hamjax jits, and `jit`, which passes them.
 
 On the CPU backend, recent jaxlibs hand convolutions (and dots) to YNNPACK fusions. On the 2-core
-x86 machine docs/performance.md quotes, those ran PreAct-ResNet-18's convolutions 1.7-2.3x slower
-than XLA's own Eigen kernels and its weight gradients 5x slower (`benchmarks/train_throughput.py`,
-docs/performance.md "What the CPU needs"), so hamjax compiles with the YNNPACK fusions off.
-Nothing changes on GPU/TPU, on a jaxlib without the option, or when the user's XLA_FLAGS already
-chooses the fusions.
+AVX2 machine docs/performance.md quotes, those ran PreAct-ResNet-18's convolutions 1.7-2.3x slower
+than XLA's own Eigen kernels and its weight gradients 5x slower (docs/performance.md "What the
+CPU needs"), so hamjax compiles with the YNNPACK fusions off where its per-ISA table says so
+(`choices.cpu_choices().ynn_fusions`). Nothing changes on GPU/TPU, on a jaxlib without the
+option, or when the user's XLA_FLAGS already chooses the fusions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from hamjax.backends.cpu.choices import cpu_choices
 
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # An empty list of fusion types: no op is handed to YNNPACK; convs and dots run on Eigen.
@@ -44,6 +46,8 @@ def compiler_options() -> dict[str, str] | None:
         return None
     if YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", ""):
         return None  # the user's own choice stands
+    if cpu_choices().ynn_fusions:
+        return None  # measured faster with them on this ISA: XLA's defaults
     return dict(CPU_OPTIONS) if _accepted(CPU_OPTIONS) else None
 
 

@@ -18,7 +18,7 @@ XLA:CPU problems (seen on jaxlib 0.10.2, 2-core AVX2 EPYC):
    than the kernel's reach emits such paddings. Here negative paddings crop by slicing.
 
 Delete this module (and `model.conv_vjp`) once a jaxlib fixes jax-ml/jax#12868 and
-openxla/xla#48713 and `benchmarks/conv_vjp_ab.py` shows `xla` no slower than `canonical` on
+openxla/xla#48713 and `benchmarks/cpu_choices_ab.py` shows `xla` no slower than `canonical` on
 CPU; `tests/test_cpu_conv.py` holds the NumPy reference both must match.
 """
 
@@ -32,10 +32,11 @@ from jax._src.core import auto_insert_reshard  # what lax's conv calls before bi
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from hamjax.backends.cpu.choices import cpu_choices
 from hamjax.errors import ConfigError
 
-# auto: the canonical conv on the CPU backend, XLA's elsewhere; xla: XLA's everywhere;
-# canonical: the canonical conv on every backend.
+# auto: on the CPU backend what this ISA's row of `choices.MEASURED` decided (the canonical conv
+# on AVX2), XLA's elsewhere; xla: XLA's everywhere; canonical: the canonical conv everywhere.
 CONV_VJP_MODES = ("auto", "xla", "canonical")
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -69,7 +70,7 @@ def _phase_taps(n: int, k: int, s: int, lo: int, out: int, phase: int):
 def _transposed_correlation(g, w, padding):
     """Stride-1 correlation of g (B,H,W,O) with w (kh,kw,I,O) reversed in space and with its
     channels swapped: a conv's input gradient. (Reversing the activations instead where the
-    kernel outweighs them did not pay in an interleaved A/B: benchmarks/conv_vjp_ab.py.)"""
+    kernel outweighs them did not pay in an interleaved A/B: benchmarks/cpu_choices_ab.py.)"""
     return _correlate(g, jnp.flip(jnp.swapaxes(w, 2, 3), (0, 1)), padding)
 
 
@@ -199,6 +200,8 @@ def conv_impl(mode: str = "auto") -> Any:
     if mode not in CONV_VJP_MODES:
         raise ConfigError(f"model.conv_vjp={mode!r}: choose one of {CONV_VJP_MODES} (auto: the "
                           "canonical conv on CPU, XLA's elsewhere)")
-    if mode == "canonical" or (mode == "auto" and jax.default_backend() == "cpu"):
+    if mode == "auto" and jax.default_backend() == "cpu":
+        mode = cpu_choices().conv_vjp
+    if mode == "canonical":
         return canonical_conv
     return jax.lax.conv_general_dilated
