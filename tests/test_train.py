@@ -245,3 +245,24 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"method\.name: 'standard' in the checkpoint, "
                                               r"'pgd_at' now"):
         Trainer(config, workdir).initial_state()
+
+
+def test_epoch_means_average_training_metrics_over_the_steps_that_trained():
+    """Four steps, two of which applied no update (loss and robust accuracy recorded as 0 there,
+    as HAM's gathering steps do): loss and train_robust_acc are the means of the two that
+    trained; every other metric is the mean over all four steps."""
+    from hamjax.train.loop import epoch_means
+
+    steps = [  # (loss, train_robust_acc, hard_fraction, update_applied)
+        (1.2, 0.25, 0.2, 1.0), (0.0, 0.0, 0.3, 0.0), (0.8, 0.75, 0.1, 1.0), (0.0, 0.0, 0.2, 0.0)]
+    sums = {name: sum(s[i] for s in steps)
+            for i, name in enumerate(("loss", "train_robust_acc", "hard_fraction",
+                                      "update_applied"))}
+    means = epoch_means(sums, len(steps))
+    assert means["loss"] == pytest.approx(1.0) and means["train_robust_acc"] == pytest.approx(0.5)
+    assert means["hard_fraction"] == pytest.approx(0.2)
+    assert means["update_applied"] == pytest.approx(0.5)
+    # Every step trained (any other method): the plain means.
+    assert epoch_means({"loss": 3.0, "update_applied": 3.0}, 3) == {"loss": 1.0,
+                                                                   "update_applied": 1.0}
+    assert epoch_means({"loss": 0.0, "update_applied": 0.0}, 2)["loss"] == 0.0  # none trained

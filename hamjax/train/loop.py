@@ -83,6 +83,22 @@ def _variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+# Metrics of what a step trained on: a step that applies no update (HAM's empty batches, its
+# cross-batch steps that only gather rows) trains on nothing and records 0 for them.
+PER_UPDATE_METRICS = ("loss", "train_robust_acc")
+
+
+def epoch_means(metric_sums: dict[str, float], steps: int) -> dict[str, float]:
+    """The epoch's mean of each step metric; PER_UPDATE_METRICS averaged over the steps that
+    applied an update, so that steps which train nothing do not dilute them."""
+    updates = metric_sums.get("update_applied", 0.0)
+    means = {k: v / max(steps, 1) for k, v in metric_sums.items()}
+    for key in PER_UPDATE_METRICS:
+        if key in metric_sums and "update_applied" in metric_sums:
+            means[key] = metric_sums[key] / max(updates, 1.0)
+    return means
+
+
 def _fold_sums(epoch_record: dict, sums, steps: int) -> dict:
     """Adds device-side metric sums of `steps` steps into the (JSON-able) epoch record."""
     if sums is None:
@@ -501,8 +517,7 @@ class Trainer:
         cost["relative_to_pgd_at"] = (cost["forward"] + cost["backward"]) / pgd_at_cost(
             cfg, examples)
         record = {"epoch": epoch + 1, "train_seconds": epoch_record["seconds"], "ledger": cost}
-        record["train_metrics"] = {k: v / max(epoch_record["steps"], 1)
-                                   for k, v in epoch_record["metric_sums"].items()}
+        record["train_metrics"] = epoch_means(epoch_record["metric_sums"], epoch_record["steps"])
         if self.method.summarize_state is not None:  # before epoch_end rolls the state over
             record["method"] = self.method.summarize_state(jax.device_get(state.method_state))
         if self.method.epoch_end is not None:
