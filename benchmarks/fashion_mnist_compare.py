@@ -210,8 +210,22 @@ def main() -> None:
     cpu_devices = cpu_device_count(args.cpu_devices, os.cpu_count() or 1,
                                    (first.train.batch_size, first.eval.batch_size))
 
+    failed: list[str] = []
+
+    def guarded(what: str, fn, *fn_args, **fn_kwargs):
+        """fn(...), or None when its child process fails (a run stopped by a signal, a crash):
+        the other runs go on and are reported, and the driver exits non-zero at the end."""
+        try:
+            return fn(*fn_args, **fn_kwargs)
+        except subprocess.CalledProcessError as error:
+            failed.append(f"{what} (exit status {error.returncode})")
+            print(f"{what} failed with exit status {error.returncode}; its stdout.log says why",
+                  file=sys.stderr, flush=True)
+            return None
+
     def train(job):
-        return run_one(args.suite, job[0], args.epochs, args.train_size, args.root, job[1],
+        return guarded(f"training {job[0]} seed {job[1]}", run_one, args.suite, job[0],
+                       args.epochs, args.train_size, args.root, job[1],
                        train=selected(job[0]), cpu_devices=cpu_devices)
 
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -227,7 +241,8 @@ def main() -> None:
     evals = [(r, c) for c in args.autoattack_checkpoints for r in rows
              if not (both and c == "best" and best_is_last(workdir_row(r)))]
     with ThreadPoolExecutor(args.parallel) as pool:
-        attacked = list(pool.map(lambda job: autoattack_one(
+        attacked = list(pool.map(lambda job: guarded(
+            f"AutoAttack on {job[0]['run']} seed {job[0]['seed']} ({job[1]})", autoattack_one,
             workdir_row(job[0]), args.autoattack_examples, job[1], train=selected(job[0]["run"])),
             evals))
     for (r, checkpoint), a in zip(evals, attacked, strict=True):
@@ -279,6 +294,8 @@ def main() -> None:
     print(text)
     for path in write_results(table, result, text):
         print(f"wrote {path}")
+    if failed:
+        raise SystemExit(f"failed: {'; '.join(failed)} (rerun the same command to resume them)")
 
 
 
