@@ -71,6 +71,10 @@ def _tensorboardx_gcs() -> bool:
 # empty_batch, update_applied, warmup, finite, lr, ...) stay in metrics.jsonl only.
 BAR_METRICS = (("loss", "loss"), ("train_robust_acc", "robust_acc"),
                ("hard_fraction", "hard_frac"))
+# Metrics of what a step trained on: a step that applies no update (HAM's empty batches, its
+# cross-batch steps that only gather rows) trains on nothing and records 0 for them.
+PER_UPDATE_METRICS = ("loss", "train_robust_acc")
+_PER_UPDATE_SHOWN = {shown for key, shown in BAR_METRICS if key in PER_UPDATE_METRICS}
 _BAR_WIDTH = 20
 
 
@@ -123,6 +127,7 @@ class EpochBar:
                  batch_size: int, live: bool, enabled: bool = True):
         self._stream, self._live, self._enabled = stream, live, enabled
         self._epoch, self._epochs, self._steps, self._batch = epoch, epochs, steps, batch_size
+        self._trained: dict[str, float] = {}  # the last trained step's loss and accuracy
         self._bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{epochs}",
                          unit="step", file=stream, leave=True, dynamic_ncols=True,
                          mininterval=0.5, disable=not (enabled and live))
@@ -135,6 +140,11 @@ class EpochBar:
         if not self._enabled:
             return
         shown = bar_metrics(metrics)
+        if float(metrics.get("update_applied", 1.0)) == 0.0:  # trained nothing: no loss to show
+            shown = {**self._trained,
+                     **{k: v for k, v in shown.items() if k not in _PER_UPDATE_SHOWN}}
+        else:
+            self._trained = {k: v for k, v in shown.items() if k in _PER_UPDATE_SHOWN}
         if self._live:
             self._bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()},
                                    "img/s": f"{images_per_s:.1f}"}, refresh=False)

@@ -49,6 +49,22 @@ def test_a_pipe_gets_one_line_per_log_interval_with_eta():
     assert not any(flag in stream.getvalue() for flag in INTERNAL)
 
 
+def test_a_step_that_trained_nothing_shows_the_last_trained_loss():
+    """HAM's gathering or empty steps record loss 0: the line keeps the last trained step's
+    loss and accuracy (none yet: not shown) and updates only the hard fraction."""
+    stream = io.StringIO()
+    bar = EpochBar(stream, epoch=0, epochs=1, start=0, steps=4, batch_size=16, live=False)
+    idle = dict(HAM_METRICS, loss=0.0, train_robust_acc=0.0, update_applied=0.0)
+    bar.log(1, 100.0, dict(idle, hard_fraction=0.125))
+    bar.log(2, 100.0, HAM_METRICS)
+    bar.log(3, 100.0, dict(idle, hard_fraction=0.375))
+    first, trained, after = stream.getvalue().splitlines()
+    assert "loss=" not in first and "robust_acc" not in first and "hard_frac=0.125" in first
+    assert "loss=1.25 robust_acc=0.5 hard_frac=0.25" in trained
+    assert "loss=1.25 robust_acc=0.5 hard_frac=0.375" in after
+    bar.close()
+
+
 def test_a_terminal_gets_a_redrawn_bar_with_the_watched_values():
     stream = FakeTerminal()
     assert live_console(stream)

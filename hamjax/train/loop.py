@@ -49,7 +49,7 @@ from hamjax.metrics import Ledger, PerClassCounts, format_per_class_table
 from hamjax.models import eval_model
 from hamjax.paths import resolve
 from hamjax.run import build_context, load_branch, load_init_weights
-from hamjax.runlog import RunLogger
+from hamjax.runlog import PER_UPDATE_METRICS, RunLogger
 from hamjax.sharding import (
     make_mesh,
     place_like,
@@ -81,11 +81,6 @@ from hamjax.train.step import jit_multi_step, jit_train_step, make_multi_step, m
 
 def _variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-# Metrics of what a step trained on: a step that applies no update (HAM's empty batches, its
-# cross-batch steps that only gather rows) trains on nothing and records 0 for them.
-PER_UPDATE_METRICS = ("loss", "train_robust_acc")
 
 
 def epoch_means(metric_sums: dict[str, float], steps: int) -> dict[str, float]:
