@@ -53,6 +53,7 @@ from fashion_mnist_logs import (
     row,
     run_devices,
     train_windows,
+    with_start_cost,
     with_wall_ratios,
 )
 from fashion_mnist_results import (
@@ -223,28 +224,54 @@ def main() -> None:
                   file=sys.stderr, flush=True)
             return None
 
+    # A run whose best checkpoint is its last is attacked once (the same weights).
+    both = {"last", "best"} <= set(args.autoattack_checkpoints)
+
+    def attack(name: str, seed: int, checkpoint: str) -> dict | None:
+        """AutoAttack on one checkpoint of a finished run (cached in its workdir)."""
+        return guarded(f"AutoAttack on {name} seed {seed} ({checkpoint})", autoattack_one,
+                       workdir_of(args.root, args.suite, name, seed), args.autoattack_examples,
+                       checkpoint, train=selected(name))
+
+    def checkpoints(name: str, seed: int) -> list[str]:
+        last_is_best = best_is_last(workdir_of(args.root, args.suite, name, seed))
+        return [c for c in args.autoattack_checkpoints
+                if not (both and c == "best" and last_is_best)]
+
     def train(job):
-        return guarded(f"training {job[0]} seed {job[1]}", run_one, args.suite, job[0],
-                       args.epochs, args.train_size, args.root, job[1],
-                       train=selected(job[0]), cpu_devices=cpu_devices)
+        report = guarded(f"training {job[0]} seed {job[1]}", run_one, args.suite, job[0],
+                         args.epochs, args.train_size, args.root, job[1],
+                         train=selected(job[0]), cpu_devices=cpu_devices)
+        if report is not None and not runs[job[0]].get("first"):
+            # Attacked as soon as it is trained, so that a queue of trainings behind it does not
+            # hold its numbers back (a warm start waits: the runs fine-tuned from it go first).
+            for checkpoint in checkpoints(*job):
+                attack(job[0], job[1], checkpoint)
+        return report
 
     with ThreadPoolExecutor(args.parallel) as pool:
         reports = list(pool.map(train, jobs[:firsts]))
         reports += list(pool.map(train, jobs[firsts:]))
     rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)
             if r is not None]
+    for i, r in enumerate(rows):
+        spec = runs[r["run"]]
+        if spec.get("cost_includes_start"):
+            start_suite, start = (spec["init_from"] if isinstance(spec["init_from"], tuple)
+                                  else (args.suite, spec["init_from"]))
+            start_report = run_one(start_suite, start, args.epochs, args.train_size, args.root,
+                                   r["seed"], train=False)
+            own_report = reports[jobs.index((r["run"], r["seed"]))]
+            if start_report is not None:
+                rows[i] = with_start_cost(r, own_report, start_report, f"{start_suite}/{start}")
     def workdir_row(r: dict) -> str:
         return workdir_of(args.root, args.suite, r["run"], r["seed"])
 
-    # A run whose best checkpoint is its last is attacked once (the same weights).
-    both = {"last", "best"} <= set(args.autoattack_checkpoints)
     evals = [(r, c) for c in args.autoattack_checkpoints for r in rows
-             if not (both and c == "best" and best_is_last(workdir_row(r)))]
+             if c in checkpoints(r["run"], r["seed"])]
     with ThreadPoolExecutor(args.parallel) as pool:
-        attacked = list(pool.map(lambda job: guarded(
-            f"AutoAttack on {job[0]['run']} seed {job[0]['seed']} ({job[1]})", autoattack_one,
-            workdir_row(job[0]), args.autoattack_examples, job[1], train=selected(job[0]["run"])),
-            evals))
+        attacked = list(pool.map(lambda job: attack(job[0]["run"], job[0]["seed"], job[1]),
+                                 evals))
     for (r, checkpoint), a in zip(evals, attacked, strict=True):
         if a is not None:
             r.setdefault("autoattack", {})[checkpoint] = a

@@ -140,6 +140,21 @@ def with_wall_ratios(per_run: dict[str, list[dict]], reference: str = "pgd_at",
                                                       3)
 
 
+def with_start_cost(r: dict, report: dict, start: dict, start_name: str) -> dict:
+    """Row `r` of a run that fine-tunes another (`report` its own, `start` the other's) with that
+    run's training counted in: train seconds added, and `cost_vs_pgd_at` the passes of both
+    against a PGD-AT run as long as the start (FAAL's true cost is a robust model plus its
+    fine-tune). The fine-tune's own numbers stay under `*_own`."""
+    own, src = report["cost"], start["cost"]
+    own_passes = own["forward_passes"] + own["backward_passes"]
+    src_passes = src["forward_passes"] + src["backward_passes"]
+    pgd_at_passes = src_passes / src["relative_to_pgd_at"]
+    return dict(r, cost_vs_pgd_at=(src_passes + own_passes) / pgd_at_passes,
+                train_seconds=r["train_seconds"] + src["train_seconds_excluding_compile"],
+                cost_vs_pgd_at_own=r["cost_vs_pgd_at"], train_seconds_own=r["train_seconds"],
+                cost_includes=start_name)
+
+
 def row(name: str, seed: int, report: dict) -> dict:
     """The headline numbers of one run (test split, clean labels)."""
     out = {"run": name, "seed": seed}

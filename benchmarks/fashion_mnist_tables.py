@@ -39,7 +39,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         for key in ("last", "best_on_val"):
             if key in r:
-                lines.append(table_line(f"{r['run']} seed {r['seed']} ({key})", r[key],
+                start = f" + {r['cost_includes']}" if "cost_includes" in r else ""
+                lines.append(table_line(f"{r['run']}{start} seed {r['seed']} ({key})", r[key],
                                         r["cost_vs_pgd_at"], r["train_seconds"]))
     return "\n".join(lines + mean_rows(rows))
 

@@ -324,3 +324,22 @@ def test_fairness_suite_runs_every_method_with_its_recipe(tmp_path):
     evidence = suites.build_config("evidence", suites.suite_runs("evidence")["pgd_at"], 0, 0,
                                    seed=1, root=root)
     assert configs["pgd_at"].to_dict() == evidence.to_dict()
+
+
+def test_a_fine_tune_that_counts_its_start_carries_its_cost_and_wall_time():
+    """FAAL fine-tunes a 12-epoch PGD-AT run for 2 epochs at 1.14x PGD-AT's passes: its true
+    cost is both runs against the 12-epoch PGD-AT, (12 + 2 x 1.14) / 12, and its wall time both
+    runs' seconds; the table names the start."""
+    epoch_passes = 100.0  # PGD-AT forward + backward passes an epoch
+    start = {"cost": {"forward_passes": 6 * epoch_passes, "backward_passes": 6 * epoch_passes,
+                      "relative_to_pgd_at": 1.0, "train_seconds_excluding_compile": 3600.0}}
+    own = {"cost": {"forward_passes": 1.14 * epoch_passes, "backward_passes": 1.14 * epoch_passes,
+                    "relative_to_pgd_at": 1.14, "train_seconds_excluding_compile": 700.0}}
+    r = {"run": "faal", "seed": 0, "cost_vs_pgd_at": 1.14, "train_seconds": 700.0,
+         "last": {"clean_avg": 0.8, "clean_worst": 0.5, "robust_avg": 0.7, "robust_worst": 0.4}}
+    counted = logs.with_start_cost(r, own, start, "evidence/pgd_at")
+    assert counted["cost_vs_pgd_at"] == pytest.approx((12 + 2 * 1.14) / 12)
+    assert counted["train_seconds"] == 4300.0 and counted["train_seconds_own"] == 700.0
+    assert counted["cost_vs_pgd_at_own"] == 1.14 and r["train_seconds"] == 700.0
+    assert "| faal + evidence/pgd_at seed 0 (last) |" in tables.markdown([counted])
+    assert suites.suite_runs("fairness")["faal"]["cost_includes_start"]
