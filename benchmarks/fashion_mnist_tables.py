@@ -201,7 +201,10 @@ def verdicts(rows: list[dict], checkpoint: str = "last", baseline: str = "pgd_at
             judged = (f"{'beyond' if abs(gain) > spread else 'within'} the seed spread of "
                       f"{spread:.1f} ({seeds})")
         wall = _mean([r["train_seconds"] for r in mine]) / base_seconds
+        ledger = _mean([r["cost_vs_pgd_at"] for r in mine]) / _mean(
+            [r["cost_vs_pgd_at"] for r in base])
         lines.append(f"- **{name}** ({checkpoint} checkpoint): AutoAttack worst class "
                      f"{gain:+.1f} points against {baseline}, {judged}; AutoAttack average "
-                     f"{avg:+.1f} points; training wall time {wall:.2f}x {baseline}'s.")
+                     f"{avg:+.1f} points; training passes {ledger:.2f}x and wall time "
+                     f"{wall:.2f}x {baseline}'s.")
     return lines

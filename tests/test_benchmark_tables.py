@@ -262,22 +262,24 @@ def test_evidence_suite_branches_ham_from_pgd_at_of_the_same_seed(tmp_path):
     assert configs["pgd_at"].to_dict() == shipped.to_dict()
 
 
-def _attacked(run, seed, avg, worst, seconds):
-    return {"run": run, "seed": seed, "train_seconds": seconds, "autoattack": {"last": {
+def _attacked(run, seed, avg, worst, seconds, cost=1.0):
+    return {"run": run, "seed": seed, "train_seconds": seconds, "cost_vs_pgd_at": cost,
+            "autoattack": {"last": {
         "examples": 1000, "clean_avg": 0.8, "clean_worst": 0.5, "robust_avg": avg,
         "robust_worst": worst, "epoch": 12, "seconds": 1.0}}}
 
 
 def test_verdicts_judge_the_worst_class_gain_against_the_seed_spread():
     rows = [_attacked("pgd_at", 0, 0.70, 0.30, 100), _attacked("pgd_at", 1, 0.71, 0.34, 100),
-            _attacked("ham", 0, 0.62, 0.32, 60), _attacked("ham", 1, 0.60, 0.36, 60),
+            _attacked("ham", 0, 0.62, 0.32, 60, 0.5), _attacked("ham", 1, 0.60, 0.36, 60, 0.7),
             _attacked("mart", 0, 0.69, 0.45, 120), _attacked("mart", 1, 0.70, 0.47, 120),
             _attacked("cfa", 0, 0.70, 0.40, 150)]
     lines = {line.split("**")[1]: line for line in tables.verdicts(rows)}
     assert set(lines) == {"ham", "mart", "cfa"}
     # ham: worst 34.0 vs 32.0 -> +2.0, spread max(4.0, 4.0): within; avg 61.0 vs 70.5 -> -9.5
     assert ("worst class +2.0 points against pgd_at, within the seed spread of 4.0 (2 seeds "
-            "against 2); AutoAttack average -9.5 points; training wall time 0.60x") in lines["ham"]
+            "against 2); AutoAttack average -9.5 points; training passes 0.60x and wall time "
+            "0.60x pgd_at's") in lines["ham"]
     assert "+14.0 points against pgd_at, beyond the seed spread of 4.0" in lines["mart"]
     assert "1 seed against 2: no seed spread to judge it by yet" in lines["cfa"]
     assert tables.verdicts([_attacked("ham", 0, 0.6, 0.3, 1)]) == []  # no baseline, no verdict
