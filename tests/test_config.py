@@ -261,3 +261,26 @@ def test_fields_added_since_a_checkpoint_change_nothing_at_their_defaults():
 
 def test_the_allowed_fields_exist():
     assert set(RESUME_MAY_CHANGE) <= set(_paths(base_config().to_dict()))
+
+
+@pytest.mark.parametrize("name, field, value, noted", [
+    ("dafa", "warmup_epochs", 70, True),  # the official default in a 3-epoch run: TRADES only
+    ("dafa", "warmup_epochs", 2, False),
+    ("ham", "warmup_epochs", 3, True),  # mining would start at epoch index 3: never
+    ("ham", "warmup_epochs", 0, False),
+    ("cfa", "begin", 3, True),
+    ("pgd_at", "beta", 0, False),  # no epoch where its own part starts
+])
+def test_a_run_that_never_reaches_the_methods_start_is_named(name, field, value, noted):
+    from hamjax.methods import get_method, late_starts
+
+    config = base_config()
+    config.method = method_config(name)
+    config.train.epochs = 3
+    if field in config.method:
+        config.method[field] = value
+    lines = late_starts(get_method(name), config)
+    assert len(lines) == int(noted)
+    if noted:
+        assert f"method.{field}={value} is not before train.epochs=3" in lines[0]
+        assert "never in this run" in lines[0] and f"lower method.{field}" in lines[0]

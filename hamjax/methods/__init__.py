@@ -42,6 +42,9 @@ class Method:
       (`hamjax.config.method_config(name, **overrides)` builds it from them).
     summarize_state(method_state) -> dict of JSON-able values logged after each epoch (CAAT's
       per-class routing, FRL's multipliers).
+    starts_at: config.method fields that hold the epoch where the method's own part begins
+      (HAM's mining, DAFA's class weights), each with what begins; a run no longer than that
+      trains the method's base throughout, and the trainer says so (`late_starts`).
     """
 
     name: str
@@ -54,12 +57,24 @@ class Method:
     needs_meta_batch: bool = False
     defaults: dict = dataclasses.field(default_factory=dict)
     description: str = ""
+    starts_at: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Method] = {}
 # Modules that register methods on import; imported lazily so `get_method` sees them all.
 _METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat", "mart", "cfa", "wat", "dafa",
                    "faal")
+
+
+def late_starts(method: Method, config) -> list[str]:
+    """One line per `method.starts_at` field whose epoch the run never reaches: the method's
+    own part never runs (e.g. a short smoke test of DAFA trains plain TRADES)."""
+    epochs = int(config.train.epochs)
+    return [f"method.{field}={config.method[field]} is not before train.epochs={epochs}: "
+            f"{what} never in this run, which trains the method's base throughout (lower "
+            f"method.{field} or raise train.epochs)"
+            for field, what in method.starts_at.items()
+            if field in config.method and int(config.method[field]) >= epochs]
 
 
 def register(method: Method) -> Method:

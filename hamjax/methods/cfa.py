@@ -228,4 +228,5 @@ register(Method(
     summarize_state=cfa_summarize_state,
     defaults=dict(CFA_DEFAULTS),
     description="CFA class-wise calibrated margins and regularisation (Wei et al. 2023)",
+    starts_at={"begin": "the class-wise calibration starts"},
 ))

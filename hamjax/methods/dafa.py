@@ -197,4 +197,5 @@ register(Method(
     summarize_state=dafa_summarize_state,
     defaults=dict(DAFA_DEFAULTS),
     description="DAFA distance-aware class-wise eps and loss weights (Lee et al. 2024)",
+    starts_at={"warmup_epochs": "DAFA's class weights are used"},
 ))

@@ -889,5 +889,6 @@ register(
         validate=validate,
         defaults=dict(DEFAULTS),
         description="Hard Adversarial example Mining (Lin et al. 2023), bucketed under jit",
+        starts_at={"warmup_epochs": "HAM's mining starts"},
     )
 )

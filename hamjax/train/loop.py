@@ -44,7 +44,7 @@ from hamjax.errors import CheckpointError, ConfigError
 from hamjax.evaluation.driver import Driver, map_examples
 from hamjax.evaluation.pgd import PGDEvaluator
 from hamjax.evaluation.selection import selection_evaluator, selection_label
-from hamjax.methods import get_method
+from hamjax.methods import get_method, late_starts
 from hamjax.metrics import Ledger, PerClassCounts, format_per_class_table
 from hamjax.models import eval_model
 from hamjax.paths import resolve
@@ -429,6 +429,8 @@ class Trainer:
                     f"({len(programs)} program{'s' * (len(programs) > 1)})")
         self.log.print(f"compiled the train step in {meta['compile_seconds'][-1]:.1f}s; "
                        f"{spe} steps/epoch, {jax.device_count()} device(s){per_call}")
+        for line in late_starts(self.method, cfg):
+            self.log.print(f"note: {line}")
 
         while int(state.step) < total_steps:
             if self.signals.should_stop():  # the state here is already saved
