@@ -97,6 +97,11 @@ def fairness_runs() -> dict[str, dict]:
         # Its cost counts the PGD-AT run it starts from (`cost_includes_start`).
         "faal": {"config": "method=faal", "init_from": ("evidence", "pgd_at"),
                  "cost_includes_start": True},
+        # The same fine-tune from the cheaper HAM train_at_m run (0.77x PGD-AT's passes): does
+        # FAAL's worst-class gain survive a start that cost less?
+        "faal_from_ham_train_at_m": {"config": "method=faal",
+                                     "init_from": ("evidence", "ham_train_at_m"),
+                                     "cost_includes_start": True},
     }
 
 

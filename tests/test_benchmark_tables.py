@@ -344,4 +344,6 @@ def test_a_fine_tune_that_counts_its_start_carries_its_cost_and_wall_time():
     assert counted["train_seconds"] == 4300.0 and counted["train_seconds_own"] == 700.0
     assert counted["cost_vs_pgd_at_own"] == 1.14 and r["train_seconds"] == 700.0
     assert "| faal + evidence/pgd_at seed 0 (last) |" in tables.markdown([counted])
-    assert suites.suite_runs("fairness")["faal"]["cost_includes_start"]
+    fairness = suites.suite_runs("fairness")
+    assert fairness["faal"]["cost_includes_start"]
+    assert fairness["faal_from_ham_train_at_m"]["init_from"] == ("evidence", "ham_train_at_m")
