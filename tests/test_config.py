@@ -270,6 +270,7 @@ def test_the_allowed_fields_exist():
     ("ham", "warmup_epochs", 0, False),
     ("cfa", "begin", 3, True),
     ("pgd_at", "beta", 0, False),  # no epoch where its own part starts
+    ("trades", "awp_warmup_epochs", 10, False),  # AWP off (awp_gamma 0): its warm-up is moot
 ])
 def test_a_run_that_never_reaches_the_methods_start_is_named(name, field, value, noted):
     from hamjax.methods import get_method, late_starts
@@ -284,3 +285,18 @@ def test_a_run_that_never_reaches_the_methods_start_is_named(name, field, value,
     if noted:
         assert f"method.{field}={value} is not before train.epochs=3" in lines[0]
         assert "never in this run" in lines[0] and f"lower method.{field}" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["pgd_at", "trades"])
+def test_an_awp_warmup_the_run_never_reaches_is_named_only_when_awp_is_on(name):
+    from hamjax.methods import get_method, late_starts
+
+    config = base_config()
+    config.method = method_config(name, awp_warmup_epochs=3)
+    config.train.epochs = 3
+    assert late_starts(get_method(name), config) == []
+    config.method.awp_gamma = 0.005
+    (line,) = late_starts(get_method(name), config)
+    assert line.startswith("method.awp_warmup_epochs=3 is not before train.epochs=3: AWP's")
+    config.method.awp_warmup_epochs = 2
+    assert late_starts(get_method(name), config) == []
