@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from digits_configs import digits_config
 from test_frl import make_batch, make_ctx
 
 from hamjax.averaging import ema_decay_at, ema_step, evaluation_params, fawa_update
 from hamjax.checkpoint import Checkpointer
-from hamjax.config import base_config, method_config, validate_config
+from hamjax.config import base_config, validate_config
 from hamjax.errors import ConfigError, TrainingInterrupted
 from hamjax.evaluation.workdir import load_run
 from hamjax.methods import get_method
@@ -111,26 +112,10 @@ def test_ema_and_fawa_exclude_each_other_and_fawa_needs_val():
         validate_config(config)
 
 
-def digits_config(method: str = "pgd_at", **fields):
-    c = base_config()
-    c.data.name = "digits"
-    c.data.val_size = 100
-    c.data.train_size = 640  # 10 steps of 64 per epoch
-    c.data.augment.crop_pad = 1
-    c.data.augment.flip = False
-    c.model.name = "small_cnn"
-    c.method = method_config(method, **fields)
-    c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 3
-    c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.03, 3
-    c.eval.num_examples = 50
-    c.train.epochs = 2
-    c.train.batch_size = 64
-    c.train.lr = 0.05
-    c.train.lr_boundaries = (1,)
-    c.train.lr_values = (0.005,)
-    c.train.checkpoint_every_steps = 7
-    c.train.log_every_steps = 1000
-    return c
+def averaging_config(method: str = "pgd_at", **fields):
+    """10 steps of 64 per epoch, 2 epochs, checkpoints every 7 steps (one lands mid-epoch)."""
+    return digits_config(method, train_size=640, lr_drop=(1, 0.005), checkpoint_every_steps=7,
+                         **fields)
 
 
 class StopsAfter(Trainer):
@@ -158,7 +143,7 @@ def test_resume_mid_epoch_with_ema_equals_a_straight_run(tmp_path):
     stopped mid-epoch 2 and resumed, the run ends with the straight run's weights, averaged
     weights, per-class records and report; the report and `load_run` use the averaged
     weights."""
-    config = digits_config("ham", warmup_epochs=1, mining_step=1, easy_examples="train_at_m")
+    config = averaging_config("ham", warmup_epochs=1, mining_step=1, easy_examples="train_at_m")
     config.train.ema_decay = 0.99
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     reports = [Trainer(config, straight).run()]
@@ -213,7 +198,7 @@ def test_fawa_in_the_trainer(tmp_path):
     """MART with FAWA at threshold 0 averages after every epoch (count 2; the first a copy of
     the online weights); the per-class report and `load_run` use the average."""
     threshold, updates = 0.0, 2
-    config = digits_config("mart")
+    config = averaging_config("mart")
     config.train.fawa_decay, config.train.fawa_threshold = 0.88, threshold
     workdir = str(tmp_path / "fawa")
     report = Trainer(config, workdir).run()

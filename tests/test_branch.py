@@ -14,9 +14,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from digits_configs import digits_config
 
 from hamjax.checkpoint import BEST, Checkpointer
-from hamjax.config import base_config, method_config, validate_config
+from hamjax.config import validate_config
 from hamjax.errors import CheckpointError, ConfigError
 from hamjax.train.loop import Trainer
 
@@ -24,23 +25,10 @@ STEPS_PER_EPOCH = 10
 
 
 def _config(method: str = "pgd_at", **method_fields):
-    c = base_config()
-    c.data.name = "digits"
-    c.data.train_size = 16 * STEPS_PER_EPOCH
-    c.data.val_size = 40
-    c.data.augment.flip = False
-    c.model.name = "small_cnn"
-    c.method = method_config(method, **method_fields)
-    c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.03, 2
-    c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.03, 2
-    c.eval.num_examples = 20
-    c.train.epochs = 3
-    c.train.batch_size = 16
-    c.train.lr = 0.02
-    c.train.lr_boundaries = (1,)
-    c.train.lr_values = (0.005,)
-    c.train.checkpoint_every_steps = 1000
-    c.train.log_every_steps = 5
+    c = digits_config(method, train_size=16 * STEPS_PER_EPOCH, val_size=40, crop_pad=4,
+                      batch_size=16, epochs=3, lr=0.02, lr_drop=(1, 0.005),
+                      attack=(0.1, 0.03, 2), evaluation=(0.1, 0.03, 2), eval_examples=20,
+                      log_every_steps=5, **method_fields)
     c.train.keep_checkpoints = 10  # the end of epoch 1 stays for the branches
     return c
 

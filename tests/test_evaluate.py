@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
+from digits_configs import digits_config
 
 from hamjax import evaluate as ev
 from hamjax.errors import CheckpointError, ConfigError
@@ -24,28 +25,9 @@ FAST = {"square": {"n_queries": 20}}
 
 
 def _tiny_config():
-    from hamjax.config import base_config
-
-    c = base_config()
-    c.data.name = "digits"
-    c.data.val_size = 100
-    c.data.augment.crop_pad = 0
-    c.data.augment.flip = False
-    c.model.name = "small_cnn"
-    c.method.name = "standard"
-    c.eval.eps = EPS
-    c.eval.step_size = 0.05
-    c.eval.steps = 20  # the trainer's PGD-20, compared with the CLI's
-    c.eval.num_examples = 20
-    c.eval.batch_size = 20
-    c.train.epochs = 1
-    c.train.batch_size = 32
-    c.train.lr = 0.05
-    c.train.lr_boundaries = ()
-    c.train.lr_values = ()
-    c.train.log_every_steps = 1000
-    c.train.checkpoint_every_steps = 1000
-    return c
+    # eval: the trainer's PGD-20, compared with the CLI's
+    return digits_config("standard", crop_pad=0, batch_size=32, epochs=1,
+                         evaluation=(EPS, 0.05, 20), eval_examples=20, eval_batch_size=20)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from digits_configs import digits_config
 from launching import run_on_host_devices
 from scipy.optimize import minimize
 from toy_models import TinyNet
@@ -484,24 +485,8 @@ def test_wat_needs_a_validation_split():
 
 # ---------------------------------------------------------------- resume
 def _digits_config(name: str, **method):
-    config = base_config()
-    config.data.name = "digits"
-    config.data.val_size = 100
-    config.data.augment.crop_pad = 1
-    config.data.augment.flip = False
-    config.model.name = "small_cnn"
-    config.method = method_config(name, **method)
-    config.attack.eps, config.attack.step_size, config.attack.steps = 0.1, 0.05, 2
-    config.eval.eps, config.eval.step_size, config.eval.steps = 0.1, 0.05, 2
-    config.eval.batch_size = 64
-    config.eval.num_examples = 100
-    config.train.batch_size = 64
-    config.train.epochs = 2
-    config.train.lr = 0.05
-    config.train.lr_schedule = "constant"
-    config.train.log_every_steps = 1000
-    config.train.checkpoint_every_steps = 1000
-    return config
+    return digits_config(name, attack=(0.1, 0.05, 2), evaluation=(0.1, 0.05, 2),
+                         eval_examples=100, eval_batch_size=64, **method)
 
 
 @pytest.mark.slow

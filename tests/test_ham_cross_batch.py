@@ -392,13 +392,13 @@ def test_two_devices(tmp_path):
 def test_resume_mid_accumulation_equals_a_straight_run(tmp_path):
     """Stopped mid-epoch 2 with rows waiting in the buffer and resumed from that checkpoint,
     the run ends with the straight run's state (buffer included), records and report."""
-    from test_averaging import StopsAfter, digits_config
+    from test_averaging import StopsAfter, averaging_config
 
     from hamjax.checkpoint import Checkpointer
     from hamjax.errors import TrainingInterrupted
     from hamjax.train.loop import Trainer
 
-    config = digits_config("ham", warmup_epochs=0, mining_step=1, cross_batch_rows=128)
+    config = averaging_config("ham", warmup_epochs=0, mining_step=1, cross_batch_rows=128)
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     reports = [Trainer(config, straight).run()]
     with pytest.raises(TrainingInterrupted):

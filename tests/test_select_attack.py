@@ -19,6 +19,7 @@ from unittest import mock
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from digits_configs import digits_config
 
 from hamjax import evaluate as ev
 
@@ -28,29 +29,11 @@ STEPS, TARGETS = 10, 2
 
 
 def _config():
-    from hamjax.config import base_config
-
-    c = base_config()
-    c.data.name = "digits"
-    c.data.val_size = 100
-    c.data.augment.crop_pad = 0
-    c.data.augment.flip = False
-    c.model.name = "small_cnn"
-    c.method.name = "pgd_at"
-    c.attack.eps, c.attack.step_size, c.attack.steps = 0.1, 0.05, 2
-    c.eval.eps, c.eval.step_size, c.eval.steps = 0.1, 0.025, 20
-    c.eval.num_examples = 40
-    c.eval.batch_size = 40
+    c = digits_config("pgd_at", crop_pad=0, batch_size=32, attack=(0.1, 0.05, 2),
+                      evaluation=(0.1, 0.025, 20), eval_examples=40, eval_batch_size=40)
     c.eval.select_attack = "apgd"
     c.eval.select_apgd_steps = STEPS
     c.eval.select_apgd_targets = TARGETS
-    c.train.epochs = 2
-    c.train.batch_size = 32
-    c.train.lr = 0.05
-    c.train.lr_boundaries = ()
-    c.train.lr_values = ()
-    c.train.log_every_steps = 1000
-    c.train.checkpoint_every_steps = 1000
     return c
 
 
