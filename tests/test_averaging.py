@@ -89,6 +89,25 @@ def test_ema_in_the_train_step_matches_numpy():
     assert evaluation_params(state) is state.averaged["params"]
 
 
+def test_a_step_that_applies_no_update_averages_the_unchanged_weights():
+    """A NaN pixel makes the step non-finite, so its update is not applied (as HAM's empty
+    batches are not): the average blends the weights kept, not the rejected ones, and stays
+    finite (here: equal to the initial weights)."""
+    method = get_method("pgd_at")
+    ctx = make_ctx("pgd_at")
+    config = ml_collections.ConfigDict(ctx.config.to_dict())
+    config.train.ema_decay = 0.995
+    ctx = dataclasses.replace(ctx, config=ml_collections.FrozenConfigDict(config))
+    state = create_train_state(ctx, method, seed=0)
+    batch = make_batch(0)
+    batch["image"][0, 0, 0, 0] = np.nan
+    new, metrics = jax.jit(make_train_step(ctx, method))(state, batch)
+    assert float(metrics["update_applied"]) == 0.0
+    for got, start in zip(jax.tree.leaves(new.averaged["params"]), jax.tree.leaves(state.params),
+                          strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(start), rtol=1e-6)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("ema_decay", 1.0, r"config\.train\.ema_decay"),
     ("ema_decay", -0.1, r"config\.train\.ema_decay"),

@@ -1,7 +1,8 @@
-"""CFA, DAFA, WAT and FAAL against the official code: the reference's hand-computable cases,
-NumPy transcriptions of the official formulas on random inputs (losses with their BatchNorm
-modes and forward order, class-wise updates), the class-wise attack radii, field validation,
-and a resumed run equal to an uninterrupted one."""
+"""CFA, DAFA, WAT and FAAL (and the TRADES terms and training attack under them) against the
+official code: the reference's hand-computable cases, NumPy transcriptions of the official
+formulas on random inputs (losses with their BatchNorm modes and forward order, class-wise
+updates), the class-wise attack radii and starts, field validation, and a resumed run equal to
+an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from launching import run_on_host_devices
 from scipy.optimize import minimize
 from toy_models import TinyNet
 
+from hamjax.attacks import pgd
 from hamjax.config import base_config, method_config
 from hamjax.errors import ConfigError
 from hamjax.evaluation.driver import Driver, map_examples
 from hamjax.methods import cfa, dafa, faal, get_method, wat
+from hamjax.methods.baselines import trades_adversary, trades_terms
+from hamjax.methods.common import train_attack
+from hamjax.models import make_logits_fn
 from hamjax.optim import make_lr_fn, make_optimizer
 from hamjax.sharding import make_mesh
 from hamjax.state import StepContext, create_train_state
@@ -29,14 +34,15 @@ B = 8
 EPS = 0.05
 
 
-def make_ctx(name: str, steps_per_epoch: int = 3, eps: float = EPS, **method) -> StepContext:
+def make_ctx(name: str, steps_per_epoch: int = 3, eps: float = EPS, step_size: float = 0.03,
+             **method) -> StepContext:
     config = base_config()
     config.data.augment.crop_pad = 0
     config.data.augment.flip = False
     config.data.val_size = 40
     config.method = method_config(name, **method)
     config.attack.eps = eps
-    config.attack.step_size = 0.03
+    config.attack.step_size = step_size
     config.attack.steps = 2
     config.train.lr = 0.1
     config.train.lr_schedule = "constant"
@@ -97,6 +103,39 @@ def flax_train_forwards(ctx, state, *inputs):
 def assert_stats_equal(got, want):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------- TRADES's terms and the training attack, shared by all
+def test_trades_terms_match_numpy_on_train_bn_forwards_clean_first():
+    """trades_terms: CE on the clean logits, KL(softmax(clean) || softmax(adv)) per example,
+    both forwards in train mode, clean first, the BN statistics of the last one returned."""
+    ctx = make_ctx("trades")
+    state = trained_state(ctx, "trades")
+    batch = make_batch(6)
+    x, y = batch["image"], batch["label"]
+    x_adv = np.clip(x + 0.04, 0, 1).astype(np.float32)
+    ce, kl, _, _, stats = trades_terms(ctx, state.params, state.batch_stats, x, y, x_adv)
+    (clean, adv), want_stats = flax_train_forwards(ctx, state, x, x_adv)
+    np.testing.assert_allclose(ce, np_ce(clean, y), rtol=1e-5)
+    np.testing.assert_allclose(kl, np_kl(clean, adv), rtol=1e-4, atol=1e-6)
+    assert_stats_equal(stats, want_stats)
+
+
+def test_the_training_attack_runs_the_model_in_eval_bn():
+    """`config.attack.bn_mode` = eval (the default): the attack equals PGD on the eval-BN
+    logits, which differ from train-BN ones on a state with moved running statistics."""
+    ctx = make_ctx("mart")
+    assert ctx.config.attack.bn_mode == "eval"
+    state = trained_state(ctx, "mart")
+    batch = make_batch(3)
+    x, y, key = batch["image"], batch["label"], jax.random.PRNGKey(7)
+    got, _ = train_attack(ctx, state.params, state.batch_stats, x, y, key, loss="ce",
+                          init="normal")
+    logits_fn = make_logits_fn(ctx.model, {"params": state.params,
+                                           "batch_stats": state.batch_stats}, bn_mode="eval")
+    want, _ = pgd(logits_fn, x, y, key, eps=EPS, step_size=0.03, steps=2, loss="ce",
+                  init="normal", final_eval=False)
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 # ---------------------------------------------------------------- CFA
@@ -213,6 +252,25 @@ def test_cfa_at_base_is_cross_entropy_on_train_bn_adversarial_forward():
     assert_stats_equal(aux["batch_stats"], want_stats)
 
 
+def test_cfa_trades_attack_uses_the_class_wise_radius():
+    """CFA's TRADES-base adversary is bounded by each example's class radius eps * scale_y
+    (one shared radius would pass the loss transcription, which is given x_adv)."""
+    ctx = make_ctx("cfa")
+    method = get_method("cfa")
+    state = trained_state(ctx, "cfa")
+    scale = jnp.asarray([0.5, 0.8, 1.2, 1.5])
+    state = state.replace(method_state=dict(state.method_state, eps_scale=scale))
+    batch = make_batch(3)
+    x, y = batch["image"], batch["label"]
+    key = jax.random.PRNGKey(4)
+    loss, _ = method.loss_fn(state.params, state, batch, key, ctx)
+    x_adv, _ = trades_adversary(ctx, state.params, state.batch_stats, x, y, key,
+                                eps=EPS * scale[y])
+    want = cfa.cfa_trades_from_adv(ctx, state.params, state.batch_stats, x, y, x_adv,
+                                   state.method_state["beta"])[0]
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- DAFA
 def np_dafa_weights(probs, labels, lamb):
     """utils.py: calculate_class_weights after commit 74657cd, verbatim in NumPy."""
@@ -302,6 +360,38 @@ def test_dafa_collects_in_the_warmup_epoch_only_then_weights_once():
     assert len(method.summarize_state(after)["class_weights"]) == K
 
 
+def test_dafa_weights_on_a_tie_follow_the_official_strict_comparison():
+    """Classes 0 and 1 are equally easy (P_00 = P_11): the official `P_ii < P_jj` moves weight
+    in neither direction between them, so only class 2's similarity to each counts."""
+    similarity = jnp.asarray([[.6, .3, .1], [.3, .6, .1], [.1, .1, .8]])
+    np.testing.assert_allclose(dafa.dafa_class_weights(similarity, 1.0), [0.90, 0.90, 0.84],
+                               rtol=1e-6)
+
+
+def test_dafa_collects_softmax_rows_not_one_hot_predictions():
+    ctx = make_ctx("dafa", warmup_epochs=1)
+    state = dafa.dafa_init_state(ctx, None)
+    logits = jnp.log(jnp.asarray([[.5, .3, .1, .1]]))
+    new = dafa._collected(ctx, state, logits, jnp.asarray([0]), jnp.asarray(0))
+    np.testing.assert_allclose(new["prob_sums"][0], [.5, .3, .1, .1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dafa", "trades"])
+def test_trades_style_attacks_start_at_x_plus_a_small_gaussian(name):
+    """With a zero step the TRADES adversary (DAFA's too) stays at its start x + 0.001 N(0, 1),
+    within 0.006 of x at these sizes; a uniform start would reach eps = 0.05."""
+    ctx = make_ctx(name, step_size=0.0)
+    state = trained_state(ctx, name)
+    batch = make_batch(5)
+    x, y, key = batch["image"], batch["label"], jax.random.PRNGKey(1)
+    if name == "dafa":
+        x_adv = dafa.dafa_adversary(ctx, state.params, state.batch_stats, x, y, jnp.ones(B), key)
+    else:
+        x_adv, _ = trades_adversary(ctx, state.params, state.batch_stats, x, y, key)
+    moved = np.max(np.abs(np.asarray(x_adv) - x))
+    assert 0 < moved < 0.006, moved
+
+
 # ---------------------------------------------------------------- WAT
 def test_wat_hand_case_and_large_costs():
     w = wat.hedge_weights(jnp.asarray([1.0, 2.0, 1.5]), 0.1)
@@ -360,6 +450,33 @@ def test_wat_validation_cost_is_eval_bn_trades_cost_per_class():
     per_ex = np_ce(np.asarray(logits), labels)
     want = [per_ex[labels == c].mean() for c in range(K)] + [per_ex.mean()]
     np.testing.assert_allclose(cost, want, rtol=1e-5)
+
+
+def test_wat_validation_cost_includes_the_kl_term_when_the_attack_moves():
+    """With eps 0.3 the TRADES attack moves, and every class's cost (CE + beta KL) exceeds its
+    clean eval-BN CE."""
+    ctx = make_ctx("wat", eps=0.3)
+    state = trained_state(ctx, "wat")
+    rng = np.random.default_rng(9)
+    images = rng.integers(0, 256, (30, 4, 4, 1)).astype(np.uint8)
+    labels = (np.arange(30) % K).astype(np.int32)
+    evaluator = _SplitEvaluator(images, labels, make_mesh(jax.devices()[:1]))
+    cost = wat.measure_validation_cost(state, ctx, evaluator, epoch=1)
+    logits = ctx.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                             jnp.asarray(images, jnp.float32) / 255.0, train=False)
+    per_ex = np_ce(np.asarray(logits), labels)
+    clean = [per_ex[labels == c].mean() for c in range(K)] + [per_ex.mean()]
+    assert np.all(np.asarray(cost) - clean > 1e-6), (cost, clean)
+
+
+def test_wat_loss_uses_the_hedge_weights():
+    """All class weights and the average expert's weight at 0: the loss is exactly 0."""
+    ctx = make_ctx("wat")
+    method = get_method("wat")
+    state = create_train_state(ctx, method, seed=0)
+    state = state.replace(method_state=dict(state.method_state, weights=jnp.zeros(K + 1)))
+    loss, _ = method.loss_fn(state.params, state, make_batch(3), jax.random.PRNGKey(0), ctx)
+    assert float(loss) == 0.0
 
 
 # ---------------------------------------------------------------- FAAL
@@ -439,6 +556,23 @@ def test_faal_step_accumulates_the_epoch_record_and_epoch_end_resets():
     assert float(metrics["max_class_weight"]) >= 1.0 >= float(metrics["min_class_weight"])
     reset = method.epoch_end(state, ctx, None).method_state
     assert all(float(jnp.sum(jnp.abs(v))) == 0.0 for v in jax.tree.leaves(reset))
+
+
+@pytest.mark.parametrize("base, loss, init", [("at", "ce", "uniform"),
+                                              ("trades", "kl", "normal")])
+def test_faal_attack_starts_as_its_base_does(base, loss, init):
+    """The official code: a uniform start in the eps ball for the AT base, x + 0.001 N(0, 1)
+    for TRADES's KL ascent."""
+    ctx = make_ctx("faal", base=base)
+    method = get_method("faal")
+    state = trained_state(ctx, "faal")
+    batch = make_batch(11)
+    x, y, key = batch["image"], batch["label"], jax.random.PRNGKey(3)
+    got, _ = method.loss_fn(state.params, state, batch, key, ctx)
+    x_adv, _ = train_attack(ctx, state.params, state.batch_stats, x, y, key, loss=loss,
+                            init=init)
+    want = faal.faal_from_adv(ctx, state.params, state.batch_stats, x, y, x_adv)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- validation
