@@ -435,10 +435,10 @@ class _SplitEvaluator:
                             key), np.asarray(self.labels)
 
 
-def test_wat_validation_cost_is_eval_bn_trades_cost_per_class():
-    """With eps 0 the TRADES attack cannot move: cost = CE of the eval-BN clean logits, class
-    means then the overall mean."""
-    ctx = make_ctx("wat", eps=0.0)
+def _wat_costs_and_clean_ce(eps: float):
+    """WAT's validation costs on 30 random images, and each class's (then the overall) mean CE
+    of the eval-BN clean logits."""
+    ctx = make_ctx("wat", eps=eps)
     state = trained_state(ctx, "wat")
     rng = np.random.default_rng(9)
     images = rng.integers(0, 256, (30, 4, 4, 1)).astype(np.uint8)
@@ -448,25 +448,21 @@ def test_wat_validation_cost_is_eval_bn_trades_cost_per_class():
     logits = ctx.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                              jnp.asarray(images, jnp.float32) / 255.0, train=False)
     per_ex = np_ce(np.asarray(logits), labels)
-    want = [per_ex[labels == c].mean() for c in range(K)] + [per_ex.mean()]
-    np.testing.assert_allclose(cost, want, rtol=1e-5)
+    return np.asarray(cost), [per_ex[labels == c].mean() for c in range(K)] + [per_ex.mean()]
+
+
+def test_wat_validation_cost_is_eval_bn_trades_cost_per_class():
+    """With eps 0 the TRADES attack cannot move: cost = CE of the eval-BN clean logits, class
+    means then the overall mean."""
+    cost, clean_ce = _wat_costs_and_clean_ce(eps=0.0)
+    np.testing.assert_allclose(cost, clean_ce, rtol=1e-5)
 
 
 def test_wat_validation_cost_includes_the_kl_term_when_the_attack_moves():
     """With eps 0.3 the TRADES attack moves, and every class's cost (CE + beta KL) exceeds its
     clean eval-BN CE."""
-    ctx = make_ctx("wat", eps=0.3)
-    state = trained_state(ctx, "wat")
-    rng = np.random.default_rng(9)
-    images = rng.integers(0, 256, (30, 4, 4, 1)).astype(np.uint8)
-    labels = (np.arange(30) % K).astype(np.int32)
-    evaluator = _SplitEvaluator(images, labels, make_mesh(jax.devices()[:1]))
-    cost = wat.measure_validation_cost(state, ctx, evaluator, epoch=1)
-    logits = ctx.model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                             jnp.asarray(images, jnp.float32) / 255.0, train=False)
-    per_ex = np_ce(np.asarray(logits), labels)
-    clean = [per_ex[labels == c].mean() for c in range(K)] + [per_ex.mean()]
-    assert np.all(np.asarray(cost) - clean > 1e-6), (cost, clean)
+    cost, clean_ce = _wat_costs_and_clean_ce(eps=0.3)
+    assert np.all(cost - clean_ce > 1e-6), (cost, clean_ce)
 
 
 def test_wat_loss_uses_the_hedge_weights():
