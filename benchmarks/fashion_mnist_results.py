@@ -127,7 +127,7 @@ def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, fin
                  planned: int, where: str, carried: list[str], plot: str | None = None) -> str:
     """Every table of a suite with its captions, ending with the command that reproduces it."""
     aa = autoattack_markdown(rows)
-    plain = "\n".join(verdicts(rows))
+    plain = "\n".join(verdicts(rows, "last") + verdicts(rows, "best"))
     per_class = per_class_markdown(rows) if suite.startswith("noisy") else ""
     routing = routing_markdown(per_seed)
     diagnosis = diagnosis_markdown(rows)
@@ -135,8 +135,9 @@ def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, fin
             + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
                f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
                f"of the four numbers):\n\n{aa}\n\n" if aa else "")
-            + (f"In plain words (last checkpoints; AutoAttack worst class against PGD-AT's; the "
-               f"seed spread is the larger max - min of the two):\n\n{plain}\n\n"
+            + (f"In plain words (last checkpoints, then those selected on validation, each "
+               f"against PGD-AT's of the same kind; AutoAttack worst class; the seed spread is "
+               f"the larger max - min of the two):\n\n{plain}\n\n"
                if plain else "")
             + (f"![AutoAttack worst class against training wall time]({plot})\n\n"
                if plot else "")

@@ -203,7 +203,8 @@ def verdicts(rows: list[dict], checkpoint: str = "last", baseline: str = "pgd_at
         wall = _mean([r["train_seconds"] for r in mine]) / base_seconds
         ledger = _mean([r["cost_vs_pgd_at"] for r in mine]) / _mean(
             [r["cost_vs_pgd_at"] for r in base])
-        lines.append(f"- **{name}** ({checkpoint} checkpoint): AutoAttack worst class "
+        label = "last checkpoint" if checkpoint == "last" else "checkpoint selected on validation"
+        lines.append(f"- **{name}** ({label}): AutoAttack worst class "
                      f"{gain:+.1f} points against {baseline}, {judged}; AutoAttack average "
                      f"{avg:+.1f} points; training passes {ledger:.2f}x and wall time "
                      f"{wall:.2f}x {baseline}'s.")

@@ -283,6 +283,22 @@ def test_verdicts_judge_the_worst_class_gain_against_the_seed_spread():
     assert "+14.0 points against pgd_at, beyond the seed spread of 4.0" in lines["mart"]
     assert "1 seed against 2: no seed spread to judge it by yet" in lines["cfa"]
     assert tables.verdicts([_attacked("ham", 0, 0.6, 0.3, 1)]) == []  # no baseline, no verdict
+    assert "(last checkpoint)" in lines["ham"]
+
+
+def test_verdicts_of_selected_checkpoints_compare_them_with_the_baselines_selected_one():
+    def selected(row, avg, worst):
+        row["autoattack"]["best"] = dict(row["autoattack"]["last"], robust_avg=avg,
+                                         robust_worst=worst)
+        return row
+
+    rows = [selected(_attacked("pgd_at", 0, 0.70, 0.30, 100), 0.72, 0.31),
+            selected(_attacked("ham", 0, 0.62, 0.20, 60), 0.65, 0.29),
+            _attacked("mart", 0, 0.69, 0.45, 120)]  # selected checkpoint not attacked yet
+    (line,) = tables.verdicts(rows, "best")
+    assert line.startswith("- **ham** (checkpoint selected on validation): AutoAttack worst "
+                           "class -2.0 points against pgd_at")
+    assert "AutoAttack average -7.0 points" in line
 
 
 def test_frontier_plot_has_a_point_per_attacked_run(tmp_path):
