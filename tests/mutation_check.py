@@ -5,7 +5,7 @@ with it must fail. Prints one JSON line per mutant and a summary; exits 1 if any
     python tests/mutation_check.py [--only ID ...]
 
 Runs in a copy of the repository (the working tree is never edited), one pytest at a time
-(about 15-60 s each on 2 CPU cores; the whole list takes 15-30 minutes), so it is a
+(about 5-110 s each on 2 CPU cores; the whole list takes about an hour), so it is a
 maintainer's check, not part of CI. `tests/test_mutants_list.py` (in CI) keeps the list applicable
 as the code changes.
 """

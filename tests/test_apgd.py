@@ -312,3 +312,22 @@ def test_runs_are_skipped_once_everything_is_fooled():
     assert np.asarray(info.success).all()
     np.testing.assert_array_equal(np.asarray(x_adv), np.asarray(x))
     assert not np.asarray(info.trace["step_size"]).any()  # no run executed
+
+
+def test_start_lies_on_the_linf_sphere():
+    """The reference starts at x + eps u / ||u||_inf: on the sphere (one pixel at distance eps
+    exactly), not anywhere inside the ball."""
+    x = jnp.full((8, 4, 4, 1), 0.5, jnp.float32)
+    eps = jnp.linspace(0.01, 0.4, 8)
+    x0 = apgd_start(jax.random.PRNGKey(2), x, eps, "linf")
+    dist = np.abs(np.asarray(x0 - x)).reshape(8, -1).max(-1)
+    np.testing.assert_allclose(dist, np.asarray(eps), rtol=1e-5)
+
+
+def test_targeted_dlr_matches_hand_computation():
+    """APGD-T's loss -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), z sorted descending."""
+    logits = jnp.asarray([[4.0, 1.0, 3.0, 0.0, -2.0], [0.5, 2.0, -1.0, 1.0, 3.0]], jnp.float32)
+    y, t = jnp.asarray([0, 4]), jnp.asarray([2, 1])
+    got = per_example_loss("dlr_targeted", logits, y, target=t)
+    # row 0: sorted 4, 3, 1, 0 -> -(4 - 3) / (4 - 0.5); row 1: 3, 2, 1, 0.5 -> -(3 - 2) / 2.25
+    np.testing.assert_allclose(got, [-1.0 / 3.5, -1.0 / 2.25], rtol=1e-6)

@@ -219,3 +219,17 @@ def test_random_start_lies_in_ball(norm):
         start = random_init(jax.random.PRNGKey(0), x, eps.reshape(-1, 1, 1, 1), norm, init)
         assert np.all(_size(np.asarray(start - x), norm) <= np.asarray(eps) + 1e-6)
         assert float(start.min()) >= 0.0 and float(start.max()) <= 1.0
+
+
+def test_uniform_start_spans_the_linf_ball_and_pgd_starts_there():
+    """Madry's start is x + U(-eps, eps) per pixel, the whole ball (away from the box faces
+    nothing is clipped: std eps / sqrt(3)), and pgd's iterates begin at it (0 steps return it)."""
+    x = jnp.full((64, 4, 4, 1), 0.5, jnp.float32)
+    y = jnp.zeros((64,), jnp.int32)
+    eps, key = 0.1, jax.random.PRNGKey(4)
+    start = np.asarray(random_init(key, x, jnp.float32(eps), "linf", "uniform")) - 0.5
+    assert start.max() > 0.98 * eps and start.min() < -0.98 * eps
+    np.testing.assert_allclose(start.std(), eps / np.sqrt(3.0), rtol=0.05)
+    assert abs(start.mean()) < 0.05 * eps
+    x_adv, _ = pgd(linear(W3), x, y, key, eps=eps, step_size=0.01, steps=0)
+    np.testing.assert_allclose(np.asarray(x_adv) - 0.5, start, atol=1e-7)

@@ -243,6 +243,8 @@ def test_adversary_and_anti_adversary_in_their_own_bounds():
     big = np.asarray(mult[y]) > 1.4
     dist_adv = np.max(np.abs(np.asarray(x_adv - x)).reshape(B, -1), axis=1)
     assert np.all(dist_adv[big] > BASE_EPS + 1e-3)
+    dist_anti = np.max(np.abs(np.asarray(x_anti - x)).reshape(B, -1), axis=1)
+    assert np.all(dist_anti[big] > BASE_EPS + 1e-3)  # the anti-adversary's bound is eps_i too
 
     def logits(z):
         return forward(ctx, state.params, state.batch_stats, z, bn_mode="eval")[0]
@@ -314,6 +316,87 @@ def test_adv_weight_floor_keeps_robust_terms_for_anti_routed_examples():
     ctx0 = make_ctx()
     _, aux0 = caat.caat_loss(state.params, state, batch, jax.random.PRNGKey(0), ctx0)
     assert float(aux0["metrics"]["adv_part"]) == 0.0
+    # all routed to the anti-adversary: the loss is the batch mean of its CE
+    np.testing.assert_allclose(aux0["metrics"]["anti_part"], aux0["metrics"]["ce_anti"],
+                               rtol=1e-6)
+
+
+def test_gates_lift_alpha_by_the_floor_and_leave_beta():
+    """alpha_eff = f + (1 - f) alpha: an adversary-routed example keeps weight 1, an
+    anti-routed one gets f, beta is untouched (hand-computed at f = 0.25)."""
+    weights = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.6, 0.4]], jnp.float32)
+    alpha, beta = caat_objective.gates(weights, 0.25)
+    np.testing.assert_allclose(alpha, [1.0, 0.25, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(beta, [0.0, 1.0, 0.4], rtol=1e-6)
+    alpha0, beta0 = caat_objective.gates(weights, 0.0)
+    np.testing.assert_allclose(alpha0, [1.0, 0.0, 0.6])
+    np.testing.assert_allclose(beta0, [0.0, 1.0, 0.4])
+
+
+def test_meta_update_is_one_adam_descent_step_on_the_meta_batch_loss():
+    """meta_update against the spec written out: perturbations of the training batch against
+    W, the virtual step at this step's lr (a schedule that moves), the meta batch's (not the
+    training batch's) composite loss with its perturbations made against W_hat, and a first
+    torch-Adam step (L2 decay added to the gradient) that descends it."""
+    ctx = make_ctx(temperature=1.0, smooth=True)
+    config = ctx.config.as_configdict()
+    config.attack.steps = 1  # one attack step each: the test is about the meta step
+    ctx = dataclasses.replace(ctx, config=ml_collections.FrozenConfigDict(config),
+                              lr_fn=lambda step: 0.5 + 0.25 * step)
+    state = make_state(ctx).replace(step=jnp.int32(2))
+    batch = {k: jnp.asarray(v) for k, v in make_batch(4).items()}
+    rng = jax.random.PRNGKey(3)
+    new = jax.jit(lambda s, b, r: caat_meta.meta_update(s, b, r, ctx))(state, batch, rng)
+
+    ms, mcfg = state.method_state, ctx.config.method
+    train_key, meta_key = jax.random.split(rng)
+    x, y, xm, ym = batch["image"], batch["label"], batch["meta_image"], batch["meta_label"]
+    mult = class_parameters(ms["lambdas"], mcfg)[2]
+    train_inputs = (x, y, *caat_objective.perturbations(ctx, state.params, state.batch_stats,
+                                                        x, y, BASE_EPS * mult[y], train_key))
+
+    def objective(meta_params):
+        w_hat = caat_meta.virtual_model(ctx, state, meta_params, train_inputs, 0.5 + 0.25 * 2)
+        pert = caat_objective.perturbations(ctx, w_hat, state.batch_stats, xm, ym,
+                                            BASE_EPS * mult[ym], meta_key)
+        return caat_meta.meta_objective(w_hat, ctx, state.batch_stats, (xm, ym, *pert),
+                                        ms["lambdas"])
+
+    loss, grad = jax.jit(jax.value_and_grad(objective))(ms["meta_params"])
+    np.testing.assert_allclose(new["meta_loss"], loss, rtol=1e-5)
+    assert int(new["meta_updates"]) == int(ms["meta_updates"]) + 1
+    # Adam's first step from a fresh state: m_hat = g', v_hat = g'^2, g' = g + wd * Omega.
+    lr, wd = float(mcfg.meta_lr), float(mcfg.meta_weight_decay)
+
+    def adam_first_step(p, g):
+        g = np.asarray(g, np.float64) + wd * np.asarray(p, np.float64)
+        return np.asarray(p, np.float64) - lr * g / (np.abs(g) + 1e-8)
+
+    expected = jax.tree.map(adam_first_step, ms["meta_params"], grad)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=2e-7),
+                 new["meta_params"], expected)
+    moved = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(new["meta_params"]), jax.tree.leaves(ms["meta_params"]), strict=True))
+    assert moved > 0
+
+
+def test_real_step_routes_with_the_meta_nets_batch_statistics():
+    """The official meta-net is never put in eval mode: with meta_bn="batch" the real step's
+    weights standardise the features with this batch's statistics, not the running ones."""
+    ctx = make_ctx(temperature=1.0)
+    state = make_state(ctx)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(3).items()}
+    _, aux = caat.caat_loss(state.params, state, batch, jax.random.PRNGKey(0), ctx)
+    ms = state.method_state
+    clean_logits = forward(ctx, state.params, state.batch_stats, batch["image"],
+                           bn_mode="train")[0]
+    feats = caat_router.meta_features(clean_logits, batch["label"], ms["class_loss_last"],
+                                      caat_router.class_proportion(ctx))
+    net = caat_router.make_meta_net(ctx.config.method)
+    weights = net.apply({"params": ms["meta_params"], "batch_stats": ms["meta_stats"]}, feats,
+                        use_running_average=False, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(aux["metrics"]["alpha_mean"], jnp.mean(weights[:, 0]),
+                               rtol=1e-5)
 
 
 # ---------------------------------------------------------------------- the jitted step

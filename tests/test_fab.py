@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
+from hamjax.attacks import rng
 from hamjax.attacks.fab_attack import fab, fab_targeted, projection_linf
 
 B, H, W, C, K = 6, 4, 4, 1, 4
@@ -98,6 +99,86 @@ def test_per_example_eps():
     np.testing.assert_array_equal(np.asarray(robust), np.arange(B) % 2 == 1)
     changed = np.any(np.asarray(x_adv) != np.asarray(x), axis=(1, 2, 3))
     np.testing.assert_array_equal(changed, np.arange(B) % 2 == 0)
+
+
+def test_an_adversarial_exactly_at_eps_breaks_the_example():
+    """Broken means a minimal norm <= eps (the reference's test): with eps set to the very
+    norm FAB finds (eps = 0 gives it), every example counts as broken."""
+    x, y, _, _ = _linear_problem()
+    attack = _attack(True)
+    _, _, info = attack(x, y, jax.random.key(0), jnp.zeros(B, jnp.float32))
+    _, robust, _ = attack(x, y, jax.random.key(0), info.norm)
+    assert not np.asarray(robust).any()
+
+
+def test_two_steps_match_the_reference_update():
+    """Two FAB steps written out (targeted, linear model): project the iterate and the clean
+    point onto the linearised boundary, step to their convex combination with
+    alpha = min(a1 / (a1 + a2), alpha_max), a1 the iterate's distance (so a near-boundary
+    iterate moves mostly on its own), keep the smallest adversarial, pull back by beta."""
+    x, y, weights, _ = _linear_problem()
+    logits_fn = _linear_logits(weights)
+    _, _, info = jax.jit(lambda x, y: fab_targeted(
+        logits_fn, x, y, jax.random.key(0), eps=0.0, n_target_classes=1, steps=2,
+        return_info=True))(x, y)
+    x0 = np.asarray(x).reshape(B, -1)
+    z = x0 @ weights
+    t = np.argsort(z, -1)[:, -2]  # the run's target: the second-highest clean logit
+    y = np.asarray(y)
+    w = (weights[:, t] - weights[:, y]).T  # gradient of z_t - z_y
+    x1, best = x0.copy(), np.full(B, np.inf)
+    for _ in range(2):
+        b = np.zeros(B, np.float32)  # w.x1 - (z_t - z_y)(x1): the boundary through 0
+        d = np.asarray(_projection(np.concatenate([x1, x0]), np.concatenate([w, w]),
+                                   np.concatenate([b, b])))
+        a = np.maximum(np.abs(d).max(-1), 1e-8)
+        alpha = np.clip(a[:B] / (a[:B] + a[B:]), 0.0, 0.1)[:, None]
+        x_new = np.clip((x1 + 1.05 * d[:B]) * (1 - alpha) + (x0 + 1.05 * d[B:]) * alpha, 0, 1)
+        adv = np.argmax(x_new @ weights, -1) != y
+        norm = np.abs(x_new - x0).max(-1)
+        best = np.where(adv & (norm < best), norm, best)
+        x1 = np.where(adv[:, None], x0 + (x_new - x0) * 0.9, x_new)
+    assert np.all(np.isfinite(best))
+    np.testing.assert_allclose(np.asarray(info.norm), best, rtol=1e-5)
+
+
+def test_a_restart_starts_at_half_eps_from_the_clean_point():
+    """Restarts after the first start at x + (eps / 2) u / ||u||_inf (the reference's
+    `0.5 * eps`). The model is flat at x, so the first run (from x) finds nothing close and
+    the minimal norm is the restart's: two steps written out from that start give it."""
+    x = jnp.asarray(np.random.default_rng(0).uniform(0.4, 0.6, (4, 4, 4, 1)), jnp.float32)
+    x0 = np.asarray(x).reshape(4, -1)
+
+    def logit_gap(z):  # z_1 - z_0: class 1 wins once ||z - x||_2^2 > 0.01; zero gradient at x
+        return 10.0 * jnp.sum(jnp.square(z.reshape(4, -1) - x0), -1) - 0.1
+
+    def logits_fn(z):
+        gap = logit_gap(z)
+        return jnp.stack([jnp.zeros_like(gap), gap], -1)
+
+    y, eps, key = jnp.zeros((4,), jnp.int32), 0.2, jax.random.key(0)
+    norms = [np.asarray(fab_targeted(logits_fn, x, y, key, eps=eps, n_target_classes=1, steps=2,
+                                     n_restarts=n, return_info=True)[2].norm) for n in (1, 2)]
+    # run 1's start, drawn as the attack draws it (fold_in(key, run), uniform in [-1, 1])
+    u = np.asarray(rng.batch_draw(jax.random.uniform, rng.fold_in(key, 1), x0.shape,
+                                  jnp.float32, minval=-1.0, maxval=1.0))
+    x1 = np.clip(x0 + 0.5 * eps * u / np.abs(u).max(-1, keepdims=True), 0, 1)
+    best = np.full(4, np.inf)
+    for _ in range(2):
+        gap = np.asarray(logit_gap(jnp.asarray(x1)))
+        w = np.asarray(jax.grad(lambda z: jnp.sum(logit_gap(z)))(jnp.asarray(x1)))
+        b = np.sum(w * x1, -1) - gap
+        d = np.asarray(_projection(np.concatenate([x1, x0]), np.concatenate([w, w]),
+                                   np.concatenate([b, b])))
+        a = np.maximum(np.abs(d).max(-1), 1e-8)
+        alpha = np.clip(a[:4] / (a[:4] + a[4:]), 0.0, 0.1)[:, None]
+        x_new = np.clip((x1 + 1.05 * d[:4]) * (1 - alpha) + (x0 + 1.05 * d[4:]) * alpha, 0, 1)
+        adv = np.asarray(logit_gap(jnp.asarray(x_new))) > 0
+        norm = np.abs(x_new - x0).max(-1)
+        best = np.where(adv & (norm < best), norm, best)
+        x1 = np.where(adv[:, None], x0 + (x_new - x0) * 0.9, x_new)
+    assert np.all(best < norms[0])  # the restart, not the run from x, gives the minimum
+    np.testing.assert_allclose(norms[1], best, rtol=1e-4)
 
 
 def test_misclassified_untouched_and_box_binds():

@@ -174,6 +174,22 @@ def test_epoch_end_refits_on_val(name):
     assert len(summary["w0"]) == C and len(summary["eps_multiplier"]) == C
 
 
+def test_epoch_end_uses_the_rate_of_the_epoch_it_precedes():
+    """After `completed` epochs the update is the one before (1-based) epoch completed + 1, so
+    with rate1 halved every 3 epochs the update after 2 epochs already uses rate1 / 2."""
+    ctx = make_ctx("frl_rw", rate1_halve_every=3)
+    method = get_method("frl_rw")
+    state = create_train_state(ctx, method, seed=0)
+    state = state.replace(step=jnp.asarray(2 * ctx.steps_per_epoch, jnp.int32))
+    clean_acc, robust_acc = np.array([0.9, 0.8, 0.5, 0.7]), np.array([0.5, 0.3, 0.1, 0.4])
+    evaluator, _ = fake_evaluator(clean_acc, robust_acc)
+    new = method.epoch_end(state, ctx, evaluator)
+    expected = np_update((np.zeros(C),) * 3, 1 - clean_acc, clean_acc - robust_acc, 0.07, 0.07,
+                         0.05 / 2, 0.2, 0.5, frl.VARIANTS["frl_rw"])
+    np.testing.assert_allclose(new.method_state["lambdas"]["lambda0"], expected[0], rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_train_step_uses_class_bounds():
     ctx = make_ctx("frl_rwrm")
     method = get_method("frl_rwrm")

@@ -410,6 +410,8 @@ def test_warmup_is_pgd_at(state):
     close(a.opt_state, b.opt_state)
     assert float(a.ledger.forward) == float(b.ledger.forward) == (K + 1) * B
     assert float(a.ledger.backward) == float(b.ledger.backward) == (K + 1) * B
+    # Nothing is mined in warm-up: the per-class hard record stays empty (None per class).
+    assert float(jnp.sum(a.method_state["mined"])) == float(jnp.sum(a.method_state["hard"])) == 0
 
 
 # ---------------------------------------------------------------------------------------------

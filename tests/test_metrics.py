@@ -183,3 +183,11 @@ def test_ledger():
     assert float(total.total()) == 528.0
     assert total.forward.dtype == jnp.float32
     assert len(jax.tree.leaves(total)) == 2  # a pytree: lives in TrainState
+
+
+def test_ledger_keeps_forward_and_backward_apart():
+    """Unequal counts (a final-eval forward has no backward): adding and totalling must not mix
+    the two columns, which equal counts would hide."""
+    a = Ledger.of(forward=5, backward=3) + Ledger.of(forward=7, backward=2)
+    assert float(a.forward) == 12.0 and float(a.backward) == 5.0
+    assert float(a.total()) == 17.0

@@ -16,7 +16,8 @@ def test_ids_are_unique_and_every_method_with_a_reference_is_mutated():
     ids = [m["id"] for m in MUTANTS]
     assert len(ids) == len(set(ids))
     prefixes = {i.split("-")[0] for i in ids}
-    assert {"mart", "awp", "trades", "cfa", "dafa", "wat", "faal", "ema"} <= prefixes
+    assert {"mart", "awp", "trades", "cfa", "dafa", "wat", "faal", "ema", "ham", "caat", "frl",
+            "gairat", "fat", "pgdat", "pgd", "apgd", "square", "fab", "ledger"} <= prefixes
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m["id"])

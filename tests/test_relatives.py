@@ -167,6 +167,24 @@ def test_fat_train_step_counts_executed_passes():
     assert float(new.ledger.forward) == float(new.ledger.backward) == (K + 1) * B
 
 
+def test_fat_loss_is_train_mode_ce_on_the_friendly_examples():
+    """FAT's loss: mean CE of the model with BatchNorm in train mode (batch statistics, running
+    ones updated) at the early-stopped examples, as the reference trains."""
+    ctx = make_ctx(method_config("fat", tau=1))
+    state = _stepped(ctx, 0)
+    batch, rng = marker_batch(np.arange(B) % 2 == 0, seed=7), jax.random.PRNGKey(8)
+    x, y = batch["image"], batch["label"]
+    loss, aux = jax.jit(lambda st: get_method("fat").loss_fn(st.params, st, batch, rng, ctx))(
+        state)
+    x_fat, _ = fat_adversary(ctx, state.params, state.batch_stats, x, y, rng)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits, new = ctx.model.apply(variables, x_fat, train=True, mutable=["batch_stats"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    np.testing.assert_allclose(float(loss), float(jnp.mean(ce)), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 aux["batch_stats"], new["batch_stats"])
+
+
 @pytest.mark.parametrize(
     "method, field, value",
     [("gairat", "gair_lambda", "x"), ("gairat", "begin_epoch", -1), ("fat", "tau", -1),

@@ -119,3 +119,25 @@ def test_bad_arguments():
         square(lambda z: z.reshape(1, -1), x, y, jax.random.key(0), eps=0.1, norm="l2")
     with pytest.raises(ValueError, match="loss"):
         square(lambda z: z.reshape(1, -1), x, y, jax.random.key(0), eps=0.1, loss="dlr")
+
+
+
+def test_a_query_that_fools_is_kept_even_if_the_loss_got_worse():
+    """The reference keeps a query where the loss improved *or* the example is now
+    misclassified. The model is misclassified, with a lower CE than at the start, exactly where
+    one pixel of the one-column image left the stripe's sign (x itself is classified right):
+    with loss="ce" the second rule alone catches it."""
+    x = jnp.full((2, 4, 1, 1), 0.5, jnp.float32)
+    y = jnp.zeros((2,), jnp.int32)
+
+    def logits_fn(z):
+        t = jnp.abs(jnp.mean((z - 0.5) / 0.1, axis=(1, 2, 3)))
+        right = (t > 0.999) | (t < 1e-3)  # at x, or every pixel still on the start's side
+        return jnp.where(right[:, None], jnp.asarray([0.0, -0.1, -0.1]),
+                         jnp.asarray([0.0, 0.1, -10.0]))
+
+    x_adv, robust = square(logits_fn, x, y, jax.random.PRNGKey(0), eps=0.1, n_queries=50,
+                           loss="ce")
+    assert not np.asarray(robust).any()
+    # every pixel on a vertex of the ball: a flip moves a pixel by 2 eps, from -eps to +eps
+    np.testing.assert_allclose(np.abs(np.asarray(x_adv - x)), 0.1, rtol=1e-5)
