@@ -60,15 +60,20 @@ def test_warmed_up_decay():
         [1 / 10, 2 / 11, 11 / 20, 0.995], rtol=1e-6)
 
 
+def _with_ema(ctx, decay: float):
+    """The step context with `train.ema_decay` set (its config is frozen)."""
+    config = ml_collections.ConfigDict(ctx.config.to_dict())
+    config.train.ema_decay = decay
+    return dataclasses.replace(ctx, config=ml_collections.FrozenConfigDict(config))
+
+
 def test_ema_in_the_train_step_matches_numpy():
     """Three jitted steps: avg starts at the initial weights, avg <- d avg + (1 - d) params with
     d = min(tau, (1 + t) / (10 + t)) after step t; the online weights are those of a run without
     averaging."""
     method = get_method("pgd_at")
     ctx = make_ctx("pgd_at")
-    config = ml_collections.ConfigDict(ctx.config.to_dict())
-    config.train.ema_decay = 0.995
-    ctx_ema = dataclasses.replace(ctx, config=ml_collections.FrozenConfigDict(config))
+    ctx_ema = _with_ema(ctx, 0.995)
     plain, state = (create_train_state(c, method, seed=0) for c in (ctx, ctx_ema))
     assert plain.averaged == {}
     step_plain = jax.jit(make_train_step(ctx, method))
@@ -95,9 +100,7 @@ def test_a_step_that_applies_no_update_averages_the_unchanged_weights():
     finite (here: equal to the initial weights)."""
     method = get_method("pgd_at")
     ctx = make_ctx("pgd_at")
-    config = ml_collections.ConfigDict(ctx.config.to_dict())
-    config.train.ema_decay = 0.995
-    ctx = dataclasses.replace(ctx, config=ml_collections.FrozenConfigDict(config))
+    ctx = _with_ema(ctx, 0.995)
     state = create_train_state(ctx, method, seed=0)
     batch = make_batch(0)
     batch["image"][0, 0, 0, 0] = np.nan

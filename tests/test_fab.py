@@ -111,11 +111,30 @@ def test_an_adversarial_exactly_at_eps_breaks_the_example():
     assert not np.asarray(robust).any()
 
 
+def _reference_steps(x0, x1, linearise, is_adversarial, steps: int = 2):
+    """FAB's steps written out from the iterate x1 (the reference's update): project the
+    iterate and the clean point x0 onto the boundary linearised at x1 (w.z = b), step to their
+    convex combination with alpha = min(a1 / (a1 + a2), alpha_max = 0.1), a1 the iterate's
+    distance (so a near-boundary iterate moves mostly on its own), overshoot 1.05, keep the
+    smallest adversarial L_inf norm, pull an adversarial iterate back by beta = 0.9."""
+    n = len(x0)
+    best = np.full(n, np.inf)
+    for _ in range(steps):
+        w, b = linearise(x1)
+        d = np.asarray(_projection(np.concatenate([x1, x0]), np.concatenate([w, w]),
+                                   np.concatenate([b, b])))
+        a = np.maximum(np.abs(d).max(-1), 1e-8)
+        alpha = np.clip(a[:n] / (a[:n] + a[n:]), 0.0, 0.1)[:, None]
+        x_new = np.clip((x1 + 1.05 * d[:n]) * (1 - alpha) + (x0 + 1.05 * d[n:]) * alpha, 0, 1)
+        adv = is_adversarial(x_new)
+        norm = np.abs(x_new - x0).max(-1)
+        best = np.where(adv & (norm < best), norm, best)
+        x1 = np.where(adv[:, None], x0 + (x_new - x0) * 0.9, x_new)
+    return best
+
+
 def test_two_steps_match_the_reference_update():
-    """Two FAB steps written out (targeted, linear model): project the iterate and the clean
-    point onto the linearised boundary, step to their convex combination with
-    alpha = min(a1 / (a1 + a2), alpha_max), a1 the iterate's distance (so a near-boundary
-    iterate moves mostly on its own), keep the smallest adversarial, pull back by beta."""
+    """Two FAB steps (targeted, linear model) equal the reference's update written out."""
     x, y, weights, _ = _linear_problem()
     logits_fn = _linear_logits(weights)
     _, _, info = jax.jit(lambda x, y: fab_targeted(
@@ -126,18 +145,9 @@ def test_two_steps_match_the_reference_update():
     t = np.argsort(z, -1)[:, -2]  # the run's target: the second-highest clean logit
     y = np.asarray(y)
     w = (weights[:, t] - weights[:, y]).T  # gradient of z_t - z_y
-    x1, best = x0.copy(), np.full(B, np.inf)
-    for _ in range(2):
-        b = np.zeros(B, np.float32)  # w.x1 - (z_t - z_y)(x1): the boundary through 0
-        d = np.asarray(_projection(np.concatenate([x1, x0]), np.concatenate([w, w]),
-                                   np.concatenate([b, b])))
-        a = np.maximum(np.abs(d).max(-1), 1e-8)
-        alpha = np.clip(a[:B] / (a[:B] + a[B:]), 0.0, 0.1)[:, None]
-        x_new = np.clip((x1 + 1.05 * d[:B]) * (1 - alpha) + (x0 + 1.05 * d[B:]) * alpha, 0, 1)
-        adv = np.argmax(x_new @ weights, -1) != y
-        norm = np.abs(x_new - x0).max(-1)
-        best = np.where(adv & (norm < best), norm, best)
-        x1 = np.where(adv[:, None], x0 + (x_new - x0) * 0.9, x_new)
+    # b = w.x1 - (z_t - z_y)(x1) = 0: the linear boundary passes through the origin
+    best = _reference_steps(x0, x0.copy(), lambda x1: (w, np.zeros(B, np.float32)),
+                            lambda z: np.argmax(z @ weights, -1) != y)
     assert np.all(np.isfinite(best))
     np.testing.assert_allclose(np.asarray(info.norm), best, rtol=1e-5)
 
@@ -163,20 +173,13 @@ def test_a_restart_starts_at_half_eps_from_the_clean_point():
     u = np.asarray(rng.batch_draw(jax.random.uniform, rng.fold_in(key, 1), x0.shape,
                                   jnp.float32, minval=-1.0, maxval=1.0))
     x1 = np.clip(x0 + 0.5 * eps * u / np.abs(u).max(-1, keepdims=True), 0, 1)
-    best = np.full(4, np.inf)
-    for _ in range(2):
-        gap = np.asarray(logit_gap(jnp.asarray(x1)))
-        w = np.asarray(jax.grad(lambda z: jnp.sum(logit_gap(z)))(jnp.asarray(x1)))
-        b = np.sum(w * x1, -1) - gap
-        d = np.asarray(_projection(np.concatenate([x1, x0]), np.concatenate([w, w]),
-                                   np.concatenate([b, b])))
-        a = np.maximum(np.abs(d).max(-1), 1e-8)
-        alpha = np.clip(a[:4] / (a[:4] + a[4:]), 0.0, 0.1)[:, None]
-        x_new = np.clip((x1 + 1.05 * d[:4]) * (1 - alpha) + (x0 + 1.05 * d[4:]) * alpha, 0, 1)
-        adv = np.asarray(logit_gap(jnp.asarray(x_new))) > 0
-        norm = np.abs(x_new - x0).max(-1)
-        best = np.where(adv & (norm < best), norm, best)
-        x1 = np.where(adv[:, None], x0 + (x_new - x0) * 0.9, x_new)
+
+    def linearise(z):
+        w = np.asarray(jax.grad(lambda v: jnp.sum(logit_gap(v)))(jnp.asarray(z)))
+        return w, np.sum(w * z, -1) - np.asarray(logit_gap(jnp.asarray(z)))
+
+    best = _reference_steps(x0, x1, linearise,
+                            lambda z: np.asarray(logit_gap(jnp.asarray(z))) > 0)
     assert np.all(best < norms[0])  # the restart, not the run from x, gives the minimum
     np.testing.assert_allclose(norms[1], best, rtol=1e-4)
 

@@ -121,7 +121,6 @@ def test_bad_arguments():
         square(lambda z: z.reshape(1, -1), x, y, jax.random.key(0), eps=0.1, loss="dlr")
 
 
-
 def test_a_query_that_fools_is_kept_even_if_the_loss_got_worse():
     """The reference keeps a query where the loss improved *or* the example is now
     misclassified. The model is misclassified, with a lower CE than at the start, exactly where
