@@ -67,6 +67,7 @@ from fashion_mnist_results import (
     write_results,
 )
 from fashion_mnist_suites import build_config, is_shipped, suite_runs, workdir_of
+from quiet_wall import priced_row, read_step_times
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,20 @@ def make_parser() -> argparse.ArgumentParser:
                         help="with --report_only: what trained the workdirs under --root, and "
                              "on what (a command and a machine); replaces this machine in the "
                              "JSON and the caption")
+    parser.add_argument("--step_times", default=None,
+                        help="suite_step_times.py's JSON, to price every run's epochs into a "
+                             "quiet-machine wall time (default: benchmarks/results/"
+                             "fashion_mnist_step_times.json, unless --trained_elsewhere: steps "
+                             "timed here do not price another machine's runs; '' for none)")
     return parser
+
+
+def step_times_path(args: argparse.Namespace) -> str:
+    """The step-times JSON that prices this invocation's runs ('' for none)."""
+    if args.step_times is not None:
+        return args.step_times
+    return "" if args.trained_elsewhere else os.path.join(
+        REPO, "benchmarks", "results", "fashion_mnist_step_times.json")
 
 
 # Options that shape no run or table: where the workdirs are is given as a placeholder instead.
@@ -254,16 +268,23 @@ def main() -> None:
         reports += list(pool.map(train, jobs[firsts:]))
     rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)
             if r is not None]
+    step_json = read_step_times(step_times_path(args)) if is_shipped(args.suite) else {}
+    step_times = step_json.get("runs", {})
     for i, r in enumerate(rows):
         spec = runs[r["run"]]
+        own_report = reports[jobs.index((r["run"], r["seed"]))]
+        start = None
         if spec.get("cost_includes_start"):
-            start_suite, start = (spec["init_from"] if isinstance(spec["init_from"], tuple)
-                                  else (args.suite, spec["init_from"]))
-            start_report = run_one(start_suite, start, args.epochs, args.train_size, args.root,
-                                   r["seed"], train=False)
-            own_report = reports[jobs.index((r["run"], r["seed"]))]
+            start_suite, start_name = (spec["init_from"] if isinstance(spec["init_from"], tuple)
+                                       else (args.suite, spec["init_from"]))
+            start_report = run_one(start_suite, start_name, args.epochs, args.train_size,
+                                   args.root, r["seed"], train=False)
             if start_report is not None:
-                rows[i] = with_start_cost(r, own_report, start_report, f"{start_suite}/{start}")
+                key = f"{start_suite}/{start_name}"
+                r = rows[i] = with_start_cost(r, own_report, start_report, key)
+                start = (start_report, step_times.get(key))
+        own_key = f"{spec.get('from_suite', args.suite)}/{r['run']}"
+        rows[i] = priced_row(r, own_report, step_times.get(own_key), start)
     def workdir_row(r: dict) -> str:
         return workdir_of(args.root, args.suite, r["run"], r["seed"])
 
@@ -313,10 +334,15 @@ def main() -> None:
               "finished_runs": finished, "planned_runs": len(jobs),
               "carried_over_from_earlier_json": carried, "rows": rows,
               "per_epoch": {str(k): v for k, v in per_seed.items()}}
+    if step_json:
+        result["step_times"] = {"path": os.path.relpath(step_times_path(args), REPO),
+                                "command": step_json["command"],
+                                "machine": step_json["machine"]}
     plot = frontier_path(table)
     plotted = frontier_plot(rows, plot)
     text = results_text(args.suite, rows, per_seed, command, finished, len(jobs), where,
-                        carried, os.path.basename(plot) if plotted else None)
+                        carried, os.path.basename(plot) if plotted else None,
+                        step_json.get("command"))
     print(json.dumps(result, indent=1))
     print(text)
     for path in write_results(table, result, text):

@@ -89,14 +89,28 @@ def write_results(table: str, result: dict, text: str, repo: str = REPO) -> tupl
     return json_path, md_path
 
 
+WALL_CAPTION = (
+    "Wall time: *logged* is what the runs took on 2 shared CPU cores, beside other runs and "
+    "sometimes paused, so it measures the load as much as the method; *quiet* prices every "
+    "epoch a run trained at its step's seconds, the steps of every run timed in turn on an "
+    "otherwise idle machine (`{priced_by}`; HAM per bucket, by the share of steps each bucket "
+    "ran; benchmarks/quiet_wall.py). The verdicts and the plot use the quiet one.")
+WALL_UNPRICED = (
+    "Wall time as logged on shared CPU cores (load-dependent; no step times price these runs: "
+    "benchmarks/suite_step_times.py).")
+
+
 def frontier_plot(rows: list[dict], path: str, checkpoint: str = "last") -> bool:
     """AutoAttack worst-class accuracy against training wall time, one point per run and seed
     (the fairness/cost frontier); False (nothing written) when no run was attacked."""
-    points = [(r["run"], r["seed"], r["train_seconds"] / 60,
-               100 * r["autoattack"][checkpoint]["robust_worst"])
-              for r in rows if checkpoint in r.get("autoattack", {})]
-    if not points:
+    attacked = [r for r in rows if checkpoint in r.get("autoattack", {})]
+    if not attacked:
         return False
+    # The quiet-machine wall time (benchmarks/quiet_wall.py) when every point has one: the
+    # logged one also measures what else shared the cores.
+    quiet = all("quiet_seconds" in r for r in attacked)
+    points = [(r["run"], r["seed"], r["quiet_seconds" if quiet else "train_seconds"] / 60,
+               100 * r["autoattack"][checkpoint]["robust_worst"]) for r in attacked]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +121,9 @@ def frontier_plot(rows: list[dict], path: str, checkpoint: str = "last") -> bool
     for i, name in enumerate(names):
         mine = [p for p in points if p[0] == name]
         ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=name, color=f"C{i}")
-    ax.set_xlabel("training wall time (minutes, excluding compilation)")
+    ax.set_xlabel("training wall time, minutes " + (
+        "(steps timed in turn on an idle machine)" if quiet
+        else "(as logged on shared cores; excluding compilation)"))
     ax.set_ylabel(f"AutoAttack worst-class accuracy (%), {checkpoint} checkpoint")
     ax.set_title("Fairness against cost: one point per run and seed")
     ax.grid(alpha=0.3)
@@ -124,14 +140,17 @@ def frontier_path(table: str, repo: str = REPO) -> str:
 
 
 def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, finished: int,
-                 planned: int, where: str, carried: list[str], plot: str | None = None) -> str:
-    """Every table of a suite with its captions, ending with the command that reproduces it."""
+                 planned: int, where: str, carried: list[str], plot: str | None = None,
+                 priced_by: str | None = None) -> str:
+    """Every table of a suite with its captions, ending with the command that reproduces it
+    (`priced_by`: the command that timed the steps pricing the quiet wall times)."""
     aa = autoattack_markdown(rows)
     plain = "\n".join(verdicts(rows, "last") + verdicts(rows, "best"))
     per_class = per_class_markdown(rows) if suite.startswith("noisy") else ""
     routing = routing_markdown(per_seed)
     diagnosis = diagnosis_markdown(rows)
     return (f"{markdown(rows)}\n\n"
+            + f"{WALL_CAPTION.format(priced_by=priced_by) if priced_by else WALL_UNPRICED}\n\n"
             + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
                f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
                f"of the four numbers):\n\n{aa}\n\n" if aa else "")

@@ -5,9 +5,21 @@ from __future__ import annotations
 HEADLINE = ("clean_avg", "clean_worst", "robust_avg", "robust_worst")
 
 
-def table_line(label: str, m: dict, cost: float, seconds: float) -> str:
+def table_line(label: str, m: dict, cost: float, seconds: float,
+               quiet: float | None = None) -> str:
     cells = " | ".join(f"{100 * m[k]:.1f}" for k in HEADLINE)
-    return f"| {label} | {cells} | {cost:.2f} | {seconds:.0f} |"
+    return f"| {label} | {cells} | {cost:.2f} | {seconds:.0f} | {_seconds(quiet)} |"
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
+def quiet_mean(rows: list[dict]) -> float | None:
+    """Mean quiet-machine seconds (benchmarks/quiet_wall.py) of rows that all have one."""
+    if not rows or any("quiet_seconds" not in r for r in rows):
+        return None
+    return sum(r["quiet_seconds"] for r in rows) / len(rows)
 
 
 def spread_line(label: str, results: list[dict]) -> tuple[str, dict]:
@@ -29,19 +41,21 @@ def mean_rows(rows: list[dict]) -> list[str]:
             label, m = spread_line(f"{name} ({key}, mean of {{n}} seeds; spread {{spread}})",
                                    [r[key] for r in mine])
             lines.append(table_line(label, m, sum(r["cost_vs_pgd_at"] for r in mine) / len(mine),
-                                    sum(r["train_seconds"] for r in mine) / len(mine)))
+                                    sum(r["train_seconds"] for r in mine) / len(mine),
+                                    quiet_mean(mine)))
     return lines
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| run | clean avg | clean worst | PGD-20 avg | PGD-20 worst | cost vs PGD-AT "
-             "| train s |", "|---|---|---|---|---|---|---|"]
+             "| train s (logged) | train s (quiet) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for key in ("last", "best_on_val"):
             if key in r:
                 start = f" + {r['cost_includes']}" if "cost_includes" in r else ""
                 lines.append(table_line(f"{r['run']}{start} seed {r['seed']} ({key})", r[key],
-                                        r["cost_vs_pgd_at"], r["train_seconds"]))
+                                        r["cost_vs_pgd_at"], r["train_seconds"],
+                                        r.get("quiet_seconds")))
     return "\n".join(lines + mean_rows(rows))
 
 
@@ -173,7 +187,8 @@ def _spread(values: list[float]) -> float | None:
 def verdicts(rows: list[dict], checkpoint: str = "last", baseline: str = "pgd_at") -> list[str]:
     """One plain sentence per method against `baseline` under AutoAttack: its worst-class gain,
     whether that exceeds the seed spread (the larger of the two runs' max - min), what it
-    costs in AutoAttack average, and its wall time relative to the baseline's."""
+    costs in AutoAttack average, and its wall time relative to the baseline's: on a quiet
+    machine when every run of both is priced (`quiet_seconds`), else as logged."""
     def attacked(name: str) -> list[dict]:
         return [r for r in rows if r["run"] == name and checkpoint in r.get("autoattack", {})]
 
@@ -182,7 +197,6 @@ def verdicts(rows: list[dict], checkpoint: str = "last", baseline: str = "pgd_at
         return []
     base_worst = [r["autoattack"][checkpoint]["robust_worst"] for r in base]
     base_avg = [r["autoattack"][checkpoint]["robust_avg"] for r in base]
-    base_seconds = _mean([r["train_seconds"] for r in base])
     lines = []
     for name in dict.fromkeys(r["run"] for r in rows):
         mine = attacked(name)
@@ -200,12 +214,22 @@ def verdicts(rows: list[dict], checkpoint: str = "last", baseline: str = "pgd_at
             spread = 100 * max(spreads)
             judged = (f"{'beyond' if abs(gain) > spread else 'within'} the seed spread of "
                       f"{spread:.1f} ({seeds})")
-        wall = _mean([r["train_seconds"] for r in mine]) / base_seconds
+        wall, kind = wall_ratio(mine, base)
         ledger = _mean([r["cost_vs_pgd_at"] for r in mine]) / _mean(
             [r["cost_vs_pgd_at"] for r in base])
         label = "last checkpoint" if checkpoint == "last" else "checkpoint selected on validation"
         lines.append(f"- **{name}** ({label}): AutoAttack worst class "
                      f"{gain:+.1f} points against {baseline}, {judged}; AutoAttack average "
-                     f"{avg:+.1f} points; training passes {ledger:.2f}x and wall time "
+                     f"{avg:+.1f} points; training passes {ledger:.2f}x and {kind} wall time "
                      f"{wall:.2f}x {baseline}'s.")
     return lines
+
+
+def wall_ratio(mine: list[dict], base: list[dict]) -> tuple[float, str]:
+    """(mean wall time of `mine` over that of `base`, which wall time): the quiet-machine one
+    when every row of both has it, else the logged one (load-dependent on shared cores)."""
+    quiet, quiet_base = quiet_mean(mine), quiet_mean(base)
+    if quiet is not None and quiet_base is not None:
+        return quiet / quiet_base, "quiet-machine"
+    return (_mean([r["train_seconds"] for r in mine]) / _mean([r["train_seconds"] for r in base]),
+            "logged")

@@ -16,6 +16,7 @@ import fashion_mnist_logs as logs  # noqa: E402
 import fashion_mnist_results as results  # noqa: E402
 import fashion_mnist_suites as suites  # noqa: E402
 import fashion_mnist_tables as tables  # noqa: E402
+import quiet_wall  # noqa: E402
 
 
 def record(epoch: int, seconds: float, ledger: float, **metrics) -> dict:
@@ -278,8 +279,8 @@ def test_verdicts_judge_the_worst_class_gain_against_the_seed_spread():
     assert set(lines) == {"ham", "mart", "cfa"}
     # ham: worst 34.0 vs 32.0 -> +2.0, spread max(4.0, 4.0): within; avg 61.0 vs 70.5 -> -9.5
     assert ("worst class +2.0 points against pgd_at, within the seed spread of 4.0 (2 seeds "
-            "against 2); AutoAttack average -9.5 points; training passes 0.60x and wall time "
-            "0.60x pgd_at's") in lines["ham"]
+            "against 2); AutoAttack average -9.5 points; training passes 0.60x and logged wall "
+            "time 0.60x pgd_at's") in lines["ham"]
     assert "+14.0 points against pgd_at, beyond the seed spread of 4.0" in lines["mart"]
     assert "1 seed against 2: no seed spread to judge it by yet" in lines["cfa"]
     assert tables.verdicts([_attacked("ham", 0, 0.6, 0.3, 1)]) == []  # no baseline, no verdict
@@ -363,3 +364,72 @@ def test_a_fine_tune_that_counts_its_start_carries_its_cost_and_wall_time():
     fairness = suites.suite_runs("fairness")
     assert fairness["faal"]["cost_includes_start"]
     assert fairness["faal_from_ham_train_at_m"]["init_from"] == ("evidence", "ham_train_at_m")
+
+
+# A timing as benchmarks/suite_step_times.py writes it: a HAM run branched from PGD-AT (its
+# first two epochs are PGD-AT's steps), then per bucket and an empty batch; steps per epoch 10.
+HAM_TIMING = {"steps_per_epoch": 10, "phases": [
+    {"from_epoch": 1, "seconds": 1.0, "branched_from": "evidence/pgd_at"},
+    {"from_epoch": 3, "buckets": {"0.25": 0.4, "0.5": 0.6, "1": 1.1}, "empty": 0.2}]}
+
+
+def test_quiet_wall_prices_each_epoch_at_its_phase_and_bucket_mix():
+    epochs = [record(1, 900.0, 1.0, warmup=1.0), record(2, 50.0, 1.0, warmup=1.0),
+              record(3, 700.0, 0.5, **{"bucket_share/0.25": 0.5, "bucket_share/0.5": 0.25,
+                                       "bucket_share/1": 0.0}, empty_batch=0.25)]
+    # 10 x 1.0 twice, then 10 x (0.5 x 0.4 + 0.25 x 0.6 + 0.25 x 0.2) = 4.0
+    assert quiet_wall.quiet_seconds(epochs, HAM_TIMING) == pytest.approx(24.0)
+    cross = {"steps_per_epoch": 10, "phases": [
+        {"from_epoch": 1, "seconds": 1.0}, {"from_epoch": 2, "mine": 0.2, "flush_extra": 1.2}]}
+    # epoch 2: 10 x (0.2 + 0.25 x 1.2) = 5.0
+    assert quiet_wall.quiet_seconds([record(1, 0, 1), record(2, 0, 0.5, cross_batch_flush=0.25)],
+                                    cross) == pytest.approx(15.0)
+    late = {"steps_per_epoch": 4, "phases": [{"from_epoch": 5, "seconds": 2.0},
+                                             {"from_epoch": 1, "seconds": 1.0}]}
+    assert quiet_wall.quiet_seconds([record(e, 0, 1) for e in (4, 5, 6)], late) == 4 + 8 + 8
+    with pytest.raises(ValueError, match=r"buckets \['0.75'\] ran but were not timed"):
+        quiet_wall.quiet_seconds([record(3, 0, 1, **{"bucket_share/0.75": 1.0})], HAM_TIMING)
+
+
+def test_priced_rows_count_a_fine_tunes_start_and_verdicts_use_the_quiet_wall():
+    pgd = {"steps_per_epoch": 10, "phases": [{"from_epoch": 1, "seconds": 1.0}]}
+    faal = {"steps_per_epoch": 10, "phases": [{"from_epoch": 1, "seconds": 1.5}]}
+    start = {"epochs": [record(e, 500.0, 1.0) for e in (1, 2, 3)]}
+    own = {"epochs": [record(1, 300.0, 1.2)]}
+    row = _attacked("faal", 0, 0.70, 0.45, 1800)
+    assert quiet_wall.priced_row(row, own, faal, (start, pgd))["quiet_seconds"] == 30 + 15
+    assert quiet_wall.priced_row(row, own, faal)["quiet_seconds"] == 15
+    # A missing timing, of the run or of its start, leaves the row unpriced.
+    assert "quiet_seconds" not in quiet_wall.priced_row(row, own, None)
+    assert "quiet_seconds" not in quiet_wall.priced_row(row, own, faal, (start, None))
+
+    base = dict(_attacked("pgd_at", 0, 0.72, 0.30, 1000), quiet_seconds=30.0)
+    priced = quiet_wall.priced_row(row, own, faal, (start, pgd))
+    (line,) = tables.verdicts([base, priced])
+    assert "quiet-machine wall time 1.50x pgd_at's" in line  # 45 / 30, not 1800 / 1000
+    (line,) = tables.verdicts([base, row])  # one side unpriced: the logged times, said so
+    assert "logged wall time 1.80x pgd_at's" in line
+    assert "| 1800 | 45 |" in tables.markdown([dict(priced, last=priced["autoattack"]["last"])])
+
+
+def test_step_times_phases_follow_each_methods_late_starts(tmp_path):
+    import suite_step_times as sst
+
+    from hamjax.methods import get_method
+
+    starts = {}
+    for suite in ("evidence", "fairness"):
+        for name, spec in suites.suite_runs(suite).items():
+            config = suites.build_config(suite, spec, 0, 0, 0, root=str(tmp_path))
+            starts[name] = sst.start_epochs(config, get_method(config.method.name))
+    cfa = suites.build_config("fairness", suites.suite_runs("fairness")["cfa"], 0, 0)
+    dafa = suites.build_config("fairness", suites.suite_runs("fairness")["dafa"], 0, 0)
+    awp = suites.build_config("fairness", suites.suite_runs("fairness")["pgd_at_awp"], 0, 0)
+    assert starts["cfa"] == [0, cfa.method.begin] and 0 < cfa.method.begin < 12
+    assert starts["dafa"] == [0, dafa.method.warmup_epochs]
+    awp_start = awp.method.awp_warmup_epochs
+    assert starts["pgd_at_awp"] == ([0, awp_start] if awp_start > 0 else [0])
+    for ham in ("ham", "ham_train_at_m", "ham_cross_batch"):
+        assert starts[ham] == [0, 6]  # the PGD-AT epochs of the official recipe, then mining
+    for plain in ("pgd_at", "trades", "mart", "pgd_at_ema", "wat"):
+        assert starts[plain] == [0], plain

@@ -70,19 +70,25 @@ _METHOD_MODULES = ("baselines", "ham", "relatives", "frl", "caat", "mart", "cfa"
 _AWP_STARTS_AT = {"awp_warmup_epochs": "AWP's weight perturbation starts"}
 
 
-def late_starts(method: Method, config) -> list[str]:
-    """One line per `method.starts_at` field (and AWP's warm-up, when `awp_gamma` > 0) whose
-    epoch the run never reaches: that part never runs (e.g. a short smoke test of DAFA trains
-    plain TRADES; TRADES+AWP's default warm-up of 10 epochs outlasts a 5-epoch run)."""
-    epochs = int(config.train.epochs)
+def start_fields(method: Method, config) -> dict[str, str]:
+    """config.method field -> what begins at its epoch: `method.starts_at`, and AWP's warm-up
+    when `awp_gamma` > 0 (the epochs where a run's step changes its work)."""
     starts_at = dict(method.starts_at)
     if float(config.method.get("awp_gamma", 0.0)) > 0:
         starts_at.update(_AWP_STARTS_AT)
+    return {field: what for field, what in starts_at.items() if field in config.method}
+
+
+def late_starts(method: Method, config) -> list[str]:
+    """One line per start field (`start_fields`) whose epoch the run never reaches: that part
+    never runs (e.g. a short smoke test of DAFA trains plain TRADES; TRADES+AWP's default
+    warm-up of 10 epochs outlasts a 5-epoch run)."""
+    epochs = int(config.train.epochs)
     return [f"method.{field}={config.method[field]} is not before train.epochs={epochs}: "
             f"{what} never in this run, which trains the method's base throughout (lower "
             f"method.{field} or raise train.epochs)"
-            for field, what in starts_at.items()
-            if field in config.method and int(config.method[field]) >= epochs]
+            for field, what in start_fields(method, config).items()
+            if int(config.method[field]) >= epochs]
 
 
 def register(method: Method) -> Method:

@@ -1,0 +1,84 @@
+"""Training wall time on a quiet machine: every epoch of a run priced at the seconds its train
+step takes, measured with the other runs' steps in turn on an otherwise idle machine
+(benchmarks/suite_step_times.py).
+
+Why: the Fashion-MNIST runs share 2 CPU cores with each other (and now and then are paused),
+so their logged wall time measures the load as much as the method: one PGD-AT run's epochs took
+282-1001 s. The ledger counts passes, which is exact but blind to everything else a step does
+(AWP's weight perturbation, EMA, CFA's class-wise terms, HAM's padding to a bucket). A step
+timed beside the others, times the steps an epoch ran, is the wall time the run would have
+taken alone.
+
+A run's timing (one entry of the step-times JSON) is its steps per epoch and its phases, each
+from a 1-based epoch on (a method whose own part starts late has two):
+- {"from_epoch": e, "seconds": t}: every step costs t;
+- {"from_epoch": e, "buckets": {fraction: t, ...}, "empty": t}: HAM, whose step cost is that of
+  the bucket it ran; the epoch's record holds the share of steps per bucket
+  (`bucket_share/<fraction>`) and of empty batches (`empty_batch`);
+- {"from_epoch": e, "mine": t, "flush_extra": t}: HAM's cross-batch step, which mines every
+  step and continues and trains a full buffer on a share of them (`cross_batch_flush`).
+"""
+
+from __future__ import annotations
+
+
+def _bucket_seconds(metrics: dict, phase: dict, where: str) -> float:
+    shares = {key.split("/", 1)[1]: value for key, value in metrics.items()
+              if key.startswith("bucket_share/") and value > 0}
+    untimed = sorted(set(shares) - set(phase["buckets"]))
+    if untimed:
+        raise ValueError(f"{where}: buckets {untimed} ran but were not timed; rerun "
+                         "benchmarks/suite_step_times.py")
+    return (sum(share * phase["buckets"][b] for b, share in shares.items())
+            + metrics.get("empty_batch", 0.0) * phase["empty"])
+
+
+def step_seconds(metrics: dict, phase: dict, where: str = "epoch") -> float:
+    """Mean seconds per step of an epoch with these train metrics, in this phase."""
+    if "buckets" in phase:
+        return _bucket_seconds(metrics, phase, where)
+    if "mine" in phase:
+        return phase["mine"] + metrics.get("cross_batch_flush", 0.0) * phase["flush_extra"]
+    return phase["seconds"]
+
+
+def phase_of(epoch: int, phases: list[dict]) -> dict:
+    """The phase a 1-based epoch trains in: the last one that has begun."""
+    begun = [p for p in phases if p["from_epoch"] <= epoch]
+    if not begun:
+        raise ValueError(f"no phase covers epoch {epoch}: {phases}")
+    return max(begun, key=lambda p: p["from_epoch"])
+
+
+def quiet_seconds(epochs: list[dict], timing: dict, where: str = "run") -> float:
+    """The run's training seconds on a quiet machine: per finished epoch (records with `epoch`
+    and `train_metrics`, as report.json and metrics.jsonl hold them), its steps times the mean
+    step seconds of its phase."""
+    return sum(timing["steps_per_epoch"] * step_seconds(
+        e.get("train_metrics", {}), phase_of(e["epoch"], timing["phases"]),
+        f"{where} epoch {e['epoch']}") for e in epochs)
+
+
+def read_step_times(path: str) -> dict:
+    """suite_step_times.py's JSON (its "runs": run key "suite/run" -> timing); {} when there is
+    none."""
+    import json
+    import os
+
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def priced_row(r: dict, report: dict, timing: dict | None,
+               start: tuple[dict, dict | None] | None = None) -> dict:
+    """Row `r` with `quiet_seconds` (its report's epochs priced by `timing`), plus those of the
+    run it fine-tunes when its cost counts that run (`start`: its report and timing). Unchanged
+    when a timing is missing: a quiet wall time is never half measured."""
+    if timing is None or (start is not None and start[1] is None):
+        return r
+    quiet = quiet_seconds(report["epochs"], timing, r["run"])
+    if start is not None:
+        quiet += quiet_seconds(start[0]["epochs"], start[1], r.get("cost_includes", "start"))
+    return dict(r, quiet_seconds=round(quiet, 1))

@@ -1,0 +1,256 @@
+# ruff: noqa: E402  (jax is imported after --cpu_devices has set XLA_FLAGS)
+"""Seconds per train step of every run of the shipped Fashion-MNIST suites, timed in turn on an
+idle machine: what prices the runs' epochs into a quiet-machine wall time
+(benchmarks/quiet_wall.py), so the results' wall-time ratios and frontier plot do not measure
+the load the runs happened to share the cores with.
+
+    python benchmarks/suite_step_times.py                 # evidence and fairness, ~6 min here
+    python benchmarks/suite_step_times.py --suites noisy_full --repeats 25
+
+Every run's step is the trainer's own: its config from `fashion_mnist_suites.build_config`
+(configs/fashion_mnist.py plus the suite's fields), the real data pipeline's first training
+batch, the step jitted as the trainer jits it (`jit_train_step`) over `--cpu_devices` devices
+(default 1, as the suites' runs trained). A method whose own part starts late (HAM's and
+DAFA's warm-up, CFA's calibration, AWP's warm-up) is timed in each phase, its state's step moved
+to the phase's first step. HAM is timed per bucket (the hard set forced to the bucket's rows through
+`FORCE_HARD_KEY`; the mining pass still runs) and on an empty batch; the cross-batch step on a
+mining-only step and over a buffer's whole cycle (`flush_extra`: what one flush adds). A HAM run
+branched from PGD-AT (`branch_from`) trained its warm-up epochs as that run: they are priced at
+its step. Compilation is excluded: a warm-up call, then `--repeats` calls, the cases in a new
+random order each repeat (`shuffled_seconds`); a case's seconds are the least of its calls. A
+step's work does not vary, so interference only adds to it: on this 2-core machine one PGD-AT
+step took 0.40-0.58 s within one run with nothing else running, and the medians of 7-9 calls put
+TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while
+the least of 15 keeps every method at or above PGD-AT and DAFA beside TRADES, its base. Read
+them to about 10%: FAAL's two runs have the same step and timed at 0.40 and 0.44 s. The
+medians and every call's time are in the JSON too.
+
+Writes benchmarks/results/fashion_mnist_step_times.json (`--out`); the compare driver's
+`--report_only` reads it. Stop other work on the machine first: the point is an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from hamjax.cpu_devices import setting_from_argv, use_cpu_devices
+
+if __name__ == "__main__":
+    use_cpu_devices(setting_from_argv(sys.argv[1:]) or "1")  # before jax starts its backend
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hamjax.backends.cpu.compile_options import compiler_options
+from hamjax.data import iterate_batches, load_splits, meta_batch
+from hamjax.flops import cpu_isa
+from hamjax.methods import get_method, start_fields
+from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes
+from hamjax.run import build_context
+from hamjax.sharding import make_mesh, put_replicated, shard_batch
+from hamjax.state import create_train_state
+from hamjax.train.step import jit_train_step, make_train_step
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fashion_mnist_suites import build_config, is_shipped, suite_runs  # noqa: I001
+from ham_cost import cycle_steps, forced_hard
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "fashion_mnist_step_times.json")
+NO_ROOT = "/suite_step_times/no-root"  # build_config needs one; nothing is read from it
+
+
+def start_epochs(config, method) -> list[int]:
+    """0-based epochs where the step's work changes: 0 and every late start within the run."""
+    epochs = int(config.train.epochs)
+    return sorted({0} | {int(config.method[f]) for f in start_fields(method, config)
+                         if 0 < int(config.method[f]) < epochs})
+
+
+class RunSteps:
+    """One run's jitted step, fresh state and first real batch on the mesh."""
+
+    def __init__(self, config, mesh, splits_cache: dict):
+        config.train.init_from = config.train.branch_from = ""  # timing needs no weights
+        key = json.dumps(config.data.to_dict(), sort_keys=True, default=str) + str(config.seed)
+        if key not in splits_cache:
+            splits_cache[key] = load_splits(config.data, seed=config.seed)
+        splits = splits_cache[key]
+        self.config, self.mesh = config, mesh
+        self.ctx = build_context(config, splits, mesh)
+        self.method = get_method(config.method.name)
+        self.step = jit_train_step(make_train_step(self.ctx, self.method), mesh)
+        self.state = put_replicated(create_train_state(self.ctx, self.method, config.seed), mesh)
+        host = next(iterate_batches(splits.train, config.train.batch_size, config.seed, 0))
+        if self.method.needs_meta_batch:
+            host.update(meta_batch(splits.meta, config.train.batch_size, config.seed, 0))
+        self.host_batch = host
+
+    def at_epoch(self, epoch: int):
+        """The fresh state moved to the first step of 0-based `epoch`."""
+        step = jnp.asarray(epoch * self.ctx.steps_per_epoch, jnp.int32)
+        return put_replicated(jax.device_get(self.state).replace(step=step), self.mesh)
+
+    def batch(self, hard_rows: int | None = None, rs=None) -> dict:
+        """The batch on the mesh; with `hard_rows`, HAM's hard set forced to that many rows."""
+        host = dict(self.host_batch)
+        if hard_rows is not None:
+            batch = len(host["label"])
+            devices = self.mesh.devices.size
+            host[FORCE_HARD_KEY] = (forced_hard(batch, devices, hard_rows / batch, rs)
+                                    if hard_rows else np.zeros(batch, bool))
+        return shard_batch(host, self.mesh)
+
+
+def ham_cases(name: str, run: RunSteps, epoch: int, rs) -> tuple[dict, dict]:
+    """(cases, phase template) of HAM after its warm-up: per bucket and an empty batch, or the
+    cross-batch step's mining-only step and its buffer cycle."""
+    settings = run.config.method
+    state = run.at_epoch(epoch)
+    batch = int(run.config.train.batch_size)
+    local = batch // run.mesh.devices.size
+    rows = int(settings.get("cross_batch_rows", 0))
+    if rows:
+        per_device_rows = rows // run.mesh.devices.size
+        hard = max(1, per_device_rows // 4)
+        cycle = cycle_steps(per_device_rows, hard)
+        hard_batch = run.batch(hard * run.mesh.devices.size, rs)
+        return ({f"{name}@mine": (run.step, state, [hard_batch]),
+                 f"{name}@cycle": (run.step, state, [hard_batch] * cycle)},
+                {"cross_batch": cycle})
+    sizes = bucket_sizes(tuple(settings.buckets), local)
+    cases = {f"{name}@empty": (run.step, state, [run.batch(0, rs)])}
+    for size in sizes:
+        cases[f"{name}@{size / local:.4g}"] = (run.step, state,
+                                               [run.batch(size * run.mesh.devices.size, rs)])
+    return cases, {"buckets": [f"{size / local:.4g}" for size in sizes]}
+
+
+def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
+    """(timed cases, per run: steps per epoch and its phases as case names to fill in)."""
+    cases, runs = {}, {}
+    for suite in suites:
+        if not is_shipped(suite):
+            raise SystemExit(f"--suites {suite}: only the shipped suites (full split, the "
+                             "setup's budget) are priced; scaled suites change per invocation")
+        for name, spec in suite_runs(suite).items():
+            if "from_suite" in spec:
+                continue  # timed with the suite that trains it
+            key = f"{suite}/{name}"
+            run = RunSteps(build_config(suite, spec, 0, 0, 0, root=NO_ROOT), mesh, splits_cache)
+            phases = []
+            for epoch in start_epochs(run.config, run.method):
+                if "branch_from" in spec and epoch == 0:
+                    phases.append({"from_epoch": 1, "case": f"{suite}/{spec['branch_from']}@0",
+                                   "branched_from": f"{suite}/{spec['branch_from']}"})
+                elif run.method.name == "ham" and epoch > 0:
+                    more, template = ham_cases(f"{key}@{epoch}", run, epoch, rs)
+                    cases.update(more)
+                    phases.append({"from_epoch": epoch + 1, "prefix": f"{key}@{epoch}",
+                                   **template})
+                else:
+                    cases[f"{key}@{epoch}"] = (run.step, run.at_epoch(epoch), [run.batch()])
+                    phases.append({"from_epoch": epoch + 1, "case": f"{key}@{epoch}"})
+            runs[key] = {"steps_per_epoch": run.ctx.steps_per_epoch, "method": run.method.name,
+                         "phases": phases}
+    return cases, runs
+
+
+def priced_phase(phase: dict, seconds: dict, ends: dict) -> dict:
+    """A planned phase with its measured seconds (the quiet_wall formats)."""
+    out = {k: v for k, v in phase.items() if k not in ("case", "prefix", "buckets",
+                                                        "cross_batch")}
+    prefix = phase.get("prefix")
+    if "case" in phase:
+        out["seconds"] = seconds[phase["case"]]
+    elif "buckets" in phase:
+        out["buckets"] = {b: seconds[f"{prefix}@{b}"] for b in phase["buckets"]}
+        out["empty"] = seconds[f"{prefix}@empty"]
+    else:
+        cycle, flushes = phase["cross_batch"], int(ends[f"{prefix}@cycle"][1])
+        if flushes != 1:
+            raise RuntimeError(f"{prefix}: the timed cycle flushed {flushes} times, not once")
+        mine = seconds[f"{prefix}@mine"]
+        out.update(mine=mine, flush_extra=round(cycle * (seconds[f"{prefix}@cycle"] - mine), 5),
+                   cycle_steps=cycle)
+    return out
+
+
+def shuffled_seconds(cases: dict, repeats: int, rs) -> tuple[dict, dict]:
+    """Per case (step, state, batches): seconds per step of running the batches in turn from a
+    fresh copy of the state, once per repeat, the cases in a new random order each repeat (so no
+    case always follows the same one: a fixed order put ~10% on the first case here); plus
+    each case's (final state, updates applied) from its compiling warm-up run."""
+    fresh = lambda state: jax.block_until_ready(jax.tree.map(jnp.copy, state))
+
+    def go(step, state, batches):
+        applied = 0.0
+        for batch in batches:
+            state, metrics = step(state, batch)
+            applied = applied + metrics["update_applied"]  # on device: no sync per step
+        return jax.block_until_ready(state), float(applied)
+
+    ends = {name: go(step, fresh(state), batches)
+            for name, (step, state, batches) in cases.items()}
+    times: dict = {name: [] for name in cases}
+    names = list(cases)
+    for _ in range(repeats):
+        for i in rs.permutation(len(names)):
+            step, state, batches = cases[names[i]]
+            copy = fresh(state)
+            start = time.perf_counter()
+            go(step, copy, batches)
+            times[names[i]].append((time.perf_counter() - start) / len(batches))
+    return times, ends
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suites", nargs="+", default=["evidence", "fairness"])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cpu_devices", default="1",
+                        help="host devices on the CPU (the suites' runs used 1)")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    args = parser.parse_args()
+    rs = np.random.RandomState(0)
+    mesh = make_mesh()
+    load_before = list(os.getloadavg())
+    cases, runs = plan(args.suites, mesh, {}, rs)
+    times, ends = shuffled_seconds(cases, args.repeats, rs)
+    # The least of the repeats: a step's work does not vary, interference only adds to it.
+    seconds = {name: round(min(t), 5) for name, t in times.items()}
+    priced = {key: dict(run, phases=[priced_phase(p, seconds, ends) for p in run["phases"]])
+              for key, run in runs.items()}
+    device = jax.devices()[0]
+    result = {
+        "command": "python benchmarks/suite_step_times.py --suites " + " ".join(args.suites)
+                   + f" --repeats {args.repeats} --cpu_devices {args.cpu_devices}",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "device": f"{device.platform}:{device.device_kind}",
+                    "devices_per_run": mesh.devices.size,
+                    "cpu_isa": cpu_isa() if device.platform == "cpu" else None,
+                    "compiler_options": compiler_options(),
+                    "load_average_before": load_before,
+                    "load_average_after": list(os.getloadavg())},
+        "repeats": args.repeats,
+        "seconds_per_case": seconds,
+        "median_per_case": {name: round(statistics.median(t), 5) for name, t in times.items()},
+        "times_per_case": {name: [round(x, 5) for x in t] for name, t in times.items()},
+        "runs": priced,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
