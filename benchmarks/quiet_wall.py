@@ -14,7 +14,8 @@ from a 1-based epoch on (a method whose own part starts late has two):
 - {"from_epoch": e, "seconds": t}: every step costs t;
 - {"from_epoch": e, "buckets": {fraction: t, ...}, "empty": t}: HAM, whose step cost is that of
   the bucket it ran; the epoch's record holds the share of steps per bucket
-  (`bucket_share/<fraction>`) and of empty batches (`empty_batch`);
+  (`bucket_share/<fraction>`), and the rest ran none (no hard row: an empty batch for the
+  faithful rule, a training pass on the M-step adversaries for `train_at_m`), priced at "empty";
 - {"from_epoch": e, "mine": t, "flush_extra": t}: HAM's cross-batch step, which mines every
   step and continues and trains a full buffer on a share of them (`cross_batch_flush`).
 """
@@ -29,8 +30,11 @@ def _bucket_seconds(metrics: dict, phase: dict, where: str) -> float:
     if untimed:
         raise ValueError(f"{where}: buckets {untimed} ran but were not timed; rerun "
                          "benchmarks/suite_step_times.py")
+    bucketed = sum(shares.values())
+    if bucketed > 1 + 1e-6:
+        raise ValueError(f"{where}: bucket shares add up to {bucketed:.4f} > 1")
     return (sum(share * phase["buckets"][b] for b, share in shares.items())
-            + metrics.get("empty_batch", 0.0) * phase["empty"])
+            + (1 - bucketed) * phase["empty"])
 
 
 def step_seconds(metrics: dict, phase: dict, where: str = "epoch") -> float:

@@ -150,7 +150,8 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
                 if "branch_from" in spec and epoch == 0:
                     phases.append({"from_epoch": 1, "case": f"{suite}/{spec['branch_from']}@0",
                                    "branched_from": f"{suite}/{spec['branch_from']}"})
-                elif run.method.name == "ham" and epoch > 0:
+                elif run.method.name == "ham" and epoch > 0 and (
+                        run.config.method.bucketed or run.config.method.cross_batch_rows):
                     more, template = ham_cases(f"{key}@{epoch}", run, epoch, rs)
                     cases.update(more)
                     phases.append({"from_epoch": epoch + 1, "prefix": f"{key}@{epoch}",

@@ -379,6 +379,10 @@ def test_quiet_wall_prices_each_epoch_at_its_phase_and_bucket_mix():
                                        "bucket_share/1": 0.0}, empty_batch=0.25)]
     # 10 x 1.0 twice, then 10 x (0.5 x 0.4 + 0.25 x 0.6 + 0.25 x 0.2) = 4.0
     assert quiet_wall.quiet_seconds(epochs, HAM_TIMING) == pytest.approx(24.0)
+    # train_at_m never reports an empty batch: steps with no hard row ran no bucket (still
+    # priced, at the no-bucket step)
+    epochs[2]["train_metrics"].pop("empty_batch")
+    assert quiet_wall.quiet_seconds(epochs, HAM_TIMING) == pytest.approx(24.0)
     cross = {"steps_per_epoch": 10, "phases": [
         {"from_epoch": 1, "seconds": 1.0}, {"from_epoch": 2, "mine": 0.2, "flush_extra": 1.2}]}
     # epoch 2: 10 x (0.2 + 0.25 x 1.2) = 5.0
