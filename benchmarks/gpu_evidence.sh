@@ -6,6 +6,7 @@
 # times are shared; the CPU tables beside them are the wall-time evidence.
 #
 #   HAMJAX_DATA_DIR=/path/with/fashion-mnist bash benchmarks/gpu_evidence.sh [ROOT]
+#   SUITES="evidence fairness noisy_full" bash benchmarks/gpu_evidence.sh
 #
 # Workdirs go under ROOT (default runs/gpu); the tables go to
 # benchmarks/results/fashion_mnist_{evidence,fairness}_<TAG>.json and docs/results/ (TAG
@@ -14,10 +15,18 @@ set -euo pipefail
 ROOT=${1:-runs/gpu}
 TAG=${TAG:-gpu}
 EXAMPLES=${EXAMPLES:-10000}
+SUITES=${SUITES:-evidence fairness}  # add noisy_full (20% pair-flip noise) when time allows
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # a dozen processes share the GPU
-DEVICE="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
-python benchmarks/fashion_mnist_compare.py --suite=evidence --seeds 0 1 2 --parallel 12 \
-  --autoattack_examples "$EXAMPLES" --root="$ROOT" --tag="$TAG"
-python benchmarks/fashion_mnist_compare.py --suite=fairness --seeds 0 --parallel 7 \
-  --autoattack_examples "$EXAMPLES" --root="$ROOT" --tag="$TAG"
+DEVICE="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)"
+for suite in $SUITES; do
+  case "$suite" in
+    evidence) seeds="0 1 2"; parallel=12 ;;
+    fairness) seeds="0"; parallel=7 ;;
+    noisy_full) seeds="0 1 2"; parallel=12 ;;  # the warm starts first, then 7 fine-tunes each
+    *) echo "SUITES: unknown suite $suite (evidence, fairness, noisy_full)" >&2; exit 2 ;;
+  esac
+  # shellcheck disable=SC2086
+  python benchmarks/fashion_mnist_compare.py --suite="$suite" --seeds $seeds \
+    --parallel "$parallel" --autoattack_examples "$EXAMPLES" --root="$ROOT" --tag="$TAG"
+done
 echo "trained on $DEVICE"
