@@ -66,7 +66,7 @@ from fashion_mnist_results import (
     suite_order,
     write_results,
 )
-from fashion_mnist_suites import build_config, is_shipped, suite_runs, workdir_of
+from fashion_mnist_suites import build_config, is_shipped, suite_runs, timing_key, workdir_of
 from quiet_wall import priced_row, read_step_times
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,11 +280,11 @@ def main() -> None:
             start_report = run_one(start_suite, start_name, args.epochs, args.train_size,
                                    args.root, r["seed"], train=False)
             if start_report is not None:
-                key = f"{start_suite}/{start_name}"
-                r = rows[i] = with_start_cost(r, own_report, start_report, key)
-                start = (start_report, step_times.get(key))
-        own_key = f"{spec.get('from_suite', args.suite)}/{r['run']}"
-        rows[i] = priced_row(r, own_report, step_times.get(own_key), start)
+                r = rows[i] = with_start_cost(r, own_report, start_report,
+                                              f"{start_suite}/{start_name}")
+                start = (start_report, step_times.get(timing_key(start_suite, start_name)))
+        rows[i] = priced_row(r, own_report, step_times.get(timing_key(args.suite, r["run"])),
+                             start)
     def workdir_row(r: dict) -> str:
         return workdir_of(args.root, args.suite, r["run"], r["seed"])
 
@@ -342,7 +342,7 @@ def main() -> None:
     plotted = frontier_plot(rows, plot)
     text = results_text(args.suite, rows, per_seed, command, finished, len(jobs), where,
                         carried, os.path.basename(plot) if plotted else None,
-                        step_json.get("command"))
+                        step_json.get("command"), step_json.get("machine"))
     print(json.dumps(result, indent=1))
     print(text)
     for path in write_results(table, result, text):

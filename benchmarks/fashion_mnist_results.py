@@ -92,9 +92,9 @@ def write_results(table: str, result: dict, text: str, repo: str = REPO) -> tupl
 WALL_CAPTION = (
     "Wall time: *logged* is what the runs took on 2 shared CPU cores, beside other runs and "
     "sometimes paused, so it measures the load as much as the method; *quiet* prices every "
-    "epoch a run trained at its step's seconds, the steps of every run timed in turn on an "
-    "otherwise idle machine (`{priced_by}`; HAM per bucket, by the share of steps each bucket "
-    "ran; benchmarks/quiet_wall.py). The verdicts and the plot use the quiet one.")
+    "epoch a run trained at its step's seconds, the steps of every run timed in turn with no "
+    "other work on the machine (`{priced_by}`{busy}; HAM per bucket, by the share of steps "
+    "each bucket ran; benchmarks/quiet_wall.py). The verdicts and the plot use the quiet one.")
 WALL_UNPRICED = (
     "Wall time as logged on shared CPU cores (load-dependent; no step times price these runs: "
     "benchmarks/suite_step_times.py).")
@@ -139,18 +139,34 @@ def frontier_path(table: str, repo: str = REPO) -> str:
     return result_paths(table, repo)[1].removesuffix(".md") + "_frontier.png"
 
 
+def wall_caption(rows: list[dict], priced_by: str | None, machine: dict | None) -> str:
+    """What the wall-time columns mean for these rows: quiet ones only where every row has one
+    (else the verdicts and the plot fall back to the logged times, and the caption says so)."""
+    unpriced = [f"{r['run']} seed {r['seed']}" for r in rows if "quiet_seconds" not in r]
+    if priced_by is None or len(unpriced) == len(rows):
+        return WALL_UNPRICED
+    busy = (machine or {}).get("cpu_busy_before")
+    text = WALL_CAPTION.format(priced_by=priced_by, busy="" if busy is None else
+                               f"; the CPU was {100 * busy:.0f}% busy in the second before")
+    if unpriced:
+        text += (f" Not priced (no step timing): {', '.join(unpriced)}; the verdicts and the "
+                 "plot use logged times wherever such a run takes part.")
+    return text
+
+
 def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, finished: int,
                  planned: int, where: str, carried: list[str], plot: str | None = None,
-                 priced_by: str | None = None) -> str:
+                 priced_by: str | None = None, step_machine: dict | None = None) -> str:
     """Every table of a suite with its captions, ending with the command that reproduces it
-    (`priced_by`: the command that timed the steps pricing the quiet wall times)."""
+    (`priced_by`, `step_machine`: the command that timed the steps pricing the quiet wall
+    times, and its machine record)."""
     aa = autoattack_markdown(rows)
     plain = "\n".join(verdicts(rows, "last") + verdicts(rows, "best"))
     per_class = per_class_markdown(rows) if suite.startswith("noisy") else ""
     routing = routing_markdown(per_seed)
     diagnosis = diagnosis_markdown(rows)
     return (f"{markdown(rows)}\n\n"
-            + f"{WALL_CAPTION.format(priced_by=priced_by) if priced_by else WALL_UNPRICED}\n\n"
+            + f"{wall_caption(rows, priced_by, step_machine)}\n\n"
             + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
                f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
                f"of the four numbers):\n\n{aa}\n\n" if aa else "")

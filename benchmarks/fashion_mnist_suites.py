@@ -182,6 +182,11 @@ def build_config(suite: str, run: dict, epochs: int, train_size: int, seed: int 
     return config
 
 
+def timing_key(suite: str, name: str) -> str:
+    """Run `name` of `suite` in suite_step_times.py's JSON: "<the suite that trains it>/name"."""
+    return f"{suite_runs(suite).get(name, {}).get('from_suite', suite)}/{name}"
+
+
 def workdir_of(root: str, suite: str, name: str, seed: int) -> str:
     """Where run `name` of `suite` keeps its workdir: in the suite it comes from
     (`from_suite`), else in its own."""

@@ -1,32 +1,36 @@
 # ruff: noqa: E402  (jax is imported after --cpu_devices has set XLA_FLAGS)
-"""Seconds per train step of every run of the shipped Fashion-MNIST suites, timed in turn on an
-idle machine: what prices the runs' epochs into a quiet-machine wall time
+"""Seconds per train step of every run of the shipped Fashion-MNIST suites, timed in turn with
+no other work on the machine: what prices the runs' epochs into a quiet-machine wall time
 (benchmarks/quiet_wall.py), so the results' wall-time ratios and frontier plot do not measure
 the load the runs happened to share the cores with.
 
-    python benchmarks/suite_step_times.py                 # evidence and fairness, ~6 min here
-    python benchmarks/suite_step_times.py --suites noisy_full --repeats 25
+    python benchmarks/suite_step_times.py      # the evidence and fairness suites, ~6 min here
 
 Every run's step is the trainer's own: its config from `fashion_mnist_suites.build_config`
 (configs/fashion_mnist.py plus the suite's fields), the real data pipeline's first training
 batch, the step jitted as the trainer jits it (`jit_train_step`) over `--cpu_devices` devices
 (default 1, as the suites' runs trained). A method whose own part starts late (HAM's and
-DAFA's warm-up, CFA's calibration, AWP's warm-up) is timed in each phase, its state's step moved
-to the phase's first step. HAM is timed per bucket (the hard set forced to the bucket's rows through
-`FORCE_HARD_KEY`; the mining pass still runs) and on an empty batch; the cross-batch step on a
-mining-only step and over a buffer's whole cycle (`flush_extra`: what one flush adds). A HAM run
-branched from PGD-AT (`branch_from`) trained its warm-up epochs as that run: they are priced at
-its step. Compilation is excluded: a warm-up call, then `--repeats` calls, the cases in a new
-random order each repeat (`shuffled_seconds`); a case's seconds are the least of its calls. A
-step's work does not vary, so interference only adds to it: on this 2-core machine one PGD-AT
-step took 0.40-0.58 s within one run with nothing else running, and the medians of 7-9 calls put
-TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while
-the least of 15 keeps every method at or above PGD-AT and DAFA beside TRADES, its base. Read
-them to about 10%: FAAL's two runs have the same step and timed at 0.40 and 0.44 s. The
-medians and every call's time are in the JSON too.
+DAFA's warm-up, CFA's calibration, AWP's warm-up) is timed in each phase, its state's step
+moved to the phase's first step. HAM is timed per bucket (the hard set forced to the bucket's
+rows through `FORCE_HARD_KEY`, as int8 so that the mining pass still runs) and with no hard
+row; the cross-batch step on a mining-only step and over a buffer's whole cycle
+(`flush_extra`: what one flush adds). A HAM run branched from PGD-AT (`branch_from`) trained its
+warm-up epochs as that run: they are priced at its step.
 
-Writes benchmarks/results/fashion_mnist_step_times.json (`--out`); the compare driver's
-`--report_only` reads it. Stop other work on the machine first: the point is an idle machine.
+Compilation is excluded: a warm-up call, then `--repeats` calls, the cases in a new random
+order each repeat (`shuffled_seconds`); a case's seconds are the least of its calls. A step's
+work does not vary, so interference only adds to it: on this 2-core machine one PGD-AT step
+took 0.40-0.58 s within one run with nothing else running, and the medians of 7-9 calls put
+TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while the least
+of 15 keeps every method at or above PGD-AT and DAFA beside TRADES, its base. FAAL's two runs
+have the same step: they timed at 0.417 and 0.414 s (0.40 and 0.44 s in a less quiet timing).
+The medians, every call's time and the CPU's busy share in the second before the timing are in
+the JSON too.
+
+Writes benchmarks/results/fashion_mnist_step_times.json (`--out`, rewritten whole); the compare
+driver reads it. Stop other work on the machine first (SIGSTOP a background run): the point is
+an idle machine. The noisy suite is not priced: CAAT's meta step every `meta_interval` steps
+would need its own case.
 """
 
 from __future__ import annotations
@@ -52,19 +56,20 @@ from hamjax.backends.cpu.compile_options import compiler_options
 from hamjax.data import iterate_batches, load_splits, meta_batch
 from hamjax.flops import cpu_isa
 from hamjax.methods import get_method, start_fields
-from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes
+from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes, forced_hard_rows
 from hamjax.run import build_context
 from hamjax.sharding import make_mesh, put_replicated, shard_batch
 from hamjax.state import create_train_state
 from hamjax.train.step import jit_train_step, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fashion_mnist_suites import build_config, is_shipped, suite_runs  # noqa: I001
+from fashion_mnist_suites import build_config, suite_runs, timing_key  # noqa: I001
 from ham_cost import cycle_steps, forced_hard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "fashion_mnist_step_times.json")
 NO_ROOT = "/suite_step_times/no-root"  # build_config needs one; nothing is read from it
+PRICED_SUITES = ("evidence", "fairness")
 
 
 def start_epochs(config, method) -> list[int]:
@@ -104,8 +109,9 @@ class RunSteps:
         if hard_rows is not None:
             batch = len(host["label"])
             devices = self.mesh.devices.size
-            host[FORCE_HARD_KEY] = (forced_hard(batch, devices, hard_rows / batch, rs)
-                                    if hard_rows else np.zeros(batch, bool))
+            host[FORCE_HARD_KEY] = forced_hard_rows(
+                forced_hard(batch, devices, hard_rows / batch, rs) if hard_rows
+                else np.zeros(batch, bool))
         return shard_batch(host, self.mesh)
 
 
@@ -137,9 +143,10 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
     """(timed cases, per run: steps per epoch and its phases as case names to fill in)."""
     cases, runs = {}, {}
     for suite in suites:
-        if not is_shipped(suite):
-            raise SystemExit(f"--suites {suite}: only the shipped suites (full split, the "
-                             "setup's budget) are priced; scaled suites change per invocation")
+        if suite not in PRICED_SUITES:
+            raise SystemExit(f"--suites {suite}: only {', '.join(PRICED_SUITES)} are priced "
+                             "(the scaled suites change per invocation; the noisy suite's CAAT "
+                             "meta step is not timed)")
         for name, spec in suite_runs(suite).items():
             if "from_suite" in spec:
                 continue  # timed with the suite that trains it
@@ -148,9 +155,11 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
             phases = []
             for epoch in start_epochs(run.config, run.method):
                 if "branch_from" in spec and epoch == 0:
-                    phases.append({"from_epoch": 1, "case": f"{suite}/{spec['branch_from']}@0",
-                                   "branched_from": f"{suite}/{spec['branch_from']}"})
-                elif run.method.name == "ham" and epoch > 0 and (
+                    source = timing_key(suite, spec["branch_from"])
+                    phases.append({"from_epoch": 1, "case": f"{source}@0",
+                                   "branched_from": source})
+                elif run.method.name == "ham" and epoch >= int(
+                        run.config.method.warmup_epochs) and (
                         run.config.method.bucketed or run.config.method.cross_batch_rows):
                     more, template = ham_cases(f"{key}@{epoch}", run, epoch, rs)
                     cases.update(more)
@@ -184,6 +193,23 @@ def priced_phase(phase: dict, seconds: dict, ends: dict) -> dict:
     return out
 
 
+def cpu_busy_share(seconds: float = 1.0) -> float | None:
+    """The share of all CPUs' time spent busy over the next `seconds` (/proc/stat; None where
+    there is none): what else is running, where the load average lags by a minute."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return None
+    return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
+
+
 def shuffled_seconds(cases: dict, repeats: int, rs) -> tuple[dict, dict]:
     """Per case (step, state, batches): seconds per step of running the batches in turn from a
     fresh copy of the state, once per repeat, the cases in a new random order each repeat (so no
@@ -214,7 +240,8 @@ def shuffled_seconds(cases: dict, repeats: int, rs) -> tuple[dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suites", nargs="+", default=["evidence", "fairness"])
+    parser.add_argument("--suites", nargs="+", default=list(PRICED_SUITES),
+                        choices=PRICED_SUITES)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cpu_devices", default="1",
                         help="host devices on the CPU (the suites' runs used 1)")
@@ -222,7 +249,7 @@ def main() -> None:
     args = parser.parse_args()
     rs = np.random.RandomState(0)
     mesh = make_mesh()
-    load_before = list(os.getloadavg())
+    busy_before = cpu_busy_share()
     cases, runs = plan(args.suites, mesh, {}, rs)
     times, ends = shuffled_seconds(cases, args.repeats, rs)
     # The least of the repeats: a step's work does not vary, interference only adds to it.
@@ -238,8 +265,7 @@ def main() -> None:
                     "devices_per_run": mesh.devices.size,
                     "cpu_isa": cpu_isa() if device.platform == "cpu" else None,
                     "compiler_options": compiler_options(),
-                    "load_average_before": load_before,
-                    "load_average_after": list(os.getloadavg())},
+                    "cpu_busy_before": busy_before},
         "repeats": args.repeats,
         "seconds_per_case": seconds,
         "median_per_case": {name: round(statistics.median(t), 5) for name, t in times.items()},

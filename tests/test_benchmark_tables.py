@@ -437,3 +437,17 @@ def test_step_times_phases_follow_each_methods_late_starts(tmp_path):
         assert starts[ham] == [0, 6]  # the PGD-AT epochs of the official recipe, then mining
     for plain in ("pgd_at", "trades", "mart", "pgd_at_ema", "wat"):
         assert starts[plain] == [0], plain
+
+
+def test_the_wall_caption_names_the_rows_no_step_timing_prices():
+    priced = dict(_attacked("pgd_at", 0, 0.7, 0.3, 100), quiet_seconds=40.0)
+    unpriced = _attacked("mart", 0, 0.7, 0.4, 120)
+    text = results.wall_caption([priced, unpriced], "cmd", {"cpu_busy_before": 0.02})
+    assert "(`cmd`; the CPU was 2% busy in the second before;" in text
+    assert "Not priced (no step timing): mart seed 0;" in text
+    assert results.wall_caption([priced], "cmd", {}).endswith("use the quiet one.")
+    assert results.wall_caption([priced], None, None) == results.WALL_UNPRICED
+    assert results.wall_caption([unpriced], "cmd", None) == results.WALL_UNPRICED
+    # A run read from another suite is timed with that suite.
+    assert suites.timing_key("fairness", "pgd_at") == "evidence/pgd_at"
+    assert suites.timing_key("fairness", "mart") == "fairness/mart"

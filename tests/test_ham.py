@@ -25,9 +25,11 @@ from hamjax.config import base_config, method_config, validate_config
 from hamjax.errors import ConfigError
 from hamjax.methods import get_method
 from hamjax.methods.ham import (
+    FORCE_HARD_KEY,
     HamSettings,
     bucket_sizes,
     choose_branch,
+    forced_hard_rows,
     ham_loss,
     ham_terms,
     select_rows,
@@ -366,6 +368,35 @@ def test_all_hard_uses_full_bucket_and_updates(state, train_step):
     changed = jax.tree.leaves(jax.tree.map(lambda u, v: bool(jnp.any(u != v)), new.params,
                                            state.params))
     assert any(changed)
+
+
+def test_a_forced_hard_set_costs_and_steps_as_the_mined_one(state, train_step):
+    """FORCE_HARD_KEY (a benchmark hook): int8 rows of -1 follow the mining pass, int8 and bool
+    sets give the step of that set, and the int8 step keeps the mining forward pass that a bool
+    set lets XLA drop (same compiled FLOPs as a real step), so forced timings cost what runs pay."""
+    from hamjax.flops import compiled_flops
+
+    ctx, _ = train_step
+    step = jax.jit(make_train_step(ctx, get_method("ham")))  # the fixture's stays one compile
+    batch = marker_batch(5, seed=3)
+    marked = np.asarray(jnp.argmax(batch["image"][:, 0, :C, 0], axis=1) != batch["label"])
+    real = step(state, batch)
+    assert float(real[1]["hard_fraction"]) == 5 / B
+    forced = {"follow mining": np.full(B, -1, np.int8), "int8": forced_hard_rows(marked),
+              "bool": marked}
+    for name, hard in forced.items():
+        out = step(state, {**batch, FORCE_HARD_KEY: jnp.asarray(hard)})
+        jax.tree.map(lambda u, v, n=name: np.testing.assert_array_equal(u, v, err_msg=n),
+                     jax.device_get(out), jax.device_get(real))
+
+    def flops(b):
+        return compiled_flops(step.lower(state, b).compile())
+
+    real_flops = flops(batch)
+    dropped = real_flops - flops({**batch, FORCE_HARD_KEY: jnp.asarray(marked)})
+    assert dropped > 1000  # the bool set's step lacks the mining forward pass
+    # the int8 one has it, plus its few elementwise ops per row
+    assert abs(flops({**batch, FORCE_HARD_KEY: jnp.asarray(forced["int8"])}) - real_flops) <= 4 * B
 
 
 def test_step_never_recompiles_across_hard_fractions(state, train_step):

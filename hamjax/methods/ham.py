@@ -79,9 +79,17 @@ from hamjax.validation import is_int, is_number, require
 Array = jax.Array
 Params = Any
 
-# Optional batch entry (bool[B]) that replaces the mined hard set: a hook for tests and
-# benchmarks that need a chosen hard fraction. Real batches never carry it.
+# Optional batch entry that replaces the mined hard set: a hook for tests and benchmarks that
+# need a chosen hard fraction. Real batches never carry it. bool[B], or int8[B] with -1 for a
+# row the mining pass decides: with int8 (`forced_hard_rows`) XLA cannot know that every row is
+# forced, so it keeps the mining forward pass that a bool set makes dead code, and a forced step
+# costs what a real one does.
 FORCE_HARD_KEY = "ham_force_hard"
+
+
+def forced_hard_rows(hard: np.ndarray) -> np.ndarray:
+    """A FORCE_HARD_KEY entry (int8: 1 hard, 0 easy) that leaves the mining pass in the step."""
+    return np.asarray(hard, bool).astype(np.int8)
 
 DEFAULTS: dict[str, Any] = {
     # Epochs of plain PGD-AT before HAM. The official code starts HAM when
@@ -463,7 +471,12 @@ def _mine_and_select(ctx, s, params, batch_stats, x, y, rng, force_hard):
         step_size=s.step_size, mining_step=s.mining_step,
         random_start=bool(ctx.config.attack.random_start),
     )
-    hard = mined if force_hard is None else force_hard.astype(bool)
+    if force_hard is None:
+        hard = mined
+    elif force_hard.dtype == jnp.bool_:
+        hard = force_hard
+    else:  # -1: as mined (see FORCE_HARD_KEY)
+        hard = jnp.where(force_hard < 0, mined, force_hard > 0)
     selected = select_rows(
         hard, info.loss, jax.random.fold_in(rng, 1),
         keep_easy_fraction=s.keep_easy_fraction, hard_keep_fraction=s.hard_keep_fraction,
