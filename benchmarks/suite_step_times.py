@@ -23,9 +23,10 @@ work does not vary, so interference only adds to it: on this 2-core machine one 
 took 0.40-0.58 s within one run with nothing else running, and the medians of 7-9 calls put
 TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while the least
 of 15 keeps every method at or above PGD-AT and DAFA beside TRADES, its base. FAAL's two runs
-have the same step: they timed at 0.417 and 0.414 s (0.40 and 0.44 s in a less quiet timing).
-The medians, every call's time and the CPU's busy share in the second before the timing are in
-the JSON too.
+have the same step: they timed at 0.395 and 0.410 s (0.40 and 0.44 s in a less quiet timing).
+The medians, every call's time, the CPU's busy share in the second before the timing and, for
+every case but HAM's, the step's FLOPs, FLOP/s and fraction of the CPU's peak are in the JSON
+too.
 
 Writes benchmarks/results/fashion_mnist_step_times.json (`--out`, rewritten whole); the compare
 driver reads it. Stop other work on the machine first (SIGSTOP a background run): the point is
@@ -54,7 +55,7 @@ import numpy as np
 
 from hamjax.backends.cpu.compile_options import compiler_options
 from hamjax.data import iterate_batches, load_splits, meta_batch
-from hamjax.flops import cpu_isa
+from hamjax.flops import cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import get_method, start_fields
 from hamjax.methods.ham import FORCE_HARD_KEY, bucket_sizes, forced_hard_rows
 from hamjax.run import build_context
@@ -238,6 +239,22 @@ def shuffled_seconds(cases: dict, repeats: int, rs) -> tuple[dict, dict]:
     return times, ends
 
 
+def case_flops(cases: dict, seconds: dict, mesh) -> dict:
+    """Per one-step case with a fixed cost: FLOPs of the step (the jaxpr count, loops multiplied
+    out, `hamjax.flops`), achieved FLOP/s at its seconds and the fraction of the CPU's peak.
+    HAM's cases are left out: their FLOPs depend on the bucket, and the count sums every
+    branch of its switch."""
+    out = {}
+    for name, (step, state, batches) in cases.items():
+        if len(batches) != 1 or FORCE_HARD_KEY in batches[0]:
+            continue
+        flops, notes = jaxpr_flops(step, state, batches[0])
+        dtype = str(np.dtype(jax.tree.leaves(state.params)[0].dtype))
+        out[name] = flop_report(flops, seconds[name], dtype, list(mesh.devices.flat),
+                                notes=notes)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suites", nargs="+", default=list(PRICED_SUITES),
@@ -270,6 +287,7 @@ def main() -> None:
         "seconds_per_case": seconds,
         "median_per_case": {name: round(statistics.median(t), 5) for name, t in times.items()},
         "times_per_case": {name: [round(x, 5) for x in t] for name, t in times.items()},
+        "flops_per_case": case_flops(cases, seconds, mesh),
         "runs": priced,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
