@@ -67,7 +67,7 @@ from fashion_mnist_results import (
     write_results,
 )
 from fashion_mnist_suites import build_config, is_shipped, suite_runs, timing_key, workdir_of
-from quiet_wall import priced_row, read_step_times
+from quiet_wall import priced_row, read_step_times, timed_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,7 +269,14 @@ def main() -> None:
     rows = [row(name, seed, r) for (name, seed), r in zip(jobs, reports, strict=True)
             if r is not None]
     step_json = read_step_times(step_times_path(args)) if is_shipped(args.suite) else {}
-    step_times = step_json.get("runs", {})
+
+    def timing_of(suite: str, name: str, seed: int) -> dict | None:
+        """The run's step timing, where it trained as the timed steps ran (device kind and
+        count): CPU timings price no GPU run."""
+        devices = run_devices(workdir_of(args.root, suite, name, seed))
+        if not timed_like(devices, step_json.get("machine", {})):
+            return None
+        return step_json.get("runs", {}).get(timing_key(suite, name))
     for i, r in enumerate(rows):
         spec = runs[r["run"]]
         own_report = reports[jobs.index((r["run"], r["seed"]))]
@@ -282,9 +289,8 @@ def main() -> None:
             if start_report is not None:
                 r = rows[i] = with_start_cost(r, own_report, start_report,
                                               f"{start_suite}/{start_name}")
-                start = (start_report, step_times.get(timing_key(start_suite, start_name)))
-        rows[i] = priced_row(r, own_report, step_times.get(timing_key(args.suite, r["run"])),
-                             start)
+                start = (start_report, timing_of(start_suite, start_name, r["seed"]))
+        rows[i] = priced_row(r, own_report, timing_of(args.suite, r["run"], r["seed"]), start)
     def workdir_row(r: dict) -> str:
         return workdir_of(args.root, args.suite, r["run"], r["seed"])
 

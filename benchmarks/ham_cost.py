@@ -8,7 +8,8 @@ Both are the real `make_train_step` (attack, training pass, optimiser) on the sa
 and state. The hard set is forced to a chosen fraction through the batch hook
 `hamjax.methods.ham.FORCE_HARD_KEY`, as int8 (`forced_hard_rows`: the mining pass still runs and
 is timed; only its decision is replaced; before this hook took int8, a bool set let XLA drop
-the mining forward pass, so the published ratios below leave out one forward pass of the batch).
+the mining forward pass, so ratios timed then leave out one forward pass of the batch:
+docs/results/ham_cost.md says which).
 Compile time is excluded: one warm-up call, then the median of `--repeats` calls,
 each ended by block_until_ready, the steps timed in turn within each repeat (ratios are
 medians of per-repeat ratios). Prints JSON: per fraction the bucket used (fraction b), the

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 
 def _bucket_seconds(metrics: dict, phase: dict, where: str) -> float:
+    if not any(key.startswith("bucket_share/") for key in metrics):
+        raise ValueError(f"{where}: a HAM phase, but the epoch records no bucket_share/* "
+                         "metrics to price its steps by")
     shares = {key.split("/", 1)[1]: value for key, value in metrics.items()
               if key.startswith("bucket_share/") and value > 0}
     untimed = sorted(set(shares) - set(phase["buckets"]))
@@ -42,7 +45,10 @@ def step_seconds(metrics: dict, phase: dict, where: str = "epoch") -> float:
     if "buckets" in phase:
         return _bucket_seconds(metrics, phase, where)
     if "mine" in phase:
-        return phase["mine"] + metrics.get("cross_batch_flush", 0.0) * phase["flush_extra"]
+        if "cross_batch_flush" not in metrics:
+            raise ValueError(f"{where}: a cross-batch phase, but the epoch records no "
+                             "cross_batch_flush to price its flushes by")
+        return phase["mine"] + metrics["cross_batch_flush"] * phase["flush_extra"]
     return phase["seconds"]
 
 
@@ -73,6 +79,15 @@ def read_step_times(path: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def timed_like(devices: list[str], machine: dict) -> bool:
+    """Whether a run that trained on `devices` ("cpu:0", ...) ran as the steps of a timing on
+    `machine` (its "device" kind and "devices_per_run"): CPU timings never price a GPU run, nor
+    a one-device timing a run on two host devices."""
+    kind = str(machine.get("device", "")).split(":")[0]
+    return (bool(devices) and len(devices) == machine.get("devices_per_run")
+            and all(d.split(":")[0] == kind for d in devices))
 
 
 def priced_row(r: dict, report: dict, timing: dict | None,

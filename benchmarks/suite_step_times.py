@@ -20,10 +20,11 @@ warm-up epochs as that run: they are priced at its step.
 Compilation is excluded: a warm-up call, then `--repeats` calls, the cases in a new random
 order each repeat (`shuffled_seconds`); a case's seconds are the least of its calls. A step's
 work does not vary, so interference only adds to it: on this 2-core machine one PGD-AT step
-took 0.40-0.58 s within one run with nothing else running, and the medians of 7-9 calls put
-TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while the least
-of 15 keeps every method at or above PGD-AT and DAFA beside TRADES, its base. FAAL's two runs
-have the same step: they timed at 0.395 and 0.410 s (0.40 and 0.44 s in a less quiet timing).
+took 0.40-0.58 s within one early run with nothing else running, and the medians of 7-9 calls
+put TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while the
+least of 15 puts PGD-AT, PGD-AT+EMA and FAAL (the same attack and passes) within 4% of each
+other and DAFA beside TRADES, its base. FAAL's two runs have the same step: they timed at 0.395
+and 0.410 s (0.40 and 0.44 s in a less quiet timing).
 The medians, every call's time, the CPU's busy share in the second before the timing and, for
 every case but HAM's, the step's FLOPs, FLOP/s and fraction of the CPU's peak are in the JSON
 too.
@@ -242,8 +243,8 @@ def shuffled_seconds(cases: dict, repeats: int, rs) -> tuple[dict, dict]:
 def case_flops(cases: dict, seconds: dict, mesh) -> dict:
     """Per one-step case with a fixed cost: FLOPs of the step (the jaxpr count, loops multiplied
     out, `hamjax.flops`), achieved FLOP/s at its seconds and the fraction of the CPU's peak.
-    HAM's cases are left out: their FLOPs depend on the bucket, and the count sums every
-    branch of its switch."""
+    HAM's cases are left out: their FLOPs depend on the bucket the step runs, and the count
+    takes its switch's most expensive branch."""
     out = {}
     for name, (step, state, batches) in cases.items():
         if len(batches) != 1 or FORCE_HARD_KEY in batches[0]:

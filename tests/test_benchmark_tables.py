@@ -451,3 +451,17 @@ def test_the_wall_caption_names_the_rows_no_step_timing_prices():
     # A run read from another suite is timed with that suite.
     assert suites.timing_key("fairness", "pgd_at") == "evidence/pgd_at"
     assert suites.timing_key("fairness", "mart") == "fairness/mart"
+
+
+def test_step_times_price_only_runs_trained_as_they_were_timed():
+    machine = {"device": "cpu:cpu", "devices_per_run": 1}
+    assert quiet_wall.timed_like(["cpu:0"], machine)
+    assert not quiet_wall.timed_like(["cuda:0"], machine)  # a GPU run, CPU step times
+    assert not quiet_wall.timed_like(["cpu:0", "cpu:1"], machine)  # two host devices
+    assert not quiet_wall.timed_like([], machine)  # no run record
+    # A HAM phase or a cross-batch phase without its metrics is an error, not a free epoch.
+    with pytest.raises(ValueError, match="no bucket_share"):
+        quiet_wall.quiet_seconds([record(3, 0, 1)], HAM_TIMING)
+    cross = {"steps_per_epoch": 1, "phases": [{"from_epoch": 1, "mine": 0.2, "flush_extra": 1}]}
+    with pytest.raises(ValueError, match="no cross_batch_flush"):
+        quiet_wall.quiet_seconds([record(1, 0, 1)], cross)

@@ -389,6 +389,17 @@ def test_a_forced_hard_set_costs_and_steps_as_the_mined_one(state, train_step):
         jax.tree.map(lambda u, v, n=name: np.testing.assert_array_equal(u, v, err_msg=n),
                      jax.device_get(out), jax.device_get(real))
 
+    # Forcing overrides the mining pass: every row hard; or the mined set (-1) with two easy
+    # rows forced hard and one hard row forced easy.
+    _, everything = step(state, {**batch, FORCE_HARD_KEY: jnp.ones(B, jnp.int8)})
+    assert float(everything["hard_fraction"]) == 1.0 and float(everything["bucket_size"]) == B
+    mixed = np.full(B, -1, np.int8)
+    mixed[np.flatnonzero(~marked)[:2]], mixed[np.flatnonzero(marked)[0]] = 1, 0
+    _, some = step(state, {**batch, FORCE_HARD_KEY: jnp.asarray(mixed)})
+    assert float(some["hard_fraction"]) == 6 / B  # 5 mined + 2 - 1
+    with pytest.raises(ValueError, match="signed integer"):
+        step(state, {**batch, FORCE_HARD_KEY: jnp.ones(B, jnp.uint8)})
+
     def flops(b):
         return compiled_flops(step.lower(state, b).compile())
 

@@ -475,8 +475,12 @@ def _mine_and_select(ctx, s, params, batch_stats, x, y, rng, force_hard):
         hard = mined
     elif force_hard.dtype == jnp.bool_:
         hard = force_hard
-    else:  # -1: as mined (see FORCE_HARD_KEY)
+    elif jnp.issubdtype(force_hard.dtype, jnp.signedinteger):  # -1: as mined (FORCE_HARD_KEY)
         hard = jnp.where(force_hard < 0, mined, force_hard > 0)
+    else:
+        raise ValueError(f"batch[{FORCE_HARD_KEY!r}] has dtype {force_hard.dtype}: it takes bool, "
+                         "or a signed integer with 1 hard, 0 easy, -1 as mined "
+                         "(forced_hard_rows)")
     selected = select_rows(
         hard, info.loss, jax.random.fold_in(rng, 1),
         keep_easy_fraction=s.keep_easy_fraction, hard_keep_fraction=s.hard_keep_fraction,
