@@ -380,34 +380,37 @@ def test_a_forced_hard_set_costs_and_steps_as_the_mined_one(state, train_step):
     step = jax.jit(make_train_step(ctx, get_method("ham")))  # the fixture's stays one compile
     batch = marker_batch(5, seed=3)
     marked = np.asarray(jnp.argmax(batch["image"][:, 0, :C, 0], axis=1) != batch["label"])
-    real = step(state, batch)
+
+    def with_hard(hard):
+        return {**batch, FORCE_HARD_KEY: jnp.asarray(hard)}
+
+    # One compile per batch structure: no key, an int8 set, a bool set.
+    examples = {"real": batch, "int8": with_hard(forced_hard_rows(marked)),
+                "bool": with_hard(marked)}
+    programs = {kind: step.lower(state, example).compile() for kind, example in examples.items()}
+    real = programs["real"](state, batch)
     assert float(real[1]["hard_fraction"]) == 5 / B
-    forced = {"follow mining": np.full(B, -1, np.int8), "int8": forced_hard_rows(marked),
-              "bool": marked}
-    for name, hard in forced.items():
-        out = step(state, {**batch, FORCE_HARD_KEY: jnp.asarray(hard)})
+    for name, kind, hard in (("follow mining", "int8", np.full(B, -1, np.int8)),
+                             ("int8", "int8", forced_hard_rows(marked)), ("bool", "bool", marked)):
+        out = programs[kind](state, with_hard(hard))
         jax.tree.map(lambda u, v, n=name: np.testing.assert_array_equal(u, v, err_msg=n),
                      jax.device_get(out), jax.device_get(real))
 
     # Forcing overrides the mining pass: every row hard; or the mined set (-1) with two easy
     # rows forced hard and one hard row forced easy.
-    _, everything = step(state, {**batch, FORCE_HARD_KEY: jnp.ones(B, jnp.int8)})
+    _, everything = programs["int8"](state, with_hard(np.ones(B, np.int8)))
     assert float(everything["hard_fraction"]) == 1.0 and float(everything["bucket_size"]) == B
     mixed = np.full(B, -1, np.int8)
     mixed[np.flatnonzero(~marked)[:2]], mixed[np.flatnonzero(marked)[0]] = 1, 0
-    _, some = step(state, {**batch, FORCE_HARD_KEY: jnp.asarray(mixed)})
+    _, some = programs["int8"](state, with_hard(mixed))
     assert float(some["hard_fraction"]) == 6 / B  # 5 mined + 2 - 1
     with pytest.raises(ValueError, match="signed integer"):
-        step(state, {**batch, FORCE_HARD_KEY: jnp.ones(B, jnp.uint8)})
+        step.lower(state, with_hard(np.ones(B, np.uint8)))
 
-    def flops(b):
-        return compiled_flops(step.lower(state, b).compile())
-
-    real_flops = flops(batch)
-    dropped = real_flops - flops({**batch, FORCE_HARD_KEY: jnp.asarray(marked)})
-    assert dropped > 1000  # the bool set's step lacks the mining forward pass
+    flops = {kind: compiled_flops(program) for kind, program in programs.items()}
+    assert flops["real"] - flops["bool"] > 1000  # the bool set's step lacks the mining pass
     # the int8 one has it, plus its few elementwise ops per row
-    assert abs(flops({**batch, FORCE_HARD_KEY: jnp.asarray(forced["int8"])}) - real_flops) <= 4 * B
+    assert abs(flops["int8"] - flops["real"]) <= 4 * B
 
 
 def test_step_never_recompiles_across_hard_fractions(state, train_step):
