@@ -11,7 +11,9 @@ taken alone.
 
 A run's timing (one entry of the step-times JSON) is its steps per epoch and its phases, each
 from a 1-based epoch on (a method whose own part starts late has two):
-- {"from_epoch": e, "seconds": t}: every step costs t;
+- {"from_epoch": e, "seconds": t}: every step costs t; with "meta_extra": x and
+  "meta_steps_per_epoch": n (CAAT), n steps of each epoch also run the meta update and cost x
+  more;
 - {"from_epoch": e, "buckets": {fraction: t, ...}, "empty": t}: HAM, whose step cost is that of
   the bucket it ran; the epoch's record holds the share of steps per bucket
   (`bucket_share/<fraction>`), and the rest ran none (no hard row: an empty batch for the
@@ -64,9 +66,13 @@ def quiet_seconds(epochs: list[dict], timing: dict, where: str = "run") -> float
     """The run's training seconds on a quiet machine: per finished epoch (records with `epoch`
     and `train_metrics`, as report.json and metrics.jsonl hold them), its steps times the mean
     step seconds of its phase."""
-    return sum(timing["steps_per_epoch"] * step_seconds(
-        e.get("train_metrics", {}), phase_of(e["epoch"], timing["phases"]),
-        f"{where} epoch {e['epoch']}") for e in epochs)
+    total = 0.0
+    for e in epochs:
+        phase = phase_of(e["epoch"], timing["phases"])
+        total += timing["steps_per_epoch"] * step_seconds(
+            e.get("train_metrics", {}), phase, f"{where} epoch {e['epoch']}")
+        total += phase.get("meta_steps_per_epoch", 0) * phase.get("meta_extra", 0.0)
+    return total
 
 
 def read_step_times(path: str) -> dict:

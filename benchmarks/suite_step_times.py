@@ -5,6 +5,9 @@ no other work on the machine: what prices the runs' epochs into a quiet-machine 
 the load the runs happened to share the cores with.
 
     python benchmarks/suite_step_times.py      # the evidence and fairness suites, ~6 min here
+    python benchmarks/suite_step_times.py --suites evidence fairness noisy_full
+                                               # with the noisy suite (the JSON is rewritten
+                                               # whole: name every suite to keep)
 
 Every run's step is the trainer's own: its config from `fashion_mnist_suites.build_config`
 (configs/fashion_mnist.py plus the suite's fields), the real data pipeline's first training
@@ -31,8 +34,8 @@ too.
 
 Writes benchmarks/results/fashion_mnist_step_times.json (`--out`, rewritten whole); the compare
 driver reads it. Stop other work on the machine first (SIGSTOP a background run): the point is
-an idle machine. The noisy suite is not priced: CAAT's meta step every `meta_interval` steps
-would need its own case.
+an idle machine. CAAT (the noisy_full suite) is timed on a plain step and on one that runs its
+meta update (every `meta_interval` steps), priced at their shares of an epoch.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from ham_cost import cycle_steps, forced_hard
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "fashion_mnist_step_times.json")
 NO_ROOT = "/suite_step_times/no-root"  # build_config needs one; nothing is read from it
-PRICED_SUITES = ("evidence", "fairness")
+PRICED_SUITES = ("evidence", "fairness", "noisy_full")
 
 
 def start_epochs(config, method) -> list[int]:
@@ -100,9 +103,9 @@ class RunSteps:
             host.update(meta_batch(splits.meta, config.train.batch_size, config.seed, 0))
         self.host_batch = host
 
-    def at_epoch(self, epoch: int):
-        """The fresh state moved to the first step of 0-based `epoch`."""
-        step = jnp.asarray(epoch * self.ctx.steps_per_epoch, jnp.int32)
+    def at_epoch(self, epoch: int, offset: int = 0):
+        """The fresh state moved to step `offset` of 0-based `epoch`."""
+        step = jnp.asarray(epoch * self.ctx.steps_per_epoch + offset, jnp.int32)
         return put_replicated(jax.device_get(self.state).replace(step=step), self.mesh)
 
     def batch(self, hard_rows: int | None = None, rs=None) -> dict:
@@ -115,6 +118,16 @@ class RunSteps:
                 forced_hard(batch, devices, hard_rows / batch, rs) if hard_rows
                 else np.zeros(batch, bool))
         return shard_batch(host, self.mesh)
+
+
+def meta_steps_per_epoch(run: RunSteps) -> int:
+    """Steps an epoch that also run CAAT's meta update (hamjax.methods.caat_meta.meta_due: in-epoch
+    batch indices interval - 1, 2 interval - 1, ...); 0 for other methods, and for an interval
+    of 1, where every step runs it (one case then times them all)."""
+    interval = int(run.config.method.get("meta_interval", 0)) if run.method.needs_meta_batch else 0
+    if interval <= 1:
+        return 0
+    return run.ctx.steps_per_epoch // interval
 
 
 def ham_cases(name: str, run: RunSteps, epoch: int, rs) -> tuple[dict, dict]:
@@ -147,8 +160,7 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
     for suite in suites:
         if suite not in PRICED_SUITES:
             raise SystemExit(f"--suites {suite}: only {', '.join(PRICED_SUITES)} are priced "
-                             "(the scaled suites change per invocation; the noisy suite's CAAT "
-                             "meta step is not timed)")
+                             "(the scaled suites change per invocation)")
         for name, spec in suite_runs(suite).items():
             if "from_suite" in spec:
                 continue  # timed with the suite that trains it
@@ -170,6 +182,13 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
                 else:
                     cases[f"{key}@{epoch}"] = (run.step, run.at_epoch(epoch), [run.batch()])
                     phases.append({"from_epoch": epoch + 1, "case": f"{key}@{epoch}"})
+                    meta = meta_steps_per_epoch(run)
+                    if meta:  # CAAT: its meta update runs at in-epoch batch interval - 1, ...
+                        interval = int(run.config.method.meta_interval)
+                        cases[f"{key}@{epoch}@meta"] = (
+                            run.step, run.at_epoch(epoch, interval - 1), [run.batch()])
+                        phases[-1].update(meta_case=f"{key}@{epoch}@meta",
+                                          meta_steps_per_epoch=meta)
             runs[key] = {"steps_per_epoch": run.ctx.steps_per_epoch, "method": run.method.name,
                          "phases": phases}
     return cases, runs
@@ -182,6 +201,9 @@ def priced_phase(phase: dict, seconds: dict, ends: dict) -> dict:
     prefix = phase.get("prefix")
     if "case" in phase:
         out["seconds"] = seconds[phase["case"]]
+        if "meta_case" in phase:  # what a step with CAAT's meta update adds
+            out.pop("meta_case")
+            out["meta_extra"] = round(seconds[phase["meta_case"]] - out["seconds"], 5)
     elif "buckets" in phase:
         out["buckets"] = {b: seconds[f"{prefix}@{b}"] for b in phase["buckets"]}
         out["empty"] = seconds[f"{prefix}@empty"]
@@ -258,7 +280,7 @@ def case_flops(cases: dict, seconds: dict, mesh) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suites", nargs="+", default=list(PRICED_SUITES),
+    parser.add_argument("--suites", nargs="+", default=["evidence", "fairness"],
                         choices=PRICED_SUITES)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cpu_devices", default="1",

@@ -388,6 +388,10 @@ def test_quiet_wall_prices_each_epoch_at_its_phase_and_bucket_mix():
     # epoch 2: 10 x (0.2 + 0.25 x 1.2) = 5.0
     assert quiet_wall.quiet_seconds([record(1, 0, 1), record(2, 0, 0.5, cross_batch_flush=0.25)],
                                     cross) == pytest.approx(15.0)
+    # CAAT: 2 of an epoch's 10 steps also run the meta update, 3.0 s more each
+    caat = {"steps_per_epoch": 10, "phases": [
+        {"from_epoch": 1, "seconds": 1.0, "meta_extra": 3.0, "meta_steps_per_epoch": 2}]}
+    assert quiet_wall.quiet_seconds([record(1, 0, 1), record(2, 0, 1)], caat) == 2 * (10 + 6)
     late = {"steps_per_epoch": 4, "phases": [{"from_epoch": 5, "seconds": 2.0},
                                              {"from_epoch": 1, "seconds": 1.0}]}
     assert quiet_wall.quiet_seconds([record(e, 0, 1) for e in (4, 5, 6)], late) == 4 + 8 + 8
