@@ -87,6 +87,27 @@ def read_step_times(path: str) -> dict:
         return json.load(f)
 
 
+def cost_config(config: dict) -> dict:
+    """The fields of a run's config (as report.json holds it) that set what its step costs and
+    how many steps an epoch has: the model, the method, the training attack, the batch, the
+    averaging and the data splits."""
+    return {"model": config["model"], "method": config["method"], "attack": config["attack"],
+            "data": {k: config["data"].get(k) for k in ("name", "image_size", "train_size",
+                                                         "val_size", "meta_per_class")},
+            "train": {k: config["train"].get(k) for k in ("batch_size", "ema_decay",
+                                                          "steps_per_dispatch")}}
+
+
+def same_cost_config(timed: dict, trained: dict) -> bool:
+    """Whether the steps were timed with the config a run trained with (`cost_config` of each).
+    A field the run's config lacks (added to hamjax after it started, at its default) is not
+    compared; any other difference is (e.g. runs of an earlier model)."""
+    if isinstance(timed, dict) and isinstance(trained, dict):
+        return all(key not in trained or same_cost_config(value, trained[key])
+                   for key, value in timed.items())
+    return timed == trained or trained is None
+
+
 def timed_like(devices: list[str], machine: dict) -> bool:
     """Whether a run that trained on `devices` ("cpu:0", ...) ran as the steps of a timing on
     `machine` (its "device" kind and "devices_per_run"): CPU timings never price a GPU run, nor
@@ -102,6 +123,10 @@ def priced_row(r: dict, report: dict, timing: dict | None,
     run it fine-tunes when its cost counts that run (`start`: its report and timing). Unchanged
     when a timing is missing: a quiet wall time is never half measured."""
     if timing is None or (start is not None and start[1] is None):
+        return r
+    pairs = [(report, timing)] + ([start] if start is not None else [])
+    if not all(same_cost_config(t.get("cost_config", {}), cost_config(rep["config"]))
+               for rep, t in pairs if "config" in rep):
         return r
     quiet = quiet_seconds(report["epochs"], timing, r["run"])
     if start is not None:

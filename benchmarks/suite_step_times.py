@@ -26,8 +26,8 @@ work does not vary, so interference only adds to it: on this 2-core machine one 
 took 0.40-0.58 s within one early run with nothing else running, and the medians of 7-9 calls
 put TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while the
 least of 15 puts PGD-AT, PGD-AT+EMA and FAAL (the same attack and passes) within 4% of each
-other and DAFA beside TRADES, its base. FAAL's two runs have the same step: they timed at 0.395
-and 0.410 s (0.40 and 0.44 s in a less quiet timing).
+other and DAFA beside TRADES, its base. FAAL's two runs have the same step: they timed 3% apart
+(0.408 and 0.420 s; 0.40 and 0.44 s in a less quiet timing).
 The medians, every call's time, the CPU's busy share in the second before the timing and, for
 every case but HAM's, the step's FLOPs, FLOP/s and fraction of the CPU's peak are in the JSON
 too.
@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hamjax.backends.cpu.compile_options import compiler_options
+from hamjax.config import config_to_json
 from hamjax.data import iterate_batches, load_splits, meta_batch
 from hamjax.flops import cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import get_method, start_fields
@@ -70,6 +71,7 @@ from hamjax.train.step import jit_train_step, make_train_step
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fashion_mnist_suites import build_config, suite_runs, timing_key  # noqa: I001
 from ham_cost import cycle_steps, forced_hard
+from quiet_wall import cost_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "fashion_mnist_step_times.json")
@@ -190,6 +192,8 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
                         phases[-1].update(meta_case=f"{key}@{epoch}@meta",
                                           meta_steps_per_epoch=meta)
             runs[key] = {"steps_per_epoch": run.ctx.steps_per_epoch, "method": run.method.name,
+                         "cost_config": cost_config(json.loads(json.dumps(
+                             config_to_json(run.config)))),
                          "phases": phases}
     return cases, runs
 
@@ -265,11 +269,13 @@ def shuffled_seconds(cases: dict, repeats: int, rs) -> tuple[dict, dict]:
 def case_flops(cases: dict, seconds: dict, mesh) -> dict:
     """Per one-step case with a fixed cost: FLOPs of the step (the jaxpr count, loops multiplied
     out, `hamjax.flops`), achieved FLOP/s at its seconds and the fraction of the CPU's peak.
-    HAM's cases are left out: their FLOPs depend on the bucket the step runs, and the count
-    takes its switch's most expensive branch."""
+    HAM's and CAAT's cases are left out: their FLOPs depend on the branch the step runs (HAM's
+    bucket, CAAT's meta update or not), and the count takes the most expensive one (a plain
+    CAAT step would read 126% of the peak)."""
     out = {}
     for name, (step, state, batches) in cases.items():
-        if len(batches) != 1 or FORCE_HARD_KEY in batches[0]:
+        if (len(batches) != 1 or FORCE_HARD_KEY in batches[0] or name.endswith("@meta")
+                or f"{name}@meta" in cases):
             continue
         flops, notes = jaxpr_flops(step, state, batches[0])
         dtype = str(np.dtype(jax.tree.leaves(state.params)[0].dtype))

@@ -469,3 +469,20 @@ def test_step_times_price_only_runs_trained_as_they_were_timed():
     cross = {"steps_per_epoch": 1, "phases": [{"from_epoch": 1, "mine": 0.2, "flush_extra": 1}]}
     with pytest.raises(ValueError, match="no cross_batch_flush"):
         quiet_wall.quiet_seconds([record(1, 0, 1)], cross)
+
+
+def test_step_times_price_only_runs_of_the_config_they_timed():
+    config = {"model": {"name": "fmnist_cnn"}, "method": {"name": "pgd_at"},
+              "attack": {"steps": 10}, "data": {"name": "fashion_mnist", "val_size": 5000},
+              "train": {"batch_size": 128, "ema_decay": 0.0, "steps_per_dispatch": 1}}
+    timing = {"steps_per_epoch": 10, "phases": [{"from_epoch": 1, "seconds": 1.0}],
+              "cost_config": quiet_wall.cost_config(config)}
+    row = _attacked("pgd_at", 0, 0.7, 0.3, 100)
+    same = {"config": config, "epochs": [record(1, 0, 1)]}
+    assert quiet_wall.priced_row(row, same, timing)["quiet_seconds"] == 10
+    # A run from before a field existed (no steps_per_dispatch in its config) is still priced.
+    older = dict(config, train={"batch_size": 128, "ema_decay": 0.0})
+    assert "quiet_seconds" in quiet_wall.priced_row(row, dict(same, config=older), timing)
+    # A run of another model (the small_cnn suites of earlier sessions) is not.
+    other = dict(config, model={"name": "small_cnn"})
+    assert "quiet_seconds" not in quiet_wall.priced_row(row, dict(same, config=other), timing)
