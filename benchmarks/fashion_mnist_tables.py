@@ -19,7 +19,7 @@ def quiet_mean(rows: list[dict]) -> float | None:
     """Mean quiet-machine seconds (benchmarks/quiet_wall.py) of rows that all have one."""
     if not rows or any("quiet_seconds" not in r for r in rows):
         return None
-    return sum(r["quiet_seconds"] for r in rows) / len(rows)
+    return _mean([r["quiet_seconds"] for r in rows])
 
 
 def spread_line(label: str, results: list[dict]) -> tuple[str, dict]:

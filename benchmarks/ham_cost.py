@@ -213,10 +213,12 @@ def cycle_steps(rows: int, hard: int) -> int:
     return rows // math.gcd(rows, hard)
 
 
-def chained_seconds(cases: dict, repeats: int) -> tuple[dict, dict]:
+def chained_seconds(cases: dict, repeats: int,
+                    rs: np.random.RandomState | None = None) -> tuple[dict, dict]:
     """Per case (step, state, batches): seconds per step of running the batches in turn from a
     fresh copy of the state (each call chained on the last), the cases interleaved within each
-    repeat; plus each case's final state of the compiling warm-up run."""
+    repeat (with `rs`, in a new random order each repeat, so that no case always follows the
+    same one); plus each case's (final state, updates applied) of the compiling warm-up run."""
     fresh = lambda state: jax.block_until_ready(jax.tree.map(jnp.copy, state))
 
     def go(step, state, batches):
@@ -229,8 +231,11 @@ def chained_seconds(cases: dict, repeats: int) -> tuple[dict, dict]:
     ends = {name: go(step, fresh(state), batches)
             for name, (step, state, batches) in cases.items()}
     times: dict = {name: [] for name in cases}
+    names = list(cases)
     for _ in range(repeats):
-        for name, (step, state, batches) in cases.items():
+        for i in (range(len(names)) if rs is None else rs.permutation(len(names))):
+            name = names[i]
+            step, state, batches = cases[name]
             copy = fresh(state)
             start = time.perf_counter()
             go(step, copy, batches)

@@ -24,6 +24,9 @@ from a 1-based epoch on (a method whose own part starts late has two):
 
 from __future__ import annotations
 
+import json
+import os
+
 
 def _bucket_seconds(metrics: dict, phase: dict, where: str) -> float:
     if not any(key.startswith("bucket_share/") for key in metrics):
@@ -78,9 +81,6 @@ def quiet_seconds(epochs: list[dict], timing: dict, where: str = "run") -> float
 def read_step_times(path: str) -> dict:
     """suite_step_times.py's JSON (its "runs": run key "suite/run" -> timing); {} when there is
     none."""
-    import json
-    import os
-
     if not path or not os.path.exists(path):
         return {}
     with open(path) as f:

@@ -21,16 +21,16 @@ row; the cross-batch step on a mining-only step and over a buffer's whole cycle
 warm-up epochs as that run: they are priced at its step.
 
 Compilation is excluded: a warm-up call, then `--repeats` calls, the cases in a new random
-order each repeat (`shuffled_seconds`); a case's seconds are the least of its calls. A step's
-work does not vary, so interference only adds to it: on this 2-core machine one PGD-AT step
+order each repeat (`ham_cost.chained_seconds`); a case's seconds are the least of its calls. A
+step's work does not vary, so interference only adds to it: on this 2-core machine one PGD-AT step
 took 0.40-0.58 s within one early run with nothing else running, and the medians of 7-9 calls
 put TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while the
 least of 15 puts PGD-AT, PGD-AT+EMA and FAAL (the same attack and passes) within 4% of each
 other and DAFA beside TRADES, its base. FAAL's two runs have the same step: they timed 3% apart
 (0.408 and 0.420 s; 0.40 and 0.44 s in a less quiet timing).
 The medians, every call's time, the CPU's busy share in the second before the timing and, for
-every case but HAM's, the step's FLOPs, FLOP/s and fraction of the CPU's peak are in the JSON
-too.
+every case but HAM's and CAAT's, the step's FLOPs, FLOP/s and fraction of the CPU's peak are in
+the JSON too.
 
 Writes benchmarks/results/fashion_mnist_step_times.json (`--out`, rewritten whole); the compare
 driver reads it. Stop other work on the machine first (SIGSTOP a background run): the point is
@@ -70,7 +70,7 @@ from hamjax.train.step import jit_train_step, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fashion_mnist_suites import build_config, suite_runs, timing_key  # noqa: I001
-from ham_cost import cycle_steps, forced_hard
+from ham_cost import chained_seconds, cycle_steps, forced_hard
 from quiet_wall import cost_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,34 +238,6 @@ def cpu_busy_share(seconds: float = 1.0) -> float | None:
     return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
 
 
-def shuffled_seconds(cases: dict, repeats: int, rs) -> tuple[dict, dict]:
-    """Per case (step, state, batches): seconds per step of running the batches in turn from a
-    fresh copy of the state, once per repeat, the cases in a new random order each repeat (so no
-    case always follows the same one: a fixed order put ~10% on the first case here); plus
-    each case's (final state, updates applied) from its compiling warm-up run."""
-    fresh = lambda state: jax.block_until_ready(jax.tree.map(jnp.copy, state))
-
-    def go(step, state, batches):
-        applied = 0.0
-        for batch in batches:
-            state, metrics = step(state, batch)
-            applied = applied + metrics["update_applied"]  # on device: no sync per step
-        return jax.block_until_ready(state), float(applied)
-
-    ends = {name: go(step, fresh(state), batches)
-            for name, (step, state, batches) in cases.items()}
-    times: dict = {name: [] for name in cases}
-    names = list(cases)
-    for _ in range(repeats):
-        for i in rs.permutation(len(names)):
-            step, state, batches = cases[names[i]]
-            copy = fresh(state)
-            start = time.perf_counter()
-            go(step, copy, batches)
-            times[names[i]].append((time.perf_counter() - start) / len(batches))
-    return times, ends
-
-
 def case_flops(cases: dict, seconds: dict, mesh) -> dict:
     """Per one-step case with a fixed cost: FLOPs of the step (the jaxpr count, loops multiplied
     out, `hamjax.flops`), achieved FLOP/s at its seconds and the fraction of the CPU's peak.
@@ -297,7 +269,8 @@ def main() -> None:
     mesh = make_mesh()
     busy_before = cpu_busy_share()
     cases, runs = plan(args.suites, mesh, {}, rs)
-    times, ends = shuffled_seconds(cases, args.repeats, rs)
+    # In a new random order each repeat: a fixed order put ~10% on the first case here.
+    times, ends = chained_seconds(cases, args.repeats, rs)
     # The least of the repeats: a step's work does not vary, interference only adds to it.
     seconds = {name: round(min(t), 5) for name, t in times.items()}
     priced = {key: dict(run, phases=[priced_phase(p, seconds, ends) for p in run["phases"]])
