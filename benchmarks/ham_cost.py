@@ -122,6 +122,13 @@ def median_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
+def least_ratio(times: list[float], reference: list[float]) -> float:
+    """The least call over the reference's least call: load on a shared machine only ever adds
+    time, so the minima are the steadier estimate of each step's own cost (medians of per-repeat
+    ratios moved by up to 0.1 between two runs of the same command on the 2-core machine)."""
+    return min(times) / min(reference)
+
+
 def ledger_total(step, state, batch: dict) -> float:
     new, _ = step(jax.tree.map(jnp.copy, state), batch)
     return float(new.ledger.forward + new.ledger.backward)
@@ -157,7 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pgd_step, pgd_state = make_step(make_config(args.model, args.batch, _pgd()), args.image_size,
                                     mesh)
     pgd_passes = ledger_total(pgd_step, pgd_state, batch)
-    method = method_config("ham", warmup_epochs=0, mining_step=args.mining_step)
+    buckets = {"buckets": tuple(args.buckets)} if args.buckets else {}
+    method = method_config("ham", warmup_epochs=0, mining_step=args.mining_step, **buckets)
     config = make_config(args.model, args.batch, method)
     steps, m = int(config.attack.steps), args.mining_step
     ham_step, ham_state = make_step(config, args.image_size, mesh)
@@ -166,13 +174,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     masked_step, masked_state = make_step(masked_config, args.image_size, mesh)
 
     cases = {"pgd_at": (pgd_step, pgd_state, batch)}
-    cases.update({f"ham@{f}": (ham_step, ham_state, forced(f)) for f in FRACTIONS})
+    fractions = tuple(args.fractions)
+    cases.update({f"ham@{f}": (ham_step, ham_state, forced(f)) for f in fractions})
     cases["masked@0.25"] = (masked_step, masked_state, forced(0.25))
     times, metrics = interleaved_seconds(cases, args.repeats)
     t_pgd = times["pgd_at"]
 
     rows = []
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         name = f"ham@{fraction}"
         b = metrics[name]["bucket_fraction"]
         rows.append({
@@ -180,6 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bucket_fraction": b,
             "ham_seconds": round(statistics.median(times[name]), 5),
             "measured_ratio": round(median_ratio(times[name], t_pgd), 3),
+            "least_ratio": round(least_ratio(times[name], t_pgd), 3),
             "ideal_ratio": round((m + (steps - m) * b + b) / (steps + 1), 3),
             "ledger_ratio": round(ledger_total(ham_step, ham_state, cases[name][2]) / pgd_passes,
                                   3),
@@ -194,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats, "device": f"{device.platform}:{device.device_kind}",
         "conv": "hamjax.models.layers.conv_impl() = " + conv_impl().__name__,
         "pgd_at_seconds": round(statistics.median(t_pgd), 5),
+        "pgd_at_least_seconds": round(min(t_pgd), 5),
         # HAM's FLOPs depend on the hard set; PGD-AT's fix the scale (HAM's ~ ideal_ratio x these)
         "pgd_at_flops": flop_report(pgd_flops, statistics.median(t_pgd), config.model.dtype,
                                     list(mesh.devices.flat),
@@ -204,8 +215,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "masked_reference_at_0.25": {
             "seconds": round(statistics.median(times["masked@0.25"]), 5),
             "measured_ratio": round(median_ratio(times["masked@0.25"], t_pgd), 3),
+            "least_ratio": round(least_ratio(times["masked@0.25"], t_pgd), 3),
         },
     }
+
+
+def cpu_busy_share(seconds: float = 1.0) -> float | None:
+    """The share of all CPUs' time spent busy over the next `seconds` (/proc/stat; None where
+    there is none): what else is running, where the load average lags by a minute."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return None
+    return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
 
 
 def cycle_steps(rows: int, hard: int) -> int:
@@ -303,6 +332,7 @@ def run_small_batches(args: argparse.Namespace) -> dict[str, Any]:
                 "bucket_fraction": bucket,
                 "seconds_per_step": round(statistics.median(times["faithful"]), 5),
                 "measured_ratio": round(median_ratio(times["faithful"], t_pgd), 3),
+                "least_ratio": round(least_ratio(times["faithful"], t_pgd), 3),
                 "ideal_ratio": round((m + (steps - m) * bucket + bucket) / (steps + 1), 3),
                 "ledger_ratio": round(passes(ends["faithful"][0]) / pgd_passes, 3),
             },
@@ -311,6 +341,7 @@ def run_small_batches(args: argparse.Namespace) -> dict[str, Any]:
                 "flushes_per_cycle": int(ends["cross_batch"][1]),
                 "seconds_per_step": round(statistics.median(times["cross_batch"]), 5),
                 "measured_ratio": round(median_ratio(times["cross_batch"], t_pgd), 3),
+                "least_ratio": round(least_ratio(times["cross_batch"], t_pgd), 3),
                 "ideal_ratio": round((m + (steps - m + 1) * hard) / (steps + 1), 3),
                 "ledger_ratio": round(passes(ends["cross_batch"][0]) / cycle / pgd_passes, 3),
             },
@@ -339,6 +370,11 @@ def main() -> None:
     parser.add_argument("--mining_step", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1,
                         help="mesh size; on the CPU that many fake host devices (XLA_FLAGS)")
+    parser.add_argument("--buckets", type=float, nargs="*", default=None,
+                        help="HAM's bucket fractions (method.buckets); default the method's. "
+                             "Fewer buckets compile faster on a large model")
+    parser.add_argument("--fractions", type=float, nargs="*", default=FRACTIONS,
+                        help="the hard fractions to force")
     parser.add_argument("--per_device_batches", type=int, nargs="*", default=None,
                         help="time faithful and cross-batch HAM at these per-device batches")
     parser.add_argument("--hard_fraction", type=float, default=0.25,
@@ -348,7 +384,10 @@ def main() -> None:
     args = parser.parse_args()
     if jax.device_count() < args.devices:
         raise SystemExit(f"--devices {args.devices}: only {jax.device_count()} device(s) here")
+    busy_before = cpu_busy_share()
     result = run_small_batches(args) if args.per_device_batches else run(args)
+    result = {"command": "python benchmarks/ham_cost.py " + " ".join(sys.argv[1:]),
+              "cpu_busy_before": busy_before, **result}
     print(json.dumps(result, indent=2))
 
 

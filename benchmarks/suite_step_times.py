@@ -46,7 +46,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 from hamjax.cpu_devices import setting_from_argv, use_cpu_devices
 
@@ -70,7 +69,7 @@ from hamjax.train.step import jit_train_step, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fashion_mnist_suites import build_config, suite_runs, timing_key  # noqa: I001
-from ham_cost import chained_seconds, cycle_steps, forced_hard
+from ham_cost import chained_seconds, cpu_busy_share, cycle_steps, forced_hard
 from quiet_wall import cost_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,23 +218,6 @@ def priced_phase(phase: dict, seconds: dict, ends: dict) -> dict:
         out.update(mine=mine, flush_extra=round(cycle * (seconds[f"{prefix}@cycle"] - mine), 5),
                    cycle_steps=cycle)
     return out
-
-
-def cpu_busy_share(seconds: float = 1.0) -> float | None:
-    """The share of all CPUs' time spent busy over the next `seconds` (/proc/stat; None where
-    there is none): what else is running, where the load average lags by a minute."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except OSError:
-        return None
-    return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
 
 
 def case_flops(cases: dict, seconds: dict, mesh) -> dict:
