@@ -50,6 +50,7 @@ from fashion_mnist_logs import (
     best_is_last,
     epoch_records,
     epoch_row,
+    report_until_epoch,
     row,
     run_devices,
     train_windows,
@@ -286,9 +287,12 @@ def main() -> None:
                                        else (args.suite, spec["init_from"]))
             start_report = run_one(start_suite, start_name, args.epochs, args.train_size,
                                    args.root, r["seed"], train=False)
+            label = f"{start_suite}/{start_name}"
+            if start_report is not None and spec.get("init_epoch"):  # only what it started from
+                start_report = report_until_epoch(start_report, spec["init_epoch"])
+                label += f" (epochs 1-{spec['init_epoch']})"
             if start_report is not None:
-                r = rows[i] = with_start_cost(r, own_report, start_report,
-                                              f"{start_suite}/{start_name}")
+                r = rows[i] = with_start_cost(r, own_report, start_report, label)
                 start = (start_report, timing_of(start_suite, start_name, r["seed"]))
         rows[i] = priced_row(r, own_report, timing_of(args.suite, r["run"], r["seed"]), start)
     def workdir_row(r: dict) -> str:

@@ -140,6 +140,24 @@ def with_wall_ratios(per_run: dict[str, list[dict]], reference: str = "pgd_at",
                                                       3)
 
 
+def report_until_epoch(report: dict, epoch: int) -> dict:
+    """A finished run's report cut to its first `epoch` epochs, for a fine-tune that started
+    from the end of that epoch (`train.init_epoch`): its epochs, and its cost summed over them.
+    `relative_to_pgd_at` stays against the whole run's PGD-AT equivalent, the baseline a
+    fine-tune's total cost reads against (`with_start_cost`): 6 of 12 PGD-AT epochs are 0.5."""
+    epochs = report["epochs"][:epoch]
+    if len(epochs) < epoch:
+        raise ValueError(f"the start run has {len(report['epochs'])} epochs, not {epoch}")
+    whole = report["cost"]
+    baseline = (whole["forward_passes"] + whole["backward_passes"]) / whole["relative_to_pgd_at"]
+    forward = sum(e["ledger"]["forward"] for e in epochs)
+    backward = sum(e["ledger"]["backward"] for e in epochs)
+    cost = dict(whole, forward_passes=forward, backward_passes=backward,
+                relative_to_pgd_at=(forward + backward) / baseline,
+                train_seconds_excluding_compile=sum(e["train_seconds"] for e in epochs))
+    return dict(report, epochs=epochs, cost=cost)
+
+
 def with_start_cost(r: dict, report: dict, start: dict, start_name: str) -> dict:
     """Row `r` of a run that fine-tunes another (`report` its own, `start` the other's) with that
     run's training counted in: train seconds added, and `cost_vs_pgd_at` the passes of both

@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps_per_dispatch = 1
     c.train.eval_every_epochs = 1
     c.train.init_from = ""  # a workdir or checkpoint dir to fine-tune from (weights only)
+    # Which of init_from's checkpoints: 0 its best (else last); N its checkpoint at the end of
+    # epoch N (a fine-tune from part of a run: FAAL on HAM's PGD-AT warm-up).
+    c.train.init_epoch = 0
     # Branch: start from another run's full state (weights, optimiser, step, RNG, records) at the
     # end of epoch branch_epoch, with this config's method from then on (hamjax.run.branch_run).
     c.train.branch_from = ""
@@ -320,6 +323,11 @@ def _validate_train(train, fresh_start: bool) -> None:
              init_from, "no such workdir, or it holds no checkpoint (a <step>/ directory in its "
              "best/ or checkpoints/); point it at a finished run's --workdir, or '' to train "
              "from scratch")
+    _int(train, "train", "init_epoch", 0, " (0: init_from's best, else last, checkpoint; N: "
+         "its checkpoint at the end of epoch N)")
+    require(train.init_epoch == 0 or init_from, "train.init_epoch", train.init_epoch,
+            "picks a checkpoint of train.init_from, which is empty: set train.init_from to the "
+            "run's workdir, or init_epoch to 0")
     _validate_branch(train, fresh_start)
 
 

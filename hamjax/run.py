@@ -60,15 +60,19 @@ def build_context(config, splits, mesh=None) -> StepContext:
     )
 
 
-def load_init_weights(state: TrainState, init_from: str) -> TrainState:
-    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint.
+def load_init_weights(state: TrainState, init_from: str, epoch: int = 0) -> TrainState:
+    """Fine-tuning: weights and BN statistics from another run's best (else last) checkpoint,
+    or (`epoch` N >= 1) its checkpoint at the end of epoch N.
 
     Only those two are read, so the source may be a run of another method (a PGD-AT warm start
     for CAAT, whose method state has a different shape); the model must be the same."""
     source = Checkpointer(init_from, read_only=True)  # looking creates nothing there
     try:
-        kind = BEST if source.latest_step(BEST) is not None else LAST
-        saved = source.restore_host(kind=kind)
+        if epoch:
+            saved = source.restore_host(kind=LAST, step=epoch_end_step(source, init_from, epoch))
+        else:
+            kind = BEST if source.latest_step(BEST) is not None else LAST
+            saved = source.restore_host(kind=kind)
     finally:
         source.close()
     if saved is None:
@@ -174,6 +178,24 @@ def branch_differences(source_config: Mapping[str, Any], config: Mapping[str, An
     schedule, attack, evaluation and seed must agree."""
     return [c for c in config_changes(source_config, config)
             if not c["field"].startswith(BRANCH_MAY_DIFFER)]
+
+
+def epoch_end_step(source: Checkpointer, where: str, epoch: int) -> int:
+    """The step of `source`'s kept checkpoint saved at the end of epoch `epoch`: the one whose
+    records hold exactly `epoch` epochs, not saved mid-epoch (read from each checkpoint's
+    metadata, so the source's batch size and split need not be this run's)."""
+    ends = {}
+    for step in source.steps(LAST):
+        meta = source.read_meta(LAST, step) or {}
+        if not meta.get("partial_epoch") and "epochs" in meta:
+            ends[len(meta["epochs"])] = step
+    if epoch not in ends:
+        raise CheckpointError(
+            f"config.train.init_from={where!r} keeps no checkpoint at the end of epoch {epoch} "
+            f"(it keeps the ends of epochs {sorted(ends)}). Fix: set config.train.init_epoch to "
+            "one of those (0: its best, else last, checkpoint), or rerun the source with more "
+            "config.train.keep_checkpoints")
+    return ends[epoch]
 
 
 def load_branch(config: ml_collections.ConfigDict, splits: Splits, fresh: TrainState,

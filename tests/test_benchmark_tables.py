@@ -335,6 +335,9 @@ def test_fairness_suite_runs_every_method_with_its_recipe(tmp_path):
     faal = configs["faal"]
     assert faal.train.init_from == suites.workdir_of(str(tmp_path), "evidence", "pgd_at", 1)
     assert (faal.train.epochs, faal.train.lr) == (2, 0.01)
+    assert faal.train.init_epoch == 0  # the selected checkpoint
+    early = configs["faal_from_pgd_at_epoch6"]
+    assert (early.train.init_from, early.train.init_epoch) == (faal.train.init_from, 6)
     # The baseline is the evidence suite's PGD-AT of the same seed, on the same setup.
     root = str(tmp_path)
     assert suites.workdir_of(root, "fairness", "pgd_at", 1) == suites.workdir_of(
@@ -364,6 +367,41 @@ def test_a_fine_tune_that_counts_its_start_carries_its_cost_and_wall_time():
     fairness = suites.suite_runs("fairness")
     assert fairness["faal"]["cost_includes_start"]
     assert fairness["faal_from_ham_train_at_m"]["init_from"] == ("evidence", "ham_train_at_m")
+
+
+def test_a_fine_tune_from_part_of_a_run_counts_only_the_epochs_it_started_from():
+    """FAAL's 2 epochs (1.14x PGD-AT's passes each) from the end of epoch 6 of a 12-epoch PGD-AT
+    run: the start counts 6 epochs' passes and seconds, and the total reads against the whole
+    12-epoch PGD-AT run, (6 + 2 x 1.14) / 12; the quiet wall prices only those 6 epochs."""
+    epoch = {"ledger": {"forward": 50.0, "backward": 50.0, "relative_to_pgd_at": 1.0},
+             "train_seconds": 100.0}
+    start = {"epochs": [dict(epoch, train_seconds=100.0 + i) for i in range(12)],
+             "cost": {"forward_passes": 600.0, "backward_passes": 600.0,
+                      "relative_to_pgd_at": 1.0, "train_seconds_excluding_compile": 1266.0}}
+    cut = logs.report_until_epoch(start, 6)
+    assert len(cut["epochs"]) == 6 and len(start["epochs"]) == 12
+    assert cut["cost"]["forward_passes"] == cut["cost"]["backward_passes"] == 300.0
+    assert cut["cost"]["relative_to_pgd_at"] == 0.5
+    assert cut["cost"]["train_seconds_excluding_compile"] == 600.0 + 15.0
+    own = {"cost": {"forward_passes": 114.0, "backward_passes": 114.0,
+                    "relative_to_pgd_at": 1.14, "train_seconds_excluding_compile": 700.0}}
+    r = {"run": "faal_from_pgd_at_epoch6", "seed": 0, "cost_vs_pgd_at": 1.14,
+         "train_seconds": 700.0}
+    counted = logs.with_start_cost(r, own, cut, "evidence/pgd_at (epochs 1-6)")
+    assert counted["cost_vs_pgd_at"] == pytest.approx((6 + 2 * 1.14) / 12)
+    assert counted["train_seconds"] == 700.0 + 615.0
+    # A HAM start (a cheaper epoch) keeps the whole run's PGD-AT equivalent as the baseline.
+    cheap = dict(epoch, ledger={"forward": 25.0, "backward": 25.0, "relative_to_pgd_at": 0.5})
+    ham = {"epochs": [epoch] * 6 + [cheap] * 6,
+           "cost": {"forward_passes": 450.0, "backward_passes": 450.0,
+                    "relative_to_pgd_at": 0.75, "train_seconds_excluding_compile": 1200.0}}
+    assert logs.report_until_epoch(ham, 8)["cost"]["relative_to_pgd_at"] == pytest.approx(
+        (6 + 2 * 0.5) / 12)
+    with pytest.raises(ValueError, match="12 epochs, not 13"):
+        logs.report_until_epoch(start, 13)
+    spec = suites.suite_runs("fairness")["faal_from_pgd_at_epoch6"]
+    assert (spec["init_from"], spec["init_epoch"], spec["cost_includes_start"]) == (
+        ("evidence", "pgd_at"), 6, True)
 
 
 # A timing as benchmarks/suite_step_times.py writes it: a HAM run branched from PGD-AT (its

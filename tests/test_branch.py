@@ -137,3 +137,33 @@ def test_a_branch_from_a_workdir_without_checkpoints_is_refused(tmp_path):
     config = _branched(_config(), tmp_path / "nothing")
     with pytest.raises(ConfigError, match=r"train\.branch_from.*holds no checkpoint"):
         validate_config(config, fresh_start=True)
+
+
+def test_a_fine_tune_starts_from_the_end_of_the_epoch_it_names(source, tmp_path):
+    """`train.init_epoch` N: the weights and BN statistics of the source's checkpoint at the end
+    of epoch N (step N x steps per epoch), not its selected or last one; an epoch it did not
+    keep is refused with the epochs it kept."""
+    workdir, _ = source
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        at_epoch_1 = ckpt.restore_host(step=STEPS_PER_EPOCH)
+        last = ckpt.restore_host()
+    finally:
+        ckpt.close()
+    config = _config()
+    config.train.init_from, config.train.init_epoch = str(workdir), 1
+    state, _ = Trainer(config, str(tmp_path / "fine")).initial_state()
+    assert int(state.step) == 0
+    for got, want in ((state.params, at_epoch_1["params"]),
+                      (state.batch_stats, at_epoch_1["batch_stats"])):
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), y)
+    assert any(not np.array_equal(x, y) for x, y in zip(
+        jax.tree.leaves(at_epoch_1["params"]), jax.tree.leaves(last["params"]), strict=True))
+    config.train.init_epoch = 5
+    with pytest.raises(CheckpointError, match=r"no checkpoint at the end of epoch 5 \(it keeps "
+                                              r"the ends of epochs \[1, 2, 3\]\)"):
+        Trainer(config, str(tmp_path / "lost")).initial_state()
+    config.train.init_from, config.train.init_epoch = "", 1
+    with pytest.raises(ConfigError, match=r"train\.init_epoch.*set train\.init_from"):
+        validate_config(config)

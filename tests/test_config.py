@@ -67,6 +67,7 @@ INVALID: dict[str, list] = {
     "train.steps_per_dispatch": [0, -1, 2.5, "4", True],
     "train.eval_every_epochs": [0],
     "train.init_from": ["/nonexistent/run", "{empty_dir}", 3],
+    "train.init_epoch": [-1, 1.5, "2"],
     "train.branch_from": ["/nonexistent/run", "{empty_dir}", 3],
     "train.branch_epoch": [-1, 1.5, "2"],
     "train.keep_checkpoints": [0, -1],

@@ -207,7 +207,8 @@ class Trainer:
         if self.config.train.branch_from:
             return self._branch(state)
         if self.config.train.init_from:
-            state = load_init_weights(state, self.config.train.init_from)
+            state = load_init_weights(state, self.config.train.init_from,
+                                      int(self.config.train.init_epoch))
             if self.method.epoch_end is not None:
                 # FRL/CAAT scripts refit their class multipliers before every epoch, the first
                 # included, from the hot-start model; from scratch that refit would read noise.
