@@ -68,7 +68,7 @@ from fashion_mnist_results import (
     write_results,
 )
 from fashion_mnist_suites import build_config, is_shipped, suite_runs, timing_key, workdir_of
-from quiet_wall import priced_row, read_step_times, timed_like
+from quiet_wall import priced_row, read_step_times, timed_like, timing_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,13 +271,17 @@ def main() -> None:
             if r is not None]
     step_json = read_step_times(step_times_path(args)) if is_shipped(args.suite) else {}
 
-    def timing_of(suite: str, name: str, seed: int) -> dict | None:
-        """The run's step timing, where it trained as the timed steps ran (device kind and
-        count): CPU timings price no GPU run."""
+    def timing_of(suite: str, name: str, seed: int, report: dict) -> dict | None:
+        """The run's step timing (its own, else a timed run's with the same step), where it
+        trained as the timed steps ran (device kind and count): CPU timings price no GPU run."""
         devices = run_devices(workdir_of(args.root, suite, name, seed))
         if not timed_like(devices, step_json.get("machine", {})):
             return None
-        return step_json.get("runs", {}).get(timing_key(suite, name))
+        key = timing_key(suite, name)
+        timing, timed_as = timing_for(step_json.get("runs", {}), key, report.get("config"))
+        if timing is not None and timed_as != key:
+            timing = dict(timing, timed_as=timed_as)
+        return timing
     for i, r in enumerate(rows):
         spec = runs[r["run"]]
         own_report = reports[jobs.index((r["run"], r["seed"]))]
@@ -293,8 +297,12 @@ def main() -> None:
                 label += f" (epochs 1-{spec['init_epoch']})"
             if start_report is not None:
                 r = rows[i] = with_start_cost(r, own_report, start_report, label)
-                start = (start_report, timing_of(start_suite, start_name, r["seed"]))
-        rows[i] = priced_row(r, own_report, timing_of(args.suite, r["run"], r["seed"]), start)
+                start = (start_report,
+                         timing_of(start_suite, start_name, r["seed"], start_report))
+        timing = timing_of(args.suite, r["run"], r["seed"], own_report)
+        rows[i] = priced_row(r, own_report, timing, start)
+        if timing is not None and "timed_as" in timing and "quiet_seconds" in rows[i]:
+            rows[i]["quiet_timed_as"] = timing["timed_as"]
     def workdir_row(r: dict) -> str:
         return workdir_of(args.root, args.suite, r["run"], r["seed"])
 

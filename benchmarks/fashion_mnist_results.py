@@ -148,6 +148,11 @@ def wall_caption(rows: list[dict], priced_by: str | None, machine: dict | None) 
     busy = (machine or {}).get("cpu_busy_before")
     text = WALL_CAPTION.format(priced_by=priced_by, busy="" if busy is None else
                                f"; the CPU was {100 * busy:.0f}% busy in the second before")
+    borrowed = sorted({f"{r['run']} at {r['quiet_timed_as']}'s" for r in rows
+                       if "quiet_timed_as" in r})
+    if borrowed:
+        text += (f" Priced at the timed step of another run with the same step config: "
+                 f"{', '.join(borrowed)}.")
     if unpriced:
         text += (f" Not priced (no step timing): {', '.join(unpriced)}; the verdicts and the "
                  "plot use logged times wherever such a run takes part.")

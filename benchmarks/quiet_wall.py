@@ -98,6 +98,20 @@ def cost_config(config: dict) -> dict:
                                                           "steps_per_dispatch")}}
 
 
+def timing_for(runs: dict, key: str, config: dict | None) -> tuple[dict | None, str | None]:
+    """(timing, the key it was timed under) for run `key` of the step-times JSON's "runs": its
+    own, else that of a timed run whose step is the same (an equal `cost_config`, e.g. a second
+    fine-tune with the same method from another start); (None, None) when there is neither."""
+    if key in runs:
+        return runs[key], key
+    if config is not None:
+        wanted = cost_config(config)
+        for other, timing in sorted(runs.items()):
+            if timing.get("cost_config") == wanted:
+                return timing, other
+    return None, None
+
+
 def same_cost_config(timed: dict, trained: dict) -> bool:
     """Whether the steps were timed with the config a run trained with (`cost_config` of each).
     A field the run's config lacks (added to hamjax after it started, at its default) is not

@@ -490,9 +490,34 @@ def test_the_wall_caption_names_the_rows_no_step_timing_prices():
     assert results.wall_caption([priced], "cmd", {}).endswith("use the quiet one.")
     assert results.wall_caption([priced], None, None) == results.WALL_UNPRICED
     assert results.wall_caption([unpriced], "cmd", None) == results.WALL_UNPRICED
+    borrowed = dict(priced, run="faal_b", quiet_timed_as="fairness/faal")
+    assert ("Priced at the timed step of another run with the same step config: faal_b at "
+            "fairness/faal's.") in results.wall_caption([priced, borrowed], "cmd", {})
     # A run read from another suite is timed with that suite.
     assert suites.timing_key("fairness", "pgd_at") == "evidence/pgd_at"
     assert suites.timing_key("fairness", "mart") == "fairness/mart"
+
+
+def test_a_run_without_its_own_timing_is_priced_only_by_a_step_of_the_same_config(tmp_path):
+    """A run the step timing predates borrows the timing of a timed run whose step config is
+    equal (a second FAAL fine-tune); a run whose config differs in any cost field gets none."""
+    spec = suites.suite_runs("fairness")
+    faal = suites.build_config("fairness", spec["faal"], 0, 0, 0, root=str(tmp_path))
+    early = suites.build_config("fairness", spec["faal_from_pgd_at_epoch6"], 0, 0, 0,
+                                root=str(tmp_path))
+    from hamjax.config import config_to_json
+
+    config = lambda c: json.loads(json.dumps(config_to_json(c)))  # as report.json holds it
+    timing = {"steps_per_epoch": 429, "phases": [{"from_epoch": 1, "seconds": 0.4}],
+              "cost_config": quiet_wall.cost_config(config(faal))}
+    runs = {"fairness/faal": timing, "fairness/mart": {"cost_config": {}}}
+    assert quiet_wall.timing_for(runs, "fairness/faal", None) == (timing, "fairness/faal")
+    assert quiet_wall.timing_for(runs, "fairness/faal_from_pgd_at_epoch6",
+                                 config(early)) == (timing, "fairness/faal")
+    other = config(early)
+    other["method"]["lam"] = other["method"].get("lam", 0.0) + 1.0  # another method field
+    assert quiet_wall.timing_for(runs, "fairness/x", other) == (None, None)
+    assert quiet_wall.timing_for(runs, "fairness/x", None) == (None, None)
 
 
 def test_step_times_price_only_runs_trained_as_they_were_timed():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -139,7 +140,7 @@ def test_a_branch_from_a_workdir_without_checkpoints_is_refused(tmp_path):
         validate_config(config, fresh_start=True)
 
 
-def test_a_fine_tune_starts_from_the_end_of_the_epoch_it_names(source, tmp_path):
+def test_a_fine_tune_starts_from_the_end_of_the_epoch_it_names(source, tmp_path, capsys):
     """`train.init_epoch` N: the weights and BN statistics of the source's checkpoint at the end
     of epoch N (step N x steps per epoch), not its selected or last one; an epoch it did not
     keep is refused with the epochs it kept."""
@@ -152,8 +153,12 @@ def test_a_fine_tune_starts_from_the_end_of_the_epoch_it_names(source, tmp_path)
         ckpt.close()
     config = _config()
     config.train.init_from, config.train.init_epoch = str(workdir), 1
-    state, _ = Trainer(config, str(tmp_path / "fine")).initial_state()
+    trainer = Trainer(config, str(tmp_path / "fine"))
+    trainer.log.stream = sys.stdout  # the logger bound sys.stdout before capsys replaced it
+    state, _ = trainer.initial_state()
     assert int(state.step) == 0
+    assert f"fine-tuning the weights of {workdir} (the end of its epoch 1)" in (
+        capsys.readouterr().out)
     for got, want in ((state.params, at_epoch_1["params"]),
                       (state.batch_stats, at_epoch_1["batch_stats"])):
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -207,8 +207,11 @@ class Trainer:
         if self.config.train.branch_from:
             return self._branch(state)
         if self.config.train.init_from:
-            state = load_init_weights(state, self.config.train.init_from,
-                                      int(self.config.train.init_epoch))
+            init_from, init_epoch = self.config.train.init_from, int(self.config.train.init_epoch)
+            state = load_init_weights(state, init_from, init_epoch)
+            self.log.print(f"fine-tuning the weights of {init_from} ("
+                           + (f"the end of its epoch {init_epoch})" if init_epoch else
+                              "its selected, else last, checkpoint)"))
             if self.method.epoch_end is not None:
                 # FRL/CAAT scripts refit their class multipliers before every epoch, the first
                 # included, from the hot-start model; from scratch that refit would read noise.
