@@ -301,8 +301,10 @@ def main() -> None:
                          timing_of(start_suite, start_name, r["seed"], start_report))
         timing = timing_of(args.suite, r["run"], r["seed"], own_report)
         rows[i] = priced_row(r, own_report, timing, start)
-        if timing is not None and "timed_as" in timing and "quiet_seconds" in rows[i]:
-            rows[i]["quiet_timed_as"] = timing["timed_as"]
+        borrowed = [t["timed_as"] for t in (timing, start and start[1])
+                    if t is not None and "timed_as" in t]
+        if borrowed and "quiet_seconds" in rows[i]:
+            rows[i]["quiet_timed_as"] = " and ".join(borrowed)
     def workdir_row(r: dict) -> str:
         return workdir_of(args.root, args.suite, r["run"], r["seed"])
 

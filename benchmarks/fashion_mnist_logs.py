@@ -161,8 +161,9 @@ def report_until_epoch(report: dict, epoch: int) -> dict:
 def with_start_cost(r: dict, report: dict, start: dict, start_name: str) -> dict:
     """Row `r` of a run that fine-tunes another (`report` its own, `start` the other's) with that
     run's training counted in: train seconds added, and `cost_vs_pgd_at` the passes of both
-    against a PGD-AT run as long as the start (FAAL's true cost is a robust model plus its
-    fine-tune). The fine-tune's own numbers stay under `*_own`."""
+    against the PGD-AT equivalent of the start's whole run (`passes / relative_to_pgd_at`; for a
+    start cut by `report_until_epoch`, still the whole run's). FAAL's true cost is a robust model
+    plus its fine-tune. The fine-tune's own numbers stay under `*_own`."""
     own, src = report["cost"], start["cost"]
     own_passes = own["forward_passes"] + own["backward_passes"]
     src_passes = src["forward_passes"] + src["backward_passes"]

@@ -43,6 +43,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -387,6 +389,7 @@ def main() -> None:
     busy_before = cpu_busy_share()
     result = run_small_batches(args) if args.per_device_batches else run(args)
     result = {"command": "python benchmarks/ham_cost.py " + " ".join(sys.argv[1:]),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "cpu_busy_before": busy_before, **result}
     print(json.dumps(result, indent=2))
 

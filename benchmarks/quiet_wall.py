@@ -88,14 +88,19 @@ def read_step_times(path: str) -> dict:
 
 
 def cost_config(config: dict) -> dict:
-    """The fields of a run's config (as report.json holds it) that set what its step costs and
-    how many steps an epoch has: the model, the method, the training attack, the batch, the
-    averaging and the data splits."""
+    """The fields of a run's config (as report.json holds it) that set what its step costs, how
+    many steps an epoch has and which phases its epochs train in: the model, the method, the
+    training attack, the batch, the averaging, the data splits, the epochs and whether it
+    branches from another run."""
+    train = config["train"]
     return {"model": config["model"], "method": config["method"], "attack": config["attack"],
             "data": {k: config["data"].get(k) for k in ("name", "image_size", "train_size",
-                                                         "val_size", "meta_per_class")},
-            "train": {k: config["train"].get(k) for k in ("batch_size", "ema_decay",
-                                                          "steps_per_dispatch")}}
+                                                         "val_size", "meta_per_class",
+                                                         "imbalance_factor")},
+            "train": {**{k: train.get(k) for k in ("batch_size", "ema_decay", "fawa_decay",
+                                                   "steps_per_dispatch", "epochs")},
+                      # a branch's first epochs are its source's steps (the timing's phases)
+                      "branches": bool(train.get("branch_from"))}}
 
 
 def timing_for(runs: dict, key: str, config: dict | None) -> tuple[dict | None, str | None]:

@@ -187,8 +187,8 @@ def epoch_end_step(source: Checkpointer, where: str, epoch: int) -> int:
     ends = {}
     for step in source.steps(LAST):
         meta = source.read_meta(LAST, step) or {}
-        if not meta.get("partial_epoch") and "epochs" in meta:
-            ends[len(meta["epochs"])] = step
+        if meta.get("partial_epoch") is None and "epochs" in meta:
+            ends.setdefault(len(meta["epochs"]), step)  # the earliest: the epoch's end
     if epoch not in ends:
         raise CheckpointError(
             f"config.train.init_from={where!r} keeps no checkpoint at the end of epoch {epoch} "

@@ -370,9 +370,10 @@ def test_a_fine_tune_that_counts_its_start_carries_its_cost_and_wall_time():
 
 
 def test_a_fine_tune_from_part_of_a_run_counts_only_the_epochs_it_started_from():
-    """FAAL's 2 epochs (1.14x PGD-AT's passes each) from the end of epoch 6 of a 12-epoch PGD-AT
-    run: the start counts 6 epochs' passes and seconds, and the total reads against the whole
-    12-epoch PGD-AT run, (6 + 2 x 1.14) / 12; the quiet wall prices only those 6 epochs."""
+    """A 2-epoch fine-tune at 1.14x PGD-AT's passes an epoch (FAAL's TRADES base; the AT base
+    is 1.00) from the end of epoch 6 of a 12-epoch PGD-AT run: the start counts 6 epochs'
+    passes and seconds, and the total reads against the whole 12-epoch PGD-AT run,
+    (6 + 2 x 1.14) / 12."""
     epoch = {"ledger": {"forward": 50.0, "backward": 50.0, "relative_to_pgd_at": 1.0},
              "train_seconds": 100.0}
     start = {"epochs": [dict(epoch, train_seconds=100.0 + i) for i in range(12)],
@@ -517,6 +518,10 @@ def test_a_run_without_its_own_timing_is_priced_only_by_a_step_of_the_same_confi
     other = config(early)
     other["method"]["lam"] = other["method"].get("lam", 0.0) + 1.0  # another method field
     assert quiet_wall.timing_for(runs, "fairness/x", other) == (None, None)
+    for field, value in (("epochs", 3), ("branch_from", "/elsewhere"), ("fawa_decay", 0.88)):
+        other = config(early)
+        other["train"][field] = value  # the phases, or what a step does, differ
+        assert quiet_wall.timing_for(runs, "fairness/x", other) == (None, None), field
     assert quiet_wall.timing_for(runs, "fairness/x", None) == (None, None)
 
 

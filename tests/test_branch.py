@@ -142,29 +142,32 @@ def test_a_branch_from_a_workdir_without_checkpoints_is_refused(tmp_path):
 
 def test_a_fine_tune_starts_from_the_end_of_the_epoch_it_names(source, tmp_path, capsys):
     """`train.init_epoch` N: the weights and BN statistics of the source's checkpoint at the end
-    of epoch N (step N x steps per epoch), not its selected or last one; an epoch it did not
-    keep is refused with the epochs it kept."""
+    of epoch N (step N x steps per epoch), neither its selected nor its last one; an epoch it did
+    not keep is refused with the epochs it kept."""
     workdir, _ = source
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        at_epoch_1 = ckpt.restore_host(step=STEPS_PER_EPOCH)
-        last = ckpt.restore_host()
+        best, last = ckpt.restore_host(kind=BEST), ckpt.restore_host()
+        best_step = ckpt.latest_step(BEST)
+        epoch = next(e for e in (1, 2) if e * STEPS_PER_EPOCH != best_step)  # 3 is the last
+        at_epoch = ckpt.restore_host(step=epoch * STEPS_PER_EPOCH)
     finally:
         ckpt.close()
     config = _config()
-    config.train.init_from, config.train.init_epoch = str(workdir), 1
+    config.train.init_from, config.train.init_epoch = str(workdir), epoch
     trainer = Trainer(config, str(tmp_path / "fine"))
     trainer.log.stream = sys.stdout  # the logger bound sys.stdout before capsys replaced it
     state, _ = trainer.initial_state()
     assert int(state.step) == 0
-    assert f"fine-tuning the weights of {workdir} (the end of its epoch 1)" in (
+    assert f"fine-tuning the weights of {workdir} (the end of its epoch {epoch})" in (
         capsys.readouterr().out)
-    for got, want in ((state.params, at_epoch_1["params"]),
-                      (state.batch_stats, at_epoch_1["batch_stats"])):
+    for got, want in ((state.params, at_epoch["params"]),
+                      (state.batch_stats, at_epoch["batch_stats"])):
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(np.asarray(x), y)
-    assert any(not np.array_equal(x, y) for x, y in zip(
-        jax.tree.leaves(at_epoch_1["params"]), jax.tree.leaves(last["params"]), strict=True))
+    for other in (best, last):  # so loading either of them instead would fail the check above
+        assert any(not np.array_equal(x, y) for x, y in zip(
+            jax.tree.leaves(at_epoch["params"]), jax.tree.leaves(other["params"]), strict=True))
     config.train.init_epoch = 5
     with pytest.raises(CheckpointError, match=r"no checkpoint at the end of epoch 5 \(it keeps "
                                               r"the ends of epochs \[1, 2, 3\]\)"):
@@ -172,3 +175,33 @@ def test_a_fine_tune_starts_from_the_end_of_the_epoch_it_names(source, tmp_path,
     config.train.init_from, config.train.init_epoch = "", 1
     with pytest.raises(ConfigError, match=r"train\.init_epoch.*set train\.init_from"):
         validate_config(config)
+
+
+def test_the_end_of_an_epoch_is_never_a_mid_epoch_save():
+    """Kept steps 10 (end of epoch 1), 15 (mid-epoch 2: one epoch recorded, flagged partial),
+    20 (end of epoch 2), 25 (mid-epoch 3), and 30 recording two epochs without the flag: epoch 1
+    is step 10 and epoch 2 step 20, whatever else recorded as many epochs; with step 10 pruned,
+    epoch 1 is refused rather than taken from the middle of epoch 2."""
+    from hamjax.run import epoch_end_step
+
+    class Kept:
+        mid = {"seconds": 1.0}  # the epoch's record so far
+        metas = {10: {"epochs": [{}]}, 15: {"epochs": [{}], "partial_epoch": mid},
+                 20: {"epochs": [{}, {}]}, 25: {"epochs": [{}, {}], "partial_epoch": mid},
+                 30: {"epochs": [{}, {}]}}
+
+        def steps(self, kind):
+            return sorted(self.metas)
+
+        def read_meta(self, kind, step):
+            return self.metas[step]
+
+    assert epoch_end_step(Kept(), "src", 1) == 10
+    assert epoch_end_step(Kept(), "src", 2) == 20
+    with pytest.raises(CheckpointError, match=r"epochs \[1, 2\]"):
+        epoch_end_step(Kept(), "src", 3)
+    pruned = Kept()
+    pruned.metas = {k: v for k, v in Kept.metas.items() if k != 10}  # epoch 1's end is gone
+    with pytest.raises(CheckpointError, match=r"end of epoch 1 \(it keeps the ends of epochs "
+                                              r"\[2\]\)"):
+        epoch_end_step(pruned, "src", 1)  # not step 15, saved in the middle of epoch 2
