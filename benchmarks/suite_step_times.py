@@ -190,10 +190,10 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
                             run.step, run.at_epoch(epoch, interval - 1), [run.batch()])
                         phases[-1].update(meta_case=f"{key}@{epoch}@meta",
                                           meta_steps_per_epoch=meta)
+            timed = cost_config(json.loads(json.dumps(config_to_json(run.config))))
+            timed["train"]["branches"] = "branch_from" in spec  # RunSteps blanked branch_from
             runs[key] = {"steps_per_epoch": run.ctx.steps_per_epoch, "method": run.method.name,
-                         "cost_config": cost_config(json.loads(json.dumps(
-                             config_to_json(run.config)))),
-                         "phases": phases}
+                         "cost_config": timed, "phases": phases}
     return cases, runs
 
 
