@@ -90,6 +90,7 @@ class RunSteps:
 
     def __init__(self, config, mesh, splits_cache: dict):
         config.train.init_from = config.train.branch_from = ""  # timing needs no weights
+        config.train.init_epoch = 0
         key = json.dumps(config.data.to_dict(), sort_keys=True, default=str) + str(config.seed)
         if key not in splits_cache:
             splits_cache[key] = load_splits(config.data, seed=config.seed)
