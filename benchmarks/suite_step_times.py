@@ -167,7 +167,10 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
             if "from_suite" in spec:
                 continue  # timed with the suite that trains it
             key = f"{suite}/{name}"
-            run = RunSteps(build_config(suite, spec, 0, 0, 0, root=NO_ROOT), mesh, splits_cache)
+            config = build_config(suite, spec, 0, 0, 0, root=NO_ROOT)
+            # As the run trains it: RunSteps then blanks init_from and branch_from (no weights).
+            timed = cost_config(json.loads(json.dumps(config_to_json(config))))
+            run = RunSteps(config, mesh, splits_cache)
             phases = []
             for epoch in start_epochs(run.config, run.method):
                 if "branch_from" in spec and epoch == 0:
@@ -191,8 +194,6 @@ def plan(suites: list[str], mesh, splits_cache: dict, rs) -> tuple[dict, dict]:
                             run.step, run.at_epoch(epoch, interval - 1), [run.batch()])
                         phases[-1].update(meta_case=f"{key}@{epoch}@meta",
                                           meta_steps_per_epoch=meta)
-            timed = cost_config(json.loads(json.dumps(config_to_json(run.config))))
-            timed["train"]["branches"] = "branch_from" in spec  # RunSteps blanked branch_from
             runs[key] = {"steps_per_epoch": run.ctx.steps_per_epoch, "method": run.method.name,
                          "cost_config": timed, "phases": phases}
     return cases, runs
