@@ -26,8 +26,9 @@ step's work does not vary, so interference only adds to it: on this 2-core machi
 took 0.40-0.58 s within one early run with nothing else running, and the medians of 7-9 calls
 put TRADES and PGD-AT+EMA below PGD-AT in one run and TRADES above it in the next, while the
 least of 15 puts PGD-AT, PGD-AT+EMA and FAAL (the same attack and passes) within 4% of each
-other and DAFA beside TRADES, its base. FAAL's two runs have the same step: they timed 3% apart
-(0.408 and 0.420 s; 0.40 and 0.44 s in a less quiet timing).
+other and DAFA beside TRADES, its base. FAAL's three runs have the same step: they timed
+within 3% (0.405, 0.409 and 0.418 s in the committed timing); the same step moved by up to 5%
+between two such timings on different days (MART 1.21x, then 1.16x PGD-AT's).
 The medians, every call's time, the CPU's busy share in the second before the timing and, for
 every case but HAM's and CAAT's, the step's FLOPs, FLOP/s and fraction of the CPU's peak are in
 the JSON too.
