@@ -180,21 +180,25 @@ def branch_differences(source_config: Mapping[str, Any], config: Mapping[str, An
             if not c["field"].startswith(BRANCH_MAY_DIFFER)]
 
 
-def epoch_end_step(source: Checkpointer, where: str, epoch: int) -> int:
+def epoch_end_step(source: Checkpointer, where: str, epoch: int,
+                   field: str = "init_from") -> int:
     """The step of `source`'s kept checkpoint saved at the end of epoch `epoch`: the one whose
     records hold exactly `epoch` epochs, not saved mid-epoch (read from each checkpoint's
-    metadata, so the source's batch size and split need not be this run's)."""
+    metadata, so the source's batch size and split need not be this run's). `field` is the
+    config field that named the source (init_from or branch_from), for the error."""
     ends = {}
     for step in source.steps(LAST):
         meta = source.read_meta(LAST, step) or {}
         if meta.get("partial_epoch") is None and "epochs" in meta:
             ends.setdefault(len(meta["epochs"]), step)  # the earliest: the epoch's end
     if epoch not in ends:
+        epoch_field = "branch_epoch" if field == "branch_from" else "init_epoch"
+        best_else_last = " (0: its best, else last, checkpoint)" if field == "init_from" else ""
         raise CheckpointError(
-            f"config.train.init_from={where!r} keeps no checkpoint at the end of epoch {epoch} "
-            f"(it keeps the ends of epochs {sorted(ends)}). Fix: set config.train.init_epoch to "
-            "one of those (0: its best, else last, checkpoint), or rerun the source with more "
-            "config.train.keep_checkpoints")
+            f"config.train.{field}={where!r} keeps no checkpoint at the end of epoch {epoch} "
+            f"(it keeps the ends of epochs {sorted(ends)}). Fix: set config.train.{epoch_field} "
+            f"to one of those{best_else_last}, or rerun the source with more "
+            "config.train.keep_checkpoints so that epoch's checkpoint stays")
     return ends[epoch]
 
 
@@ -209,16 +213,11 @@ def load_branch(config: ml_collections.ConfigDict, splits: Splits, fresh: TrainS
     and wall time include them.
     """
     where, epoch = config.train.branch_from, int(config.train.branch_epoch)
-    step = epoch * num_batches(len(splits.train), config.train.batch_size)
     source = Checkpointer(where, read_only=True)  # looking creates nothing there
     try:
-        kept = source.steps(LAST)
-        if step not in kept:
-            raise CheckpointError(
-                f"config.train.branch_from={where!r} holds no checkpoint at the end of epoch "
-                f"{epoch} (step {step}); it keeps steps {kept}. Fix: branch at an epoch it "
-                "kept (config.train.branch_epoch), or rerun the source with more "
-                "config.train.keep_checkpoints so that epoch's checkpoint stays")
+        # Found from the records, so a source of another batch size is refused below for its
+        # differing config, not for lacking this run's step count.
+        step = epoch_end_step(source, where, epoch, field="branch_from")
         meta = source.read_meta(LAST, step) or {}
         if "config" not in meta:
             raise CheckpointError(f"{where}/{LAST}/{step} has no config in its metadata; it was "
@@ -232,9 +231,6 @@ def load_branch(config: ml_collections.ConfigDict, splits: Splits, fresh: TrainS
                 f"{describe_changes(differences)}\nFix: branch from a run of this config (or "
                 "set these fields to the source's values)")
         state, meta = _restore_as(source, LAST, step, source_config, splits, fresh, mesh)
-        if meta.get("partial_epoch"):
-            raise CheckpointError(f"{where}/{LAST}/{step} was saved mid-epoch; branch at the "
-                                  "end of an epoch")
         best = None
         if meta.get("best_step") is not None:
             if meta["best_step"] not in source.steps(BEST):

@@ -113,12 +113,19 @@ def test_a_branch_of_another_setup_or_a_lost_epoch_is_refused(source, tmp_path):
     other.train.lr = 0.1
     with pytest.raises(ConfigError, match=r"(?s)may change only the method.*train\.lr: 0\.02 "):
         Trainer(other, str(tmp_path / "a")).initial_state()
+    # Another batch size: the epoch's end is found from the source's records (not at this
+    # run's step count), so the refusal names the differing field.
+    other = _branched(_config(), workdir)
+    other.train.batch_size = 32  # its step count would put epoch 1 at step 5: none kept
+    with pytest.raises(ConfigError, match=r"(?s)may change only the method.*train\.batch_size"):
+        Trainer(other, str(tmp_path / "c")).initial_state()
     # A source that no longer keeps the epoch's checkpoint (a copy without it).
     pruned = tmp_path / "pruned"
     shutil.copytree(workdir, pruned)
     shutil.rmtree(pruned / "checkpoints" / str(2 * STEPS_PER_EPOCH))
-    with pytest.raises(CheckpointError, match=r"no checkpoint at the end of epoch 2 \(step 20\)"
-                                              r".*keep_checkpoints"):
+    with pytest.raises(CheckpointError, match=r"branch_from=.*no checkpoint at the end of epoch 2 "
+                                              r"\(it keeps the ends of epochs \[1, 3\]\)\. "
+                                              r"Fix: set config\.train\.branch_epoch.*keep_chec"):
         Trainer(_branched(_config(), pruned, epoch=2), str(tmp_path / "b")).initial_state()
 
 
