@@ -10,6 +10,8 @@ import sys
 
 from fashion_mnist_logs import best_is_last
 
+from hamjax.metrics import wilson_interval
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,8 +38,19 @@ def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
     robust = result["combined"]["robust"]
     return {"examples": result["num_examples"], "clean_avg": result["clean"]["average"],
             "clean_worst": result["clean"]["worst"], "robust_avg": robust["average"],
-            "robust_worst": robust["worst"], "seconds": round(result["seconds"], 1),
-            "epoch": result.get("checkpoint_epoch")}
+            "robust_worst": robust["worst"], **worst_interval(result),
+            "seconds": round(result["seconds"], 1), "epoch": result.get("checkpoint_epoch")}
+
+
+def worst_interval(result: dict) -> dict:
+    """The robust worst class's 95% Wilson interval from its images, as
+    {"robust_worst_ci95": [lo, hi]} (nothing for an evaluation without counts)."""
+    counts = result.get("counts", {}).get("combined")
+    worst = result["combined"]["robust"]["worst_class"]
+    if not counts or worst < 0:
+        return {}
+    lo, hi = wilson_interval([counts["correct"][worst]], [counts["total"][worst]])
+    return {"robust_worst_ci95": [round(float(lo[0]), 4), round(float(hi[0]), 4)]}
 
 
 def diagnose_routing(workdir: str, train: bool = True) -> dict | None:

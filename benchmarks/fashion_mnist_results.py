@@ -174,7 +174,10 @@ def results_text(suite: str, rows: list[dict], per_seed: dict, command: str, fin
             + f"{wall_caption(rows, priced_by, step_machine)}\n\n"
             + (f"AutoAttack (standard; last and best-on-validation checkpoints; robust = "
                f"correct clean and after PGD-20 and AutoAttack; spread = max - min over seeds "
-               f"of the four numbers):\n\n{aa}\n\n" if aa else "")
+               f"of the four numbers; worst 95% = the worst class's Wilson interval from its "
+               f"images, how far sampling other test images could move it: every run is "
+               f"attacked on the same images, so a difference between two runs is less "
+               f"uncertain than their intervals):\n\n{aa}\n\n" if aa else "")
             + (f"In plain words (last checkpoints, then those selected on validation, each "
                f"against PGD-AT's of the same kind; AutoAttack worst class; the seed spread is "
                f"the larger max - min of the two):\n\n{plain}\n\n"

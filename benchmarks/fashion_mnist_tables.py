@@ -63,12 +63,16 @@ def autoattack_markdown(rows: list[dict]) -> str:
     """Per run, seed and evaluated checkpoint; then per run and checkpoint the mean over seeds
     with its spread."""
     lines = ["| run | seed | checkpoint (epoch) | test images | clean avg | clean worst "
-             "| AutoAttack avg | AutoAttack worst |", "|---|---|---|---|---|---|---|---|"]
+             "| AutoAttack avg | AutoAttack worst | worst 95% |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for checkpoint, a in sorted(r.get("autoattack", {}).items(), reverse=True):
+            interval = ("-".join(f"{100 * v:.0f}" for v in a["robust_worst_ci95"])
+                        if "robust_worst_ci95" in a else "")
             lines.append(f"| {r['run']} | {r['seed']} | {checkpoint} ({a['epoch']}) | "
                          f"{a['examples']} | "
-                         + " | ".join(f"{100 * a[k]:.1f}" for k in HEADLINE) + " |")
+                         + " | ".join(f"{100 * a[k]:.1f}" for k in HEADLINE)
+                         + f" | {interval} |")
     for name in dict.fromkeys(r["run"] for r in rows):
         for checkpoint in ("last", "best"):
             mine = [r["autoattack"][checkpoint] for r in rows
@@ -77,7 +81,8 @@ def autoattack_markdown(rows: list[dict]) -> str:
                 continue
             label, m = spread_line(f"| {name} | mean of {{n}} (spread {{spread}}) | {checkpoint} "
                                    f"| {mine[0]['examples']} |", mine)
-            lines.append(label + " " + " | ".join(f"{100 * m[k]:.1f}" for k in HEADLINE) + " |")
+            lines.append(label + " " + " | ".join(f"{100 * m[k]:.1f}" for k in HEADLINE)
+                         + " |  |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

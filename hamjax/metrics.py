@@ -127,6 +127,28 @@ def _accuracies(counts: PerClassCounts) -> np.ndarray:
         return np.where(total > 0, correct / np.where(total > 0, total, 1.0), np.nan)
 
 
+# The 97.5% point of the standard normal: two-sided 95% intervals.
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(correct: Any, total: Any, z: float = Z_95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion correct/total, per entry (NaN where total
+    is 0). Why: a class's robust accuracy on 100 test images is uncertain by about +-9 points,
+    as much as many fairness gains; Wilson's interval stays inside [0, 1] and keeps its
+    coverage near 0 and 1, where worst classes live, unlike the normal approximation."""
+    k = np.asarray(jax.device_get(correct), np.float64)
+    n = np.asarray(jax.device_get(total), np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        denom = 1.0 + z * z / n
+        centre = (p + z * z / (2.0 * n)) / denom
+        half = z * np.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
+    empty = n <= 0
+    lo = np.where(empty, np.nan, np.clip(centre - half, 0.0, 1.0))
+    hi = np.where(empty, np.nan, np.clip(centre + half, 0.0, 1.0))
+    return lo, hi
+
+
 def _summarize(
     per_class: np.ndarray, worst_is_max: bool, class_names: Sequence[str] | None
 ) -> dict[str, Any]:
@@ -164,12 +186,19 @@ def fairness_summary(
     Returns Python values: per_class (list), average (class-balanced: mean over classes of the
     per-class value), overall (total correct / total examples: the usual accuracy), worst (min
     accuracy / max error), worst_class (index; worst_class_name too when class_names given), std
-    (population std over classes), kind ("accuracy" | "error"). Classes with no examples are NaN
-    in per_class and left out of average/worst/std.
+    (population std over classes), worst_interval95 (the worst class's 95% Wilson interval from
+    its example count: how far sampling alone could move it), kind ("accuracy" | "error").
+    Classes with no examples are NaN in per_class and left out of average/worst/std.
     """
     acc = _accuracies(counts)
     per_class = 1.0 - acc if as_error else acc
     out = _summarize(per_class, worst_is_max=as_error, class_names=class_names)
+    lo, hi = wilson_interval(counts.correct, counts.total)
+    if as_error:
+        lo, hi = 1.0 - hi, 1.0 - lo
+    w = out["worst_class"]
+    out["worst_interval95"] = ([float(lo[w]), float(hi[w])] if w >= 0
+                               else [float("nan"), float("nan")])
     correct = float(np.sum(np.asarray(jax.device_get(counts.correct), np.float64)))
     total = float(np.sum(np.asarray(jax.device_get(counts.total), np.float64)))
     overall = correct / total if total > 0 else float("nan")
@@ -200,6 +229,12 @@ def _fmt(v: float, percent: bool, precision: int) -> str:
     if np.isnan(v):
         return "-"
     return f"{100.0 * v:.{precision}f}" if percent else f"{v:.{precision}f}"
+
+
+def _fmt_interval(interval: Sequence[float] | None, percent: bool, precision: int) -> str:
+    if interval is None or any(np.isnan(v) for v in interval):
+        return "-"
+    return "-".join(_fmt(v, percent, precision) for v in interval)
 
 
 def format_per_class_table(
@@ -243,6 +278,8 @@ def format_per_class_table(
         rows.append([cname] + [_fmt(s["per_class"][c], percent, precision) for _, s in columns])
     for key in ("average", "worst", "std", "overall"):
         rows.append([key] + [_fmt(s[key], percent, precision) for _, s in columns])
+    rows.append(["worst_ci95"] + [_fmt_interval(s.get("worst_interval95"), percent, precision)
+                                 for _, s in columns])
 
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
 
@@ -254,7 +291,8 @@ def format_per_class_table(
     unit = ("error" if as_error else "accuracy") + (" %" if percent else "")
     rule = "-" * len(line(rows[0]))
     body = [line(r) for r in rows]
-    header = f"per-class {unit} (average = class-balanced mean; worst/std over classes)"
+    header = (f"per-class {unit} (average = class-balanced mean; worst/std over classes; "
+              "worst_ci95 = the worst class's 95% Wilson interval from its example count)")
     return "\n".join(
         [header, body[0], rule, *body[1 : 1 + num_classes], rule, *body[1 + num_classes :]]
     )

@@ -122,6 +122,22 @@ def test_autoattack_table_has_both_checkpoints_and_the_seed_spread():
            "| 5.0 |" in table
 
 
+def test_the_autoattack_table_gives_the_worst_class_its_sampling_interval():
+    """30 of 100 shirts robust: Wilson's 95% interval 21.9-39.6% (scipy's binomtest), from the
+    evaluation JSON's counts of the combined attack; none from a JSON without counts."""
+    import fashion_mnist_followups as followups
+
+    result = {"combined": {"robust": {"worst_class": 1, "worst": 0.3}},
+              "counts": {"combined": {"correct": [90, 30, 60], "total": [100, 100, 100]}}}
+    interval = followups.worst_interval(result)["robust_worst_ci95"]
+    assert interval == pytest.approx([0.2189, 0.3958], abs=1e-4)
+    assert followups.worst_interval({"combined": result["combined"]}) == {}
+    a = {"examples": 300, "clean_avg": 0.8, "clean_worst": 0.5, "robust_avg": 0.6,
+         "robust_worst": 0.3, "epoch": 12, "seconds": 1.0, "robust_worst_ci95": interval}
+    table = tables.autoattack_markdown([{"run": "pgd_at", "seed": 0, "autoattack": {"last": a}}])
+    assert "| pgd_at | 0 | last (12) | 300 | 80.0 | 50.0 | 60.0 | 30.0 | 22-40 |" in table
+
+
 def test_noisy_full_builds_valid_fine_tunes_of_one_warm_start(tmp_path):
     from hamjax.config import validate_config
 

@@ -19,6 +19,7 @@ from hamjax.metrics import (
     format_per_class_table,
     per_class_counts,
     per_class_counts_from_logits,
+    wilson_interval,
 )
 
 NUM_CLASSES = 3
@@ -156,6 +157,8 @@ def test_table_contains_numbers():
     assert row["worst"] == ["33.33", "0.00", "40.00"]
     assert row["std"][0] == f"{100 * np.std([0.75, 1 / 3, 1.0]):.2f}"
     assert row["overall"] == ["75.00", "41.67", "-"]
+    # The worst classes' intervals: dog 1/3 and 0/3 (scipy's Wilson bounds); none for boundary.
+    assert row["worst_ci95"] == ["6.15-79.23", "0.00-56.15", "-"]
 
 
 def test_table_errors_and_no_boundary():
@@ -191,3 +194,32 @@ def test_ledger_keeps_forward_and_backward_apart():
     a = Ledger.of(forward=5, backward=3) + Ledger.of(forward=7, backward=2)
     assert float(a.forward) == 12.0 and float(a.backward) == 5.0
     assert float(a.total()) == 17.0
+
+
+@pytest.mark.parametrize("correct, total", [(30, 100), (0, 100), (100, 100), (1, 3), (47, 200),
+                                            (5, 7)])
+def test_wilson_interval_matches_scipy(correct, total):
+    from scipy.stats import binomtest
+
+    want = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson_interval(np.array([correct]), np.array([total]))
+    assert lo[0] == pytest.approx(want.low, abs=1e-9) and hi[0] == pytest.approx(want.high,
+                                                                                  abs=1e-9)
+
+
+def test_wilson_interval_holds_the_estimate_and_narrows_with_more_examples():
+    # 30% on 100 images: about 22-40; on 1000, about 27-33 (the interval shrinks like 1/sqrt(n)).
+    lo, hi = wilson_interval(np.array([30.0, 300.0, 0.0]), np.array([100.0, 1000.0, 0.0]))
+    assert lo[0] < 0.3 < hi[0] and lo[1] < 0.3 < hi[1]
+    assert (hi[1] - lo[1]) < 0.35 * (hi[0] - lo[0])
+    assert math.isnan(lo[2]) and math.isnan(hi[2])  # an empty class has no interval
+
+
+def test_summary_gives_the_worst_class_its_interval():
+    acc = fairness_summary(_counts(ROBUST_PRED))  # worst: dog, 0 of 3
+    lo, hi = wilson_interval(np.array([0]), np.array([3]))
+    assert acc["worst_class"] == 1 and acc["worst_interval95"] == pytest.approx([lo[0], hi[0]])
+    err = fairness_summary(_counts(ROBUST_PRED), as_error=True)  # worst: dog, error 3 of 3
+    assert err["worst_interval95"] == pytest.approx([1 - hi[0], 1 - lo[0]])
+    assert all(math.isnan(v) for v in fairness_summary(PerClassCounts.zeros(2))[
+        "worst_interval95"])
