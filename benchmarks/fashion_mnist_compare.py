@@ -45,7 +45,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fashion_mnist_followups import autoattack_one, diagnose_routing
+from fashion_mnist_followups import autoattack_one, diagnose_routing, paired_with
 from fashion_mnist_logs import (
     best_is_last,
     epoch_records,
@@ -318,7 +318,13 @@ def main() -> None:
             r.setdefault("autoattack", {})[checkpoint] = a
     for r in rows:
         if both and "last" in r.get("autoattack", {}) and best_is_last(workdir_row(r)):
-            r["autoattack"]["best"] = r["autoattack"]["last"]
+            r["autoattack"]["best"] = dict(r["autoattack"]["last"])
+        for checkpoint, a in r.get("autoattack", {}).items():
+            if r["run"] != "pgd_at":  # image by image against PGD-AT of the same seed
+                baseline = workdir_of(args.root, args.suite, "pgd_at", r["seed"])
+                paired = paired_with(workdir_row(r), baseline, checkpoint)
+                if paired is not None:
+                    a["paired_vs_pgd_at"] = paired
         if "per_class_adv_fraction" in r.get("method_state_last_epoch", {}):  # a CAAT run
             diagnosis = diagnose_routing(workdir_row(r), train=selected(r["run"]))
             if diagnosis is not None:

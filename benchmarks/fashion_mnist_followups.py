@@ -15,15 +15,45 @@ from hamjax.metrics import wilson_interval
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def eval_path(workdir: str, checkpoint: str) -> str:
+    """Where `python -m hamjax.evaluate` keeps a checkpoint's test evaluation: its own file, or
+    the other checkpoint's when the best checkpoint is the last (the same weights)."""
+    path = os.path.join(workdir, "eval", f"test_{checkpoint}.json")
+    other = os.path.join(workdir, "eval", f"test_{'best' if checkpoint == 'last' else 'last'}.json")
+    if not os.path.exists(path) and os.path.exists(other) and best_is_last(workdir):
+        return other
+    return path
+
+
+def paired_with(workdir: str, baseline: str, checkpoint: str) -> dict | None:
+    """The run's AutoAttack against the baseline run's, image by image on the same test images
+    (hamjax.evaluation.paired): gaps of the average and the worst class with their 95%
+    intervals, in points rounded to 0.1; None where either lacks per-image results."""
+    from hamjax.evaluation.paired import compare_results
+
+    results = []
+    for where in (workdir, baseline):
+        path = eval_path(where, checkpoint)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            results.append(json.load(f))
+    if any("per_example" not in r for r in results):
+        return None
+    comp = compare_results(*results, eval_path(workdir, checkpoint),
+                           eval_path(baseline, checkpoint))
+    return {"images": comp["images"], **{
+        key: {"gap": round(100 * comp[key]["gap"], 1),
+              "interval": [round(100 * v, 1) for v in comp[key]["interval"]]}
+        for key in ("average", "worst")}}
+
+
 def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
                    train: bool = True) -> dict | None:
     """PGD-20 and AutoAttack (standard) on a class-stratified subset of `examples` test images
     of one checkpoint ("last" or "best" on validation), through `python -m hamjax.evaluate`
     (resumable); None when not run. Robust = correct clean and after both attacks."""
-    path = os.path.join(workdir, "eval", f"test_{checkpoint}.json")
-    other = os.path.join(workdir, "eval", f"test_{'best' if checkpoint == 'last' else 'last'}.json")
-    if not os.path.exists(path) and os.path.exists(other) and best_is_last(workdir):
-        path = other  # the same weights: evaluated once
+    path = eval_path(workdir, checkpoint)
     if (train and examples > 0 and not os.path.exists(path)
             and os.path.exists(os.path.join(workdir, "report.json"))):
         with open(os.path.join(workdir, "stdout.log"), "a") as log:
@@ -39,7 +69,15 @@ def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
     return {"examples": result["num_examples"], "clean_avg": result["clean"]["average"],
             "clean_worst": result["clean"]["worst"], "robust_avg": robust["average"],
             "robust_worst": robust["worst"], **worst_interval(result),
-            "seconds": round(result["seconds"], 1), "epoch": result.get("checkpoint_epoch")}
+            "seconds": round(attack_seconds(result), 1), "epoch": result.get("checkpoint_epoch")}
+
+
+def attack_seconds(result: dict) -> float:
+    """The attacks' compute seconds, over every piece of a resumed evaluation (an evaluation
+    rerun from its resume file, e.g. to record its per-image results, took ~0 s itself)."""
+    if "attack_seconds" in result:
+        return result["attack_seconds"]
+    return sum(a["seconds"] for a in result["attacks"].values())
 
 
 def worst_interval(result: dict) -> dict:

@@ -226,8 +226,27 @@ def verdicts(rows: list[dict], checkpoint: str = "last", baseline: str = "pgd_at
         lines.append(f"- **{name}** ({label}): AutoAttack worst class "
                      f"{gain:+.1f} points against {baseline}, {judged}; AutoAttack average "
                      f"{avg:+.1f} points; training passes {ledger:.2f}x and {kind} wall time "
-                     f"{wall:.2f}x {baseline}'s.")
+                     f"{wall:.2f}x {baseline}'s."
+                     + paired_clause(mine, checkpoint, baseline))
     return lines
+
+
+def paired_clause(mine: list[dict], checkpoint: str, baseline: str) -> str:
+    """Per seed, the worst-class and average gaps to the baseline of that seed, image by image
+    on the same test images, with their 95% paired-bootstrap intervals; "" without them."""
+    found = [(r["seed"], r["autoattack"][checkpoint][f"paired_vs_{baseline}"]) for r in mine
+             if f"paired_vs_{baseline}" in r["autoattack"][checkpoint]]
+    if not found:
+        return ""
+
+    def gap(p: dict) -> str:
+        lo, hi = p["interval"]
+        return f"{p['gap']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+    parts = [f"seed {seed}: worst {gap(p['worst'])}, average {gap(p['average'])}"
+             for seed, p in found]
+    return (f" Image by image against {baseline} of the same seed ({found[0][1]['images']} "
+            "test images; 95% paired intervals, test sampling only): " + "; ".join(parts) + ".")
 
 
 def wall_ratio(mine: list[dict], base: list[dict]) -> tuple[float, str]:

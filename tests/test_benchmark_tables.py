@@ -303,6 +303,48 @@ def test_verdicts_judge_the_worst_class_gain_against_the_seed_spread():
     assert "(last checkpoint)" in lines["ham"]
 
 
+def test_verdicts_give_each_seeds_paired_intervals_when_recorded():
+    rows = [_attacked("pgd_at", 0, 0.70, 0.30, 100), _attacked("faal", 0, 0.68, 0.44, 100),
+            _attacked("faal", 1, 0.69, 0.46, 100), _attacked("pgd_at", 1, 0.71, 0.31, 100)]
+    rows[1]["autoattack"]["last"]["paired_vs_pgd_at"] = {
+        "images": 1000, "worst": {"gap": 14.0, "interval": [3.0, 25.0]},
+        "average": {"gap": -2.0, "interval": [-3.9, -0.1]}}
+    (line,) = tables.verdicts(rows)
+    assert line.endswith("Image by image against pgd_at of the same seed (1000 test images; "
+                         "95% paired intervals, test sampling only): seed 0: worst +14.0 "
+                         "[+3.0, +25.0], average -2.0 [-3.9, -0.1].")
+    rows[1]["autoattack"]["last"].pop("paired_vs_pgd_at")
+    assert "Image by image" not in tables.verdicts(rows)[0]
+
+
+def test_paired_with_reads_both_runs_evaluations_of_the_same_images(tmp_path):
+    """Two workdirs' eval/test_last.json, 2 classes of 50 images: the run keeps 10 more
+    images of class 1 than the baseline -> worst +20 points, average +10."""
+    import fashion_mnist_followups as followups
+
+    from hamjax.evaluation.resume import bits
+
+    labels = [0] * 50 + [1] * 50
+
+    def write(name, kept_of_class_1):
+        robust = [True] * 50 + [i < kept_of_class_1 for i in range(50)]
+        result = {"split": "test", "num_examples": 100, "sampling": "s", "seed": 0,
+                  "eps": 0.1, "norm": "linf", "class_names": ["a", "b"],
+                  "combined": {"attacks": ["autoattack"]},
+                  "per_example": {"labels": labels, "robust": bits(robust),
+                                  "clean_correct": bits(robust)}}
+        (tmp_path / name / "eval").mkdir(parents=True)
+        (tmp_path / name / "eval" / "test_last.json").write_text(json.dumps(result))
+        return str(tmp_path / name)
+
+    run, baseline = write("run", 20), write("base", 10)
+    paired = followups.paired_with(run, baseline, "last")
+    assert paired["images"] == 100
+    assert paired["worst"]["gap"] == 20.0 and paired["average"]["gap"] == 10.0
+    assert paired["worst"]["interval"][0] < 20.0 < paired["worst"]["interval"][1]
+    assert followups.paired_with(run, str(tmp_path / "missing"), "last") is None
+
+
 def test_verdicts_of_selected_checkpoints_compare_them_with_the_baselines_selected_one():
     def selected(row, avg, worst):
         row["autoattack"]["best"] = dict(row["autoattack"]["last"], robust_avg=avg,

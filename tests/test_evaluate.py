@@ -89,6 +89,16 @@ def test_per_class_numbers_consistent(first_eval):
         assert np.all(combined <= robust + 1e-9)
         assert result["combined"]["robust"]["average"] <= result["attacks"][name]["robust"][
             "average"] + 1e-9
+    # The per-image record (for paired comparisons) sums to the per-class counts.
+    from hamjax.evaluation.resume import unbits
+
+    labels = np.asarray(result["per_example"]["labels"])
+    for key, kind in (("clean_correct", "clean"), ("robust", "combined")):
+        flags = unbits(result["per_example"][key])
+        np.testing.assert_array_equal(np.bincount(labels[flags], minlength=10),
+                                      result["counts"][kind]["correct"])
+        np.testing.assert_array_equal(np.bincount(labels, minlength=10),
+                                      result["counts"][kind]["total"])
         boundary = np.array(result["attacks"][name]["boundary_error"]["per_class"])
         np.testing.assert_allclose(boundary, clean - robust)
     # 40 examples, 4 per class (stratified): every per-class accuracy is a multiple of 1/4

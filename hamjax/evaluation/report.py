@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from hamjax.evaluation.driver import class_counts
-from hamjax.evaluation.resume import json_default
+from hamjax.evaluation.resume import bits, json_default
 from hamjax.evaluation.specs import AttackSpec
 from hamjax.evaluation.stages import ROBUST_DEFINITION
 from hamjax.metrics import PerClassCounts, boundary_error, fairness_summary, format_per_class_table
@@ -33,12 +33,18 @@ def per_class_columns(specs: Sequence[AttackSpec], outcome, labels: np.ndarray,
                       num_classes: int) -> dict[str, PerClassCounts]:
     """clean, one column per attack, and "combined" (robust to all) when several were run."""
     columns = {"clean": class_counts(outcome.clean_correct, labels, num_classes)}
-    combined = outcome.clean_correct.copy()
     for spec in specs:
         columns[spec.name] = class_counts(outcome.robust[spec.name], labels, num_classes)
-        combined &= outcome.robust[spec.name]
-    columns["combined"] = class_counts(combined, labels, num_classes)
+    columns["combined"] = class_counts(combined_robust(specs, outcome), labels, num_classes)
     return columns
+
+
+def combined_robust(specs: Sequence[AttackSpec], outcome) -> np.ndarray:
+    """bool[N]: each example correct clean and robust to every attack in `specs`."""
+    combined = np.asarray(outcome.clean_correct, bool).copy()
+    for spec in specs:
+        combined &= np.asarray(outcome.robust[spec.name], bool)
+    return combined
 
 
 def build_result(run, specs: Sequence[AttackSpec], outcome, labels: np.ndarray, *, split: str,
@@ -50,6 +56,7 @@ def build_result(run, specs: Sequence[AttackSpec], outcome, labels: np.ndarray, 
     clean, combined = columns["clean"], columns["combined"]
     shown = {k: v for k, v in columns.items() if k != "combined" or len(specs) > 1}
     n = len(labels)
+    attacks = {s.name: _attack_entry(s, outcome, clean, columns[s.name], names, n) for s in specs}
     return {
         "workdir": run.workdir,
         "split": split,
@@ -67,8 +74,7 @@ def build_result(run, specs: Sequence[AttackSpec], outcome, labels: np.ndarray, 
         "fast": bool(fast),
         "bn_mode": "eval",
         "robust_definition": ROBUST_DEFINITION,
-        "attacks": {s.name: _attack_entry(s, outcome, clean, columns[s.name], names, n)
-                    for s in specs},
+        "attacks": attacks,
         "clean": fairness_summary(clean, names),
         "combined": {"attacks": [s.name for s in specs], "rule": COMBINED_RULE,
                      "robust": fairness_summary(combined, names),
@@ -78,9 +84,16 @@ def build_result(run, specs: Sequence[AttackSpec], outcome, labels: np.ndarray, 
         "table": format_per_class_table(shown, names, boundary=("clean", list(shown)[-1])),
         "per_class_accuracy": {k: fairness_summary(v)["per_class"] for k, v in shown.items()},
         "counts": {k: v.to_json() for k, v in columns.items()},
+        # Per image, in the sample's order: what a paired comparison of two checkpoints on the
+        # same images needs (hamjax.evaluation.paired).
+        "per_example": {"labels": [int(v) for v in labels],
+                        "clean_correct": bits(outcome.clean_correct),
+                        "robust": bits(combined_robust(specs, outcome))},
         "progress": {"computed_chunks": outcome.computed_chunks,
                      "resumed_examples": outcome.resumed_examples},
-        "seconds": seconds,
+        "seconds": seconds,  # this invocation's; a resumed evaluation's is short
+        # The attacks' compute over every piece of a resumed evaluation (resume files keep it).
+        "attack_seconds": sum(a["seconds"] for a in attacks.values()),
         "devices": [str(d) for d in jax.devices()],
         "jax_version": jax.__version__,
         "config": dict(run.meta.get("config", {})),
