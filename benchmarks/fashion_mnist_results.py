@@ -110,7 +110,8 @@ def frontier_plot(rows: list[dict], path: str, checkpoint: str = "last") -> bool
     # logged one also measures what else shared the cores.
     quiet = all("quiet_seconds" in r for r in attacked)
     points = [(r["run"], r["seed"], r["quiet_seconds" if quiet else "train_seconds"] / 60,
-               100 * r["autoattack"][checkpoint]["robust_worst"]) for r in attacked]
+               100 * r["autoattack"][checkpoint]["robust_worst"],
+               r["autoattack"][checkpoint].get("robust_worst_ci95")) for r in attacked]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,11 +122,16 @@ def frontier_plot(rows: list[dict], path: str, checkpoint: str = "last") -> bool
     for i, name in enumerate(names):
         mine = [p for p in points if p[0] == name]
         ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=name, color=f"C{i}")
+        for _, _, x, y, interval in mine:  # the worst class's sampling interval
+            if interval is not None:
+                ax.errorbar([x], [y], yerr=[[y - 100 * interval[0]], [100 * interval[1] - y]],
+                            color=f"C{i}", alpha=0.35, capsize=2, linewidth=1)
     ax.set_xlabel("training wall time, minutes " + (
         "(steps timed in turn on an idle machine)" if quiet
         else "(as logged on shared cores; excluding compilation)"))
     ax.set_ylabel(f"AutoAttack worst-class accuracy (%), {checkpoint} checkpoint")
-    ax.set_title("Fairness against cost: one point per run and seed")
+    ax.set_title("Fairness against cost: one point per run and seed\n"
+                 "(bars: 95% Wilson interval of the worst class's test images)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

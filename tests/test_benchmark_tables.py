@@ -364,6 +364,7 @@ def test_frontier_plot_has_a_point_per_attacked_run(tmp_path):
     path = str(tmp_path / "frontier.png")
     rows = [_attacked("pgd_at", 0, 0.70, 0.30, 600), _attacked("ham", 0, 0.62, 0.32, 360),
             {"run": "trades", "seed": 0, "train_seconds": 900}]  # not attacked yet: no point
+    rows[0]["autoattack"]["last"]["robust_worst_ci95"] = [0.22, 0.40]  # drawn as a bar
     assert results.frontier_plot(rows, path)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
