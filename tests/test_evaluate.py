@@ -160,6 +160,32 @@ def test_cli_last_checkpoint(workdir, capsys):
     assert "per-class accuracy" in capsys.readouterr().out
 
 
+def test_compare_to_prints_the_paired_gaps_and_refuses_other_images(workdir, capsys):
+    """--compare_to: this evaluation against another of the same images, image by image; a
+    missing file is refused before any work, other images after this one is saved."""
+    common = ["--workdir", workdir, "--attacks", "fgsm", "--num_examples", "20"]
+    assert ev.main([*common, "--checkpoint", "last", "--name", "base"]) == 0
+    base = os.path.join(workdir, "eval", "test_last_base.json")
+    capsys.readouterr()
+    assert ev.main([*common, "--checkpoint", "best", "--name", "vs", "--compare_to", base]) == 0
+    out = capsys.readouterr().out
+    mine = json.load(open(os.path.join(workdir, "eval", "test_best_vs.json")))
+    theirs = json.load(open(base))
+    gap = 100 * (mine["combined"]["robust"]["average"] - theirs["combined"]["robust"]["average"])
+    paired = out[out.index("paired interval"):]  # after the evaluation's own table
+    line = next(row for row in paired.splitlines() if row.startswith("average"))
+    assert float(line.split()[3]) == pytest.approx(gap, abs=0.06)
+    missing = os.path.join(workdir, "eval", "nothing.json")
+    assert ev.main([*common, "--checkpoint", "best", "--name", "never", "--compare_to",
+                    missing]) == 2
+    assert "--compare_to=" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(workdir, "eval", "test_best_never.json"))
+    assert ev.main(["--workdir", workdir, "--attacks", "fgsm", "--num_examples", "10",
+                    "--checkpoint", "best", "--name", "other", "--compare_to", base]) == 2
+    assert "num_examples: 10 against 20" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(workdir, "eval", "test_best_other.json"))
+
+
 def test_named_evaluation_keeps_its_own_files(workdir, capsys):
     """--name: another evaluation of the same checkpoint beside test_last.json, not over it."""
     plain = os.path.join(workdir, "eval", "test_last.json")

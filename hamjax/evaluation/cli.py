@@ -8,6 +8,7 @@ apgd_t, fab_t, fab, square). The older `--override square.n_queries=1000` spells
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from hamjax.evaluation.specs import (
     section,
 )
 from hamjax.evaluation.workdir import CHECKPOINTS, SPLITS, evaluate_workdir
+from hamjax.paths import resolve
 
 PROG = "python -m hamjax.evaluate"
 
@@ -57,6 +59,10 @@ def _define(fv: flags.FlagValues, argv: Sequence[str]) -> flags.FlagHolder:
     flags.DEFINE_string("name", "", "Suffix of the output files (eval/<split>_<checkpoint>_<name>"
                         ".json), to keep another evaluation of the same checkpoint beside them.",
                         flag_values=fv)
+    flags.DEFINE_string("compare_to", "", "Another evaluation JSON of the same images (e.g. "
+                        "a baseline run's eval/test_last.json, same --split, --num_examples, "
+                        "--seed and eps): print this evaluation against it image by image, "
+                        "with paired 95% intervals (hamjax.evaluation.paired).", flag_values=fv)
     flags.DEFINE_float("inflation_threshold", DEFAULT_THRESHOLD, "With pgdN beside autoattack "
                        "or an apgd attack: warn (and flag in the JSON) when pgdN's robust "
                        "accuracy exceeds the strong attack's by more than this many points, on "
@@ -124,6 +130,29 @@ def _parse(argv: Sequence[str]) -> tuple[flags.FlagValues, flags.FlagHolder]:
     return fv, attack
 
 
+def read_comparison(path: str) -> dict:
+    """The evaluation JSON of --compare_to, read before the evaluation so that a wrong path
+    costs nothing."""
+    try:
+        return json.loads(resolve(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--compare_to={path!r}: {err}. Fix: give an evaluation JSON that "
+                          "python -m hamjax.evaluate wrote (<workdir>/eval/<split>_<checkpoint>"
+                          ".json)") from err
+
+
+def paired_printout(result: dict, baseline: dict, baseline_path: str) -> str:
+    """This evaluation against --compare_to's, image by image (a ConfigError if they did not
+    attack the same images; this evaluation is saved either way)."""
+    from hamjax.evaluation.paired import compare_results, format_comparison
+
+    try:
+        comp = compare_results(result, baseline, result["json_path"], baseline_path)
+    except ValueError as err:
+        raise ConfigError(f"--compare_to: {err}") from err
+    return format_comparison(comp, result["json_path"], baseline_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: parses flags, calls evaluate_workdir; returns the exit status."""
     try:
@@ -149,11 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not fv.workdir:
             raise ConfigError("--workdir is required: a training run's workdir")
         require_single_host(jax.process_count())
-        evaluate_workdir(fv.workdir, fv.attacks, fv.split, fv.num_examples,
+        baseline = read_comparison(fv.compare_to) if fv.compare_to else None  # before the work
+        result = evaluate_workdir(fv.workdir, fv.attacks, fv.split, fv.num_examples,
                          checkpoint=fv.checkpoint, batch_size=fv.batch_size, seed=fv.seed,
                          eps=fv.eps, step_size=fv.step_size, overrides=overrides_from(attack.value),
                          fast=fv.fast, resume=not fv.no_resume,
                          inflation_threshold=fv.inflation_threshold, name=fv.name)
+        if baseline is not None:
+            print(paired_printout(result, baseline, fv.compare_to))
     except HamjaxError as err:  # config, checkpoint, data, disk full: the message says the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
