@@ -132,11 +132,21 @@ def _batches(meta: bool) -> list[dict]:
     return out
 
 
-STEP_CASES = [(name, {}, {}) for name in available_methods()] + [
-    ("pgd_at", {}, {"awp_gamma": 0.01}),
+# Methods whose step is another case's with terms removed, scanned through that case:
+# standard is pgd_at without the attack, trades is scanned with AWP on (its case below), and
+# frl_rw and frl_rm move a subset of frl_rwrm's multipliers (hamjax.methods.frl.VARIANTS).
+SCANNED_AS = {"standard": "pgd_at", "trades": "trades", "frl_rw": "frl_rwrm",
+              "frl_rm": "frl_rwrm"}
+STEP_CASES = [(name, {}, {}) for name in available_methods() if name not in SCANNED_AS] + [
     ("trades", {}, {"awp_gamma": 0.01}),
-    ("pgd_at", {"ema_decay": 0.9}, {}),
+    ("pgd_at", {"ema_decay": 0.9}, {"awp_gamma": 0.01}),
 ]
+
+
+def test_every_method_is_scanned_itself_or_as_the_case_that_holds_its_step():
+    scanned = {name for name, _, _ in STEP_CASES}
+    assert set(available_methods()) == scanned | set(SCANNED_AS)
+    assert set(SCANNED_AS.values()) <= scanned
 
 
 @pytest.mark.parametrize("name, train, method", STEP_CASES,
