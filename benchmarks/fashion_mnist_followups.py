@@ -31,17 +31,16 @@ def paired_with(workdir: str, baseline: str, checkpoint: str) -> dict | None:
     intervals, in points rounded to 0.1; None where either lacks per-image results."""
     from hamjax.evaluation.paired import compare_results
 
+    paths = [eval_path(where, checkpoint) for where in (workdir, baseline)]
+    if not all(os.path.exists(path) for path in paths):
+        return None
     results = []
-    for where in (workdir, baseline):
-        path = eval_path(where, checkpoint)
-        if not os.path.exists(path):
-            return None
+    for path in paths:
         with open(path) as f:
             results.append(json.load(f))
     if any("per_example" not in r for r in results):
         return None
-    comp = compare_results(*results, eval_path(workdir, checkpoint),
-                           eval_path(baseline, checkpoint))
+    comp = compare_results(*results, *paths)
     return {"images": comp["images"], **{
         key: {"gap": round(100 * comp[key]["gap"], 1),
               "interval": [round(100 * v, 1) for v in comp[key]["interval"]]}

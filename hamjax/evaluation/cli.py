@@ -8,7 +8,6 @@ apgd_t, fab_t, fab, square). The older `--override square.n_queries=1000` spells
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 
@@ -28,7 +27,6 @@ from hamjax.evaluation.specs import (
     section,
 )
 from hamjax.evaluation.workdir import CHECKPOINTS, SPLITS, evaluate_workdir
-from hamjax.paths import resolve
 
 PROG = "python -m hamjax.evaluate"
 
@@ -133,12 +131,12 @@ def _parse(argv: Sequence[str]) -> tuple[flags.FlagValues, flags.FlagHolder]:
 def read_comparison(path: str) -> dict:
     """The evaluation JSON of --compare_to, read before the evaluation so that a wrong path
     costs nothing."""
+    from hamjax.evaluation.paired import load_evaluation
+
     try:
-        return json.loads(resolve(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--compare_to={path!r}: {err}. Fix: give an evaluation JSON that "
-                          "python -m hamjax.evaluate wrote (<workdir>/eval/<split>_<checkpoint>"
-                          ".json)") from err
+        return load_evaluation(path)
+    except ValueError as err:
+        raise ConfigError(f"--compare_to={path!r}: {err}") from err
 
 
 def paired_printout(result: dict, baseline: dict, baseline_path: str) -> str:
@@ -179,11 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--workdir is required: a training run's workdir")
         require_single_host(jax.process_count())
         baseline = read_comparison(fv.compare_to) if fv.compare_to else None  # before the work
-        result = evaluate_workdir(fv.workdir, fv.attacks, fv.split, fv.num_examples,
-                         checkpoint=fv.checkpoint, batch_size=fv.batch_size, seed=fv.seed,
-                         eps=fv.eps, step_size=fv.step_size, overrides=overrides_from(attack.value),
-                         fast=fv.fast, resume=not fv.no_resume,
-                         inflation_threshold=fv.inflation_threshold, name=fv.name)
+        result = evaluate_workdir(
+            fv.workdir, fv.attacks, fv.split, fv.num_examples, checkpoint=fv.checkpoint,
+            batch_size=fv.batch_size, seed=fv.seed, eps=fv.eps, step_size=fv.step_size,
+            overrides=overrides_from(attack.value), fast=fv.fast, resume=not fv.no_resume,
+            inflation_threshold=fv.inflation_threshold, name=fv.name)
         if baseline is not None:
             print(paired_printout(result, baseline, fv.compare_to))
     except HamjaxError as err:  # config, checkpoint, data, disk full: the message says the fix

@@ -141,12 +141,15 @@ def format_comparison(comp: Mapping[str, Any], name_a: str = "A", name_b: str = 
     return "\n".join(rows)
 
 
-def _load(path: str) -> dict[str, Any]:
+def load_evaluation(path: str) -> dict[str, Any]:
+    """An evaluation JSON; a ValueError that says what to give when it is missing or not JSON."""
+    fix = "python -m hamjax.evaluate writes <workdir>/eval/<split>_<checkpoint>.json"
     try:
         return json.loads(resolve(path).read_text())
     except FileNotFoundError as err:
-        raise SystemExit(f"{path}: no such evaluation JSON (python -m hamjax.evaluate writes "
-                         "<workdir>/eval/<split>_<checkpoint>.json)") from err
+        raise ValueError(f"{path}: no such evaluation JSON ({fix})") from err
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: {err}. Fix: give an evaluation JSON ({fix})") from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
     args = parser.parse_args(argv)
     try:
-        comp = compare_results(_load(args.a), _load(args.b), args.a, args.b, args.resamples,
-                               args.seed)
+        comp = compare_results(load_evaluation(args.a), load_evaluation(args.b), args.a, args.b,
+                               args.resamples, args.seed)
     except ValueError as err:
         raise SystemExit(str(err)) from err
     print(json.dumps(comp, indent=1) if args.json else format_comparison(comp, args.a, args.b))

@@ -30,12 +30,13 @@ def _attack_entry(spec: AttackSpec, outcome, clean: PerClassCounts, robust: PerC
 
 
 def per_class_columns(specs: Sequence[AttackSpec], outcome, labels: np.ndarray,
-                      num_classes: int) -> dict[str, PerClassCounts]:
-    """clean, one column per attack, and "combined" (robust to all) when several were run."""
+                      num_classes: int, combined: np.ndarray) -> dict[str, PerClassCounts]:
+    """clean, one column per attack, and "combined" (`combined_robust`'s flags: robust to
+    all) when several were run."""
     columns = {"clean": class_counts(outcome.clean_correct, labels, num_classes)}
     for spec in specs:
         columns[spec.name] = class_counts(outcome.robust[spec.name], labels, num_classes)
-    columns["combined"] = class_counts(combined_robust(specs, outcome), labels, num_classes)
+    columns["combined"] = class_counts(combined, labels, num_classes)
     return columns
 
 
@@ -52,7 +53,8 @@ def build_result(run, specs: Sequence[AttackSpec], outcome, labels: np.ndarray, 
                  sampled: bool, seconds: float) -> dict[str, Any]:
     """The JSON-able record of `evaluate_workdir` (without the file paths)."""
     names = list(run.splits.class_names)
-    columns = per_class_columns(specs, outcome, labels, run.splits.num_classes)
+    robust_flags = combined_robust(specs, outcome)
+    columns = per_class_columns(specs, outcome, labels, run.splits.num_classes, robust_flags)
     clean, combined = columns["clean"], columns["combined"]
     shown = {k: v for k, v in columns.items() if k != "combined" or len(specs) > 1}
     n = len(labels)
@@ -88,7 +90,7 @@ def build_result(run, specs: Sequence[AttackSpec], outcome, labels: np.ndarray, 
         # same images needs (hamjax.evaluation.paired).
         "per_example": {"labels": [int(v) for v in labels],
                         "clean_correct": bits(outcome.clean_correct),
-                        "robust": bits(combined_robust(specs, outcome))},
+                        "robust": bits(robust_flags)},
         "progress": {"computed_chunks": outcome.computed_chunks,
                      "resumed_examples": outcome.resumed_examples},
         "seconds": seconds,  # this invocation's; a resumed evaluation's is short
