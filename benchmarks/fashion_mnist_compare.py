@@ -148,7 +148,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="host devices per training run: a count, or 'auto' (one per core, "
                              "as launch.py; the most that divides the batch sizes)")
     parser.add_argument("--runs", nargs="+", default=None,
-                        help="train (and attack) only these runs of the suite; the others are "
+                        help="train (and attack) only these runs of the suite, in this order; the others are "
                              "reported from their workdirs or carried over from the suite's JSON")
     parser.add_argument("--report_only", action="store_true",
                         help="write the tables from what the workdirs hold now; train nothing")
@@ -211,7 +211,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--runs: {unknown} are not runs of --suite={args.suite}: {names}")
     # Runs others start from (init_from) go first, e.g. noisy_full's warm start.
-    jobs = sorted(((name, seed) for seed in args.seeds for name in names),
+    # --runs trains in the order given (the one that matters most first); the others follow.
+    queue = [*(args.runs or []), *(n for n in names if n not in (args.runs or []))]
+    jobs = sorted(((name, seed) for seed in args.seeds for name in queue),
                   key=lambda job: not runs[job[0]].get("first", False))
     firsts = sum(1 for name, _ in jobs if runs[name].get("first"))
 
