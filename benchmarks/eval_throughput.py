@@ -60,7 +60,7 @@ from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.models import build_model, init_variables, make_logits_fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_twins import load_small_cnn_weights, torch_models  # noqa: E402  (benchmarks/ beside this file)
+from torch_twins import WEIGHT_LOADERS, torch_models  # noqa: E402  (benchmarks/ beside this file)
 
 NUM_CLASSES = 10
 EPS, STEP = 8 / 255, 2 / 255
@@ -283,18 +283,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def trained(args: argparse.Namespace) -> dict[str, Any]:
-    """AutoAttack on a trained small-CNN workdir's test images, at the run's eval eps with the
-    true labels: hamjax on the run's model, torchattacks on the twin holding the same weights
-    (checked: the two give the same clean logits)."""
+    """AutoAttack on a trained small-CNN or fmnist_cnn workdir's test images, at the run's eval
+    eps with the true labels: hamjax on the run's model, torchattacks on the twin holding the
+    same weights (checked: the two give the same clean logits)."""
     import torch
 
     from hamjax.data import stratified_subset
     from hamjax.evaluation.workdir import load_run
 
     run = load_run(args.workdir, args.checkpoint, log=lambda s: None)
-    if run.config.model.name != "small_cnn" or run.splits.num_classes != NUM_CLASSES:
-        raise SystemExit(f"--workdir={args.workdir}: needs a 10-class small_cnn run, this one "
-                         f"is {run.config.model.name} with {run.splits.num_classes} classes")
+    name = run.config.model.name
+    if name not in WEIGHT_LOADERS or run.splits.num_classes != NUM_CLASSES:
+        raise SystemExit(f"--workdir={args.workdir}: needs a 10-class run of "
+                         f"{' or '.join(WEIGHT_LOADERS)}, this one is {name} with "
+                         f"{run.splits.num_classes} classes")
     data = stratified_subset(run.splits.test, args.images, int(run.config.seed), NUM_CLASSES)
     x = np.asarray(data.images, np.float32)
     x = x / 255.0 if np.asarray(data.images).dtype == np.uint8 else x
@@ -302,8 +304,8 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
     eps, aa = float(run.config.eval.eps), AA_SETTINGS[args.aa]
 
     torch.manual_seed(0)
-    net = torch_models()["small_cnn"](x.shape[-1])
-    load_small_cnn_weights(net, jax.device_get(run.variables), run.model.mean, run.model.std)
+    net = torch_models()[name](x.shape[-1])
+    WEIGHT_LOADERS[name](net, jax.device_get(run.variables), run.model.mean, run.model.std)
     net.eval()
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     jax_logits = np.asarray(make_logits_fn(run.model, run.variables)(jnp.asarray(x)))
@@ -311,7 +313,7 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
         torch_logits = net(xt).numpy()
     result: dict[str, Any] = {
         "benchmark": "eval_throughput/trained", "machine": machine(),
-        "workdir": os.path.abspath(args.workdir), "checkpoint": run.checkpoint,
+        "workdir": os.path.abspath(args.workdir), "model": name, "checkpoint": run.checkpoint,
         "step": run.step, "epoch": run.epoch, "images": len(y), "eps": eps,
         "settings": {"preset": args.aa, **aa,
                      "components": ["apgd-ce", "apgd-t", "fab-t", "square"],

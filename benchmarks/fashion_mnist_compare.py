@@ -148,8 +148,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="host devices per training run: a count, or 'auto' (one per core, "
                              "as launch.py; the most that divides the batch sizes)")
     parser.add_argument("--runs", nargs="+", default=None,
-                        help="train (and attack) only these runs of the suite, in this order; the others are "
-                             "reported from their workdirs or carried over from the suite's JSON")
+                        help="train (and attack) only these runs of the suite, in this order; "
+                             "the others are reported from their workdirs or carried over from "
+                             "the suite's JSON")
     parser.add_argument("--report_only", action="store_true",
                         help="write the tables from what the workdirs hold now; train nothing")
     parser.add_argument("--tag", default="",

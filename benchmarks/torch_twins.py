@@ -156,7 +156,7 @@ def load_small_cnn_weights(net, variables, mean, std) -> None:
     params, stats = variables["params"], variables["batch_stats"]
 
     def put(tensor, value) -> None:
-        tensor.data.copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(value, np.float32))))
+        tensor.data.copy_(torch.from_numpy(np.array(value, np.float32, order="C")))  # writable
 
     norm = net.features[0]
     put(norm.mean, np.reshape(mean, (1, -1, 1, 1)))
@@ -171,3 +171,39 @@ def load_small_cnn_weights(net, variables, mean, std) -> None:
     for layer, name in ((net.head[0], "dense"), (net.head[2], "fc")):
         put(layer.weight, np.transpose(params[name]["kernel"]))
         put(layer.bias, params[name]["bias"])
+
+
+def load_fmnist_cnn_weights(net, variables, mean, std) -> None:
+    """Copies a trained hamjax FashionMNISTCNN into its torch twin, as `load_small_cnn_weights`
+    does; the first dense layer's rows are reordered from hamjax's NHWC flatten (h, w, c) to
+    torch's NCHW flatten (c, h, w)."""
+    import numpy as np
+    import torch
+
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def put(tensor, value) -> None:
+        tensor.data.copy_(torch.from_numpy(np.array(value, np.float32, order="C")))  # writable
+
+    norm = net.features[0]
+    put(norm.mean, np.reshape(mean, (1, -1, 1, 1)))
+    put(norm.std, np.reshape(std, (1, -1, 1, 1)))
+    for i in range(2):  # features: Normalize, then (conv, bn, relu, maxpool) x 2
+        conv, bn = net.features[1 + 4 * i], net.features[2 + 4 * i]
+        put(conv.weight, np.transpose(params[f"conv{i + 1}"]["kernel"], (3, 2, 0, 1)))
+        put(bn.weight, params[f"bn{i + 1}"]["scale"])
+        put(bn.bias, params[f"bn{i + 1}"]["bias"])
+        put(bn.running_mean, stats[f"bn{i + 1}"]["mean"])
+        put(bn.running_var, stats[f"bn{i + 1}"]["var"])
+    dense = np.asarray(params["dense"]["kernel"])  # (h * w * c, hidden), rows in NHWC order
+    channels = np.asarray(params["conv2"]["kernel"]).shape[-1]
+    side = int(round((dense.shape[0] // channels) ** 0.5))
+    dense = dense.reshape(side, side, channels, -1).transpose(2, 0, 1, 3).reshape(dense.shape)
+    put(net.head[1].weight, dense.T)
+    put(net.head[1].bias, params["dense"]["bias"])
+    put(net.head[3].weight, np.transpose(params["fc"]["kernel"]))
+    put(net.head[3].bias, params["fc"]["bias"])
+
+
+# A trained hamjax model's weights into its twin, per model name.
+WEIGHT_LOADERS = {"small_cnn": load_small_cnn_weights, "fmnist_cnn": load_fmnist_cnn_weights}

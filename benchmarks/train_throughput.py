@@ -257,8 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "data": "random images and labels", "repeats": args.repeats,
                      "timing": "median of repeats after a compiling warm-up call",
                      "dtype": args.dtype, "steps_per_dispatch": args.steps_per_dispatch,
-                     "batch": {m: args.batch or (64 if m.endswith("cnn") else 4)
-                               for m in args.models}},
+                     "batch": {m: batch_of(m, args) for m in args.models}},
         "results": {},
     }
     if skipped:
@@ -266,16 +265,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.vs_torch:
         result["vs_torch"] = {}
         for model in args.models:
-            batch = args.batch or (128 if model.endswith("cnn") else 32)
-            result["vs_torch"][model] = vs_torch_cell(model, batch, args.repeats,
-                                                      args.torch_device, args.torch_compile_mode,
-                                                      args.dtype)
+            result["vs_torch"][model] = vs_torch_cell(
+                model, batch_of(model, args), args.repeats, args.torch_device,
+                args.torch_compile_mode, args.dtype)
             print(f"# {model} vs torch: {json.dumps(result['vs_torch'][model])}",
                   file=sys.stderr, flush=True)
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
         return result
     for model in args.models:
-        batch = args.batch or (64 if model.endswith("cnn") else 4)
+        batch = batch_of(model, args)
         row = {}
         for method in methods:
             try:
@@ -293,6 +291,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "methods": row}
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     return result
+
+
+def batch_of(model: str, args: argparse.Namespace) -> int:
+    """--batch, else the default: with --vs_torch 128 for the CNNs and 32 for the ResNets (the
+    field's per-device batches), else 64 and 4 (a quick sweep of every method)."""
+    if args.batch:
+        return args.batch
+    cnn = model.endswith("cnn")
+    return (128 if cnn else 32) if args.vs_torch else (64 if cnn else 4)
 
 
 def main() -> None:

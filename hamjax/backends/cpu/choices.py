@@ -40,6 +40,12 @@ MEASURED: dict[str, CpuChoices] = {
     # against YNNPACK's fusions and against XLA's VJP, interleaved, per model.
     "avx2": CpuChoices("avx2", ynn_fusions=False, conv_vjp="canonical",
                        evidence="benchmarks/results/cpu_choices_ab_avx2.json"),
+    # AMD EPYC (Zen 4: AVX-512 on 256-bit pipes), 2 cores, jaxlib 0.10.2, the same A/B: the
+    # canonical VJP with YNNPACK off wins on every model again (YNNPACK 1.17-1.64x slower, XLA's
+    # VJP 1.83-1.94x on the CNNs).
+    "avx512_on_256bit_pipes": CpuChoices(
+        "avx512_on_256bit_pipes", ynn_fusions=False, conv_vjp="canonical",
+        evidence="benchmarks/results/cpu_choices_ab_avx512_on_256bit_pipes.json"),
 }
 FALLBACK_ISA = "avx2"
 
