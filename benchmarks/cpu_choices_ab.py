@@ -5,7 +5,9 @@
 The choices (`hamjax.backends.cpu.choices`) are decided per vector ISA (the JSON's `cpu_isa`:
 avx2, avx512, avx512_on_256bit_pipes): run this on a quiet machine of each kind and record the
 decision there. `decision` in the JSON says what the medians favour: `ynn_fusions` true if the
-YNNPACK fusions beat the shipped step on most models, `conv_vjp` "xla" if XLA's VJP does.
+YNNPACK fusions beat the shipped step on most models, `conv_vjp` "xla" if XLA's VJP does, and
+for the canonical VJP's own branches, where their variants ran, `activation_flip` and
+`strided_input_grad` ("phased", the shipped form, or "dilated").
 
 Variants (`hamjax.backends.cpu.conv`, `hamjax.backends.cpu.compile_options`):
   canonical                  the AVX2 choice: custom transposes, the input gradient's spatial
@@ -15,6 +17,9 @@ Variants (`hamjax.backends.cpu.conv`, `hamjax.backends.cpu.compile_options`):
   canonical_activation_flip  the same, except that where the kernel outweighs the activations
                              (deep layers at small spatial size) the input gradient reverses the
                              activations and its result instead (patched in from here)
+  canonical_dilated_input_grad  the same, except that a strided conv's input gradient is one
+                             lhs-dilated conv (XLA's form, in the canonical layout) instead
+                             of one stride-1 correlation per output phase (patched in)
   xla                        `model.conv_vjp='xla'`: XLA's own conv VJP, YNNPACK fusions off
                              (the CNNs only by default: on PreAct-ResNet-18 its backward convs
                              inside the PGD loop are the jax-ml/jax#12868 slow path)
@@ -60,12 +65,14 @@ from hamjax.train.step import make_train_step
 
 NUM_CLASSES = 10
 SHAPES = {"small_cnn": (28, 28, 1), "fmnist_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3)}
-# name -> (model.conv_vjp, whether the input gradient may reverse the activations, YNNPACK on)
+# name -> (model.conv_vjp, whether the input gradient may reverse the activations, YNNPACK on,
+# whether a strided conv's input gradient is one lhs-dilated conv instead of one per phase)
 VARIANTS = {
-    "canonical": ("canonical", False, False),
-    "ynn_fusions": ("canonical", False, True),
-    "canonical_activation_flip": ("canonical", True, False),
-    "xla": ("xla", False, False),
+    "canonical": ("canonical", False, False, False),
+    "ynn_fusions": ("canonical", False, True, False),
+    "canonical_activation_flip": ("canonical", True, False, False),
+    "canonical_dilated_input_grad": ("canonical", False, False, True),
+    "xla": ("xla", False, False, False),
 }
 
 
@@ -86,6 +93,20 @@ def activation_flip_correlation(g, w, padding):
         return conv._correlate(g, jnp.flip(w_io, (0, 1)), padding)
     mirrored = tuple((hi, lo) for lo, hi in padding)
     return jnp.flip(conv._correlate(jnp.flip(g, (1, 2)), w_io, mirrored), (1, 2))
+
+
+def dilated_input_gradient(g, w, x_shape, strides, padding):
+    """conv._input_gradient as XLA's own VJP computes it, in the canonical layout: one stride-1
+    correlation of g dilated by the stride (zeros between its rows and columns) with the
+    reversed, channel-swapped kernel, so (s^2 - 1)/s^2 of its multiplies fall on zeros."""
+    pads = []
+    for n, k, s, o, (lo, _) in zip(x_shape[1:3], w.shape[:2], strides, g.shape[1:3], padding,
+                                   strict=True):
+        pads.append((k - 1 - lo, n + lo - (o - 1) * s - 1))
+    if min(min(pad) for pad in pads) < 0:
+        raise ValueError(f"a negative padding {pads}: not a case this A/B's models have")
+    return jax.lax.conv_general_dilated(g, jnp.flip(jnp.swapaxes(w, 2, 3), (0, 1)), (1, 1),
+                                        pads, lhs_dilation=strides, dimension_numbers=conv._DN)
 
 
 def cpu_description() -> dict[str, Any]:
@@ -132,10 +153,12 @@ def ab(model: str, variants: list[str], batch: int, repeats: int) -> dict[str, A
             "index": jnp.arange(batch, dtype=jnp.int32)}
     steps, compile_s = {}, {}
     for name in variants:
-        conv_vjp, flips, ynn = VARIANTS[name]
+        conv_vjp, flips, ynn, dilated = VARIANTS[name]
         step, state = make_step(model, conv_vjp, batch, ynn)
         correlation = activation_flip_correlation if flips else conv._transposed_correlation
-        with mock.patch.object(conv, "_transposed_correlation", correlation):
+        input_gradient = dilated_input_gradient if dilated else conv._input_gradient
+        with (mock.patch.object(conv, "_transposed_correlation", correlation),
+              mock.patch.object(conv, "_input_gradient", input_gradient)):
             t0 = time.perf_counter()
             jax.block_until_ready(step(state, data))  # traces (reversal chosen here), compiles
             compile_s[name] = round(time.perf_counter() - t0, 2)
@@ -169,8 +192,14 @@ def decision(results: dict[str, Any]) -> dict[str, Any]:
         return None if not ratios else sum(x < 1 for x in ratios) > len(ratios) / 2
 
     ynn, xla = favoured("ynn_fusions"), favoured("xla")
+    flip, dilated = favoured("canonical_activation_flip"), favoured("canonical_dilated_input_grad")
     return {"ynn_fusions": ynn, "conv_vjp": None if xla is None else ("xla" if xla else
-                                                                      "canonical")}
+                                                                      "canonical"),
+            # the canonical VJP's branches (fixed in hamjax.backends.cpu.conv): None where the
+            # variant that tests them did not run
+            "activation_flip": flip,
+            "strided_input_grad": None if dilated is None else ("dilated" if dilated else
+                                                                "phased")}
 
 
 def main() -> None:
