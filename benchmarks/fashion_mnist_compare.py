@@ -62,6 +62,7 @@ from fashion_mnist_results import (
     carry_over,
     frontier_path,
     frontier_plot,
+    kept_sample,
     read_previous,
     results_text,
     suite_order,
@@ -308,6 +309,9 @@ def main() -> None:
                     if t is not None and "timed_as" in t]
         if borrowed and "quiet_seconds" in rows[i]:
             rows[i]["quiet_timed_as"] = " and ".join(borrowed)
+    table = f"{args.suite}_{args.tag}" if args.tag else args.suite
+    previous = read_previous(table)
+
     def workdir_row(r: dict) -> str:
         return workdir_of(args.root, args.suite, r["run"], r["seed"])
 
@@ -325,7 +329,11 @@ def main() -> None:
         for checkpoint, a in r.get("autoattack", {}).items():
             if r["run"] != "pgd_at":  # image by image against PGD-AT of the same seed
                 baseline = workdir_of(args.root, args.suite, "pgd_at", r["seed"])
-                paired = paired_with(workdir_row(r), baseline, checkpoint)
+                # A baseline trained on an earlier machine is read from the sample its row
+                # keeps in the suite's JSON; one trained here, only from its own workdir.
+                kept = (None if os.path.exists(os.path.join(baseline, "report.json")) else
+                        kept_sample(previous, "pgd_at", r["seed"], checkpoint))
+                paired = paired_with(workdir_row(r), baseline, checkpoint, kept)
                 if paired is not None:
                     a["paired_vs_pgd_at"] = paired
         if "per_class_adv_fraction" in r.get("method_state_last_epoch", {}):  # a CAAT run
@@ -339,8 +347,7 @@ def main() -> None:
         per_run = {name: [epoch_row(e) for e in epoch_records(d)] for name, d in dirs.items()}
         with_wall_ratios(per_run, windows={n: train_windows(d, batch) for n, d in dirs.items()})
         per_seed[seed] = per_run
-    table = f"{args.suite}_{args.tag}" if args.tag else args.suite
-    carried = carry_over(read_previous(table), rows, per_seed, args.seeds)
+    carried = carry_over(previous, rows, per_seed, args.seeds)
     order = suite_order(names)
     rows.sort(key=lambda r: (r["seed"], order(r["run"])))
     for seed in per_seed:

@@ -25,22 +25,63 @@ def eval_path(workdir: str, checkpoint: str) -> str:
     return path
 
 
-def paired_with(workdir: str, baseline: str, checkpoint: str) -> dict | None:
+def sample_record(result: dict) -> dict | None:
+    """What a later pairing needs of an evaluation, kept in the suite's JSON so that it outlives
+    the workdir: the fields that name the images and budget, the labels (one string) and the
+    per-image flags; None for an evaluation without per-image results."""
+    from hamjax.evaluation.paired import SAMPLE_FIELDS
+
+    saved = result.get("per_example")
+    if not saved:
+        return None
+    return {**{k: result.get(k) for k in SAMPLE_FIELDS},
+            "class_names": list(result.get("class_names") or []),
+            "attacks": list(result["combined"]["attacks"]),
+            "labels": ",".join(str(int(v)) for v in saved["labels"]),
+            **{k: v for k, v in saved.items() if k != "labels"}}
+
+
+def from_sample_record(sample: dict) -> dict:
+    """The evaluation-JSON shape `hamjax.evaluation.paired` reads, rebuilt from a
+    `sample_record`."""
+    from hamjax.evaluation.paired import SAMPLE_FIELDS
+
+    named = (*SAMPLE_FIELDS, "class_names", "attacks", "labels")
+    flags = {k: v for k, v in sample.items() if k not in named}
+    return {**{k: sample.get(k) for k in SAMPLE_FIELDS}, "class_names": sample["class_names"],
+            "combined": {"attacks": sample["attacks"]},
+            "per_example": {"labels": [int(v) for v in sample["labels"].split(",")], **flags}}
+
+
+def _evaluation(workdir: str, checkpoint: str, kept: dict | None) -> tuple[dict, str] | None:
+    """(evaluation JSON, where from) of a checkpoint: its workdir's file, else the sample kept
+    in the suite's JSON (`kept`); None where neither has per-image results."""
+    path = eval_path(workdir, checkpoint)
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+        if "per_example" in result:
+            return result, path
+    if kept:
+        return from_sample_record(kept), f"the suite JSON's sample of {workdir} ({checkpoint})"
+    return None
+
+
+def paired_with(workdir: str, baseline: str, checkpoint: str,
+                baseline_sample: dict | None = None) -> dict | None:
     """The run's AutoAttack against the baseline run's, image by image on the same test images
     (hamjax.evaluation.paired): gaps of the average and the worst class with their 95%
-    intervals, in points rounded to 0.1; None where either lacks per-image results."""
+    intervals, in points rounded to 0.1; None where either lacks per-image results. A baseline
+    whose workdir is gone is read from `baseline_sample` (its `sample_record`, carried in the
+    suite's JSON)."""
     from hamjax.evaluation.paired import compare_results
 
-    paths = [eval_path(where, checkpoint) for where in (workdir, baseline)]
-    if not all(os.path.exists(path) for path in paths):
+    found = [_evaluation(workdir, checkpoint, None),
+             _evaluation(baseline, checkpoint, baseline_sample)]
+    if any(f is None for f in found):
         return None
-    results = []
-    for path in paths:
-        with open(path) as f:
-            results.append(json.load(f))
-    if any("per_example" not in r for r in results):
-        return None
-    comp = compare_results(*results, *paths)
+    (a, where_a), (b, where_b) = found
+    comp = compare_results(a, b, where_a, where_b)
     return {"images": comp["images"], **{
         key: {"gap": round(100 * comp[key]["gap"], 1),
               "interval": [round(100 * v, 1) for v in comp[key]["interval"]]}
@@ -68,7 +109,8 @@ def autoattack_one(workdir: str, examples: int, checkpoint: str = "last",
     return {"examples": result["num_examples"], "clean_avg": result["clean"]["average"],
             "clean_worst": result["clean"]["worst"], "robust_avg": robust["average"],
             "robust_worst": robust["worst"], **worst_interval(result),
-            "seconds": round(attack_seconds(result), 1), "epoch": result.get("checkpoint_epoch")}
+            "seconds": round(attack_seconds(result), 1), "epoch": result.get("checkpoint_epoch"),
+            **({"sample": sample} if (sample := sample_record(result)) else {})}
 
 
 def attack_seconds(result: dict) -> float:

@@ -53,6 +53,15 @@ def carry_over(previous: dict | None, rows: list[dict], per_seed: dict[int, dict
     return carried
 
 
+def kept_sample(previous: dict | None, run: str, seed: int, checkpoint: str) -> dict | None:
+    """The per-image sample (`fashion_mnist_followups.sample_record`) that the suite's earlier
+    JSON keeps for one run, seed and checkpoint's AutoAttack; None where it has none."""
+    for r in (previous or {}).get("rows", []):
+        if r["run"] == run and r["seed"] == seed:
+            return r.get("autoattack", {}).get(checkpoint, {}).get("sample")
+    return None
+
+
 def suite_order(names: list[str]):
     """Sort key of a run name: the suite's order, each "<run> (earlier)" right after its run."""
     order = {name: i for i, name in enumerate(names)}

@@ -344,6 +344,21 @@ def test_paired_with_reads_both_runs_evaluations_of_the_same_images(tmp_path):
     assert paired["worst"]["interval"][0] < 20.0 < paired["worst"]["interval"][1]
     assert followups.paired_with(run, str(tmp_path / "missing"), "last") is None
 
+    # The baseline's workdir gone (an earlier machine's): its sample, as the suite's JSON keeps
+    # it, gives the same pairing; a sample of other images is refused.
+    kept = followups.sample_record(json.loads((tmp_path / "base/eval/test_last.json")
+                                              .read_text()))
+    assert json.loads(json.dumps(kept)) == kept and isinstance(kept["labels"], str)
+    gone = str(tmp_path / "gone")
+    assert followups.paired_with(run, gone, "last", kept) == paired
+    previous = {"rows": [{"run": "pgd_at", "seed": 0, "autoattack": {"last": {"sample": kept}}},
+                         {"run": "pgd_at", "seed": 1, "autoattack": {"last": {}}}]}
+    assert results.kept_sample(previous, "pgd_at", 0, "last") == kept
+    assert results.kept_sample(previous, "pgd_at", 1, "last") is None
+    assert results.kept_sample(None, "pgd_at", 0, "best") is None
+    with pytest.raises(ValueError, match="not evaluated on the same images"):
+        followups.paired_with(run, gone, "last", dict(kept, eps=0.2))
+
 
 def test_verdicts_of_selected_checkpoints_compare_them_with_the_baselines_selected_one():
     def selected(row, avg, worst):
