@@ -147,30 +147,48 @@ def make_torch_pgd_at_step(net, *, eps: float, step_size: float, steps: int, lr:
     return step
 
 
-def load_small_cnn_weights(net, variables, mean, std) -> None:
-    """Copies a trained hamjax SmallCNN (params and BN running statistics) into its torch twin,
-    with the run's normalisation: conv kernels HWIO -> OIHW, dense (in, out) -> (out, in)."""
+def _put(tensor, value) -> None:
+    """Copies a hamjax array into a torch parameter or buffer in place."""
     import numpy as np
     import torch
 
+    tensor.data.copy_(torch.from_numpy(np.array(value, np.float32, order="C")))  # writable
+
+
+def _load_conv_bn_features(net, variables, mean, std, blocks: int, block_size: int) -> None:
+    """The twin's `features`: Normalize with the run's mean and std, then `blocks` blocks of
+    `block_size` layers each starting conv, BN (hamjax's conv{i}/bn{i}; kernels HWIO -> OIHW,
+    BN scale, bias and running statistics)."""
+    import numpy as np
+
     params, stats = variables["params"], variables["batch_stats"]
-
-    def put(tensor, value) -> None:
-        tensor.data.copy_(torch.from_numpy(np.array(value, np.float32, order="C")))  # writable
-
     norm = net.features[0]
-    put(norm.mean, np.reshape(mean, (1, -1, 1, 1)))
-    put(norm.std, np.reshape(std, (1, -1, 1, 1)))
-    for i in range(3):  # features: Normalize, then (conv, bn, relu) x 3
-        conv, bn = net.features[1 + 3 * i], net.features[2 + 3 * i]
-        put(conv.weight, np.transpose(params[f"conv{i + 1}"]["kernel"], (3, 2, 0, 1)))
-        put(bn.weight, params[f"bn{i + 1}"]["scale"])
-        put(bn.bias, params[f"bn{i + 1}"]["bias"])
-        put(bn.running_mean, stats[f"bn{i + 1}"]["mean"])
-        put(bn.running_var, stats[f"bn{i + 1}"]["var"])
-    for layer, name in ((net.head[0], "dense"), (net.head[2], "fc")):
-        put(layer.weight, np.transpose(params[name]["kernel"]))
-        put(layer.bias, params[name]["bias"])
+    _put(norm.mean, np.reshape(mean, (1, -1, 1, 1)))
+    _put(norm.std, np.reshape(std, (1, -1, 1, 1)))
+    for i in range(blocks):
+        conv, bn = net.features[1 + block_size * i], net.features[2 + block_size * i]
+        _put(conv.weight, np.transpose(params[f"conv{i + 1}"]["kernel"], (3, 2, 0, 1)))
+        _put(bn.weight, params[f"bn{i + 1}"]["scale"])
+        _put(bn.bias, params[f"bn{i + 1}"]["bias"])
+        _put(bn.running_mean, stats[f"bn{i + 1}"]["mean"])
+        _put(bn.running_var, stats[f"bn{i + 1}"]["var"])
+
+
+def _put_dense(layer, params, kernel=None) -> None:
+    """A hamjax Dense (kernel (in, out)) into a torch Linear (weight (out, in))."""
+    import numpy as np
+
+    _put(layer.weight, np.transpose(params["kernel"] if kernel is None else kernel))
+    _put(layer.bias, params["bias"])
+
+
+def load_small_cnn_weights(net, variables, mean, std) -> None:
+    """Copies a trained hamjax SmallCNN (params and BN running statistics) into its torch twin,
+    with the run's normalisation: conv kernels HWIO -> OIHW, dense (in, out) -> (out, in)."""
+    _load_conv_bn_features(net, variables, mean, std, blocks=3, block_size=3)  # conv, bn, relu
+    params = variables["params"]
+    _put_dense(net.head[0], params["dense"])
+    _put_dense(net.head[2], params["fc"])
 
 
 def load_fmnist_cnn_weights(net, variables, mean, std) -> None:
@@ -178,31 +196,16 @@ def load_fmnist_cnn_weights(net, variables, mean, std) -> None:
     does; the first dense layer's rows are reordered from hamjax's NHWC flatten (h, w, c) to
     torch's NCHW flatten (c, h, w)."""
     import numpy as np
-    import torch
 
-    params, stats = variables["params"], variables["batch_stats"]
-
-    def put(tensor, value) -> None:
-        tensor.data.copy_(torch.from_numpy(np.array(value, np.float32, order="C")))  # writable
-
-    norm = net.features[0]
-    put(norm.mean, np.reshape(mean, (1, -1, 1, 1)))
-    put(norm.std, np.reshape(std, (1, -1, 1, 1)))
-    for i in range(2):  # features: Normalize, then (conv, bn, relu, maxpool) x 2
-        conv, bn = net.features[1 + 4 * i], net.features[2 + 4 * i]
-        put(conv.weight, np.transpose(params[f"conv{i + 1}"]["kernel"], (3, 2, 0, 1)))
-        put(bn.weight, params[f"bn{i + 1}"]["scale"])
-        put(bn.bias, params[f"bn{i + 1}"]["bias"])
-        put(bn.running_mean, stats[f"bn{i + 1}"]["mean"])
-        put(bn.running_var, stats[f"bn{i + 1}"]["var"])
+    # features: conv, bn, relu, maxpool per block
+    _load_conv_bn_features(net, variables, mean, std, blocks=2, block_size=4)
+    params = variables["params"]
     dense = np.asarray(params["dense"]["kernel"])  # (h * w * c, hidden), rows in NHWC order
     channels = np.asarray(params["conv2"]["kernel"]).shape[-1]
     side = int(round((dense.shape[0] // channels) ** 0.5))
     dense = dense.reshape(side, side, channels, -1).transpose(2, 0, 1, 3).reshape(dense.shape)
-    put(net.head[1].weight, dense.T)
-    put(net.head[1].bias, params["dense"]["bias"])
-    put(net.head[3].weight, np.transpose(params["fc"]["kernel"]))
-    put(net.head[3].bias, params["fc"]["bias"])
+    _put_dense(net.head[1], params["dense"], kernel=dense)
+    _put_dense(net.head[3], params["fc"])
 
 
 # A trained hamjax model's weights into its twin, per model name.
