@@ -21,6 +21,7 @@ import os
 import sys
 
 import numpy as np
+from json_output import emit  # benchmarks/ beside this file
 
 from hamjax.analysis.caat_routing import (
     batch_routing,
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = analyse(os.path.abspath(args.workdir), args.checkpoint, args.examples,
                      tuple(args.init_seeds))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ the per-repeat ratio to `eigen`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from json_output import emit  # benchmarks/ beside this file
 
 from hamjax.backends.cpu import conv
 from hamjax.backends.cpu.isa import cpu_isa
@@ -173,11 +173,7 @@ def main() -> None:
             result["results"][key] = stage_ab(op, size, channels, args.batch, args.repeats)
             print(f"# {key}: {result['results'][key]['ms_median']}", flush=True)
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

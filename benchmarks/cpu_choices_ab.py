@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -51,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from json_output import emit  # benchmarks/ beside this file
 
 from hamjax.backends.cpu import conv
 from hamjax.backends.cpu.choices import cpu_choices
@@ -232,11 +232,7 @@ def main() -> None:
         result["results"][model] = ab(model, variants, batch, args.repeats)
     result["decision"] = decision(result["results"])
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out, indent=2)
 
 
 if __name__ == "__main__":

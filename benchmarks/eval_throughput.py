@@ -60,7 +60,8 @@ from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.models import build_model, init_variables, make_logits_fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_twins import WEIGHT_LOADERS, torch_models  # noqa: E402  (benchmarks/ beside this file)
+from json_output import emit  # noqa: E402  (benchmarks/ beside this file)
+from torch_twins import WEIGHT_LOADERS, torch_models  # noqa: E402
 
 NUM_CLASSES = 10
 EPS, STEP = 8 / 255, 2 / 255
@@ -358,11 +359,7 @@ def main() -> None:
     args = p.parse_args()
     args.aa = args.aa or ("standard" if args.workdir else "reduced")
     result = trained(args) if args.workdir else run(args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ rotating; reported: median ms and the torch / JAX ratios (> 1: JAX faster).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,8 @@ from hamjax.flops import cpu_isa
 from hamjax.models import build_model, init_variables
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_twins import torch_models  # noqa: E402  (benchmarks/ beside this file)
+from json_output import emit  # noqa: E402  (benchmarks/ beside this file)
+from torch_twins import torch_models  # noqa: E402
 
 SHAPES = {"small_cnn": (28, 28, 1), "fmnist_cnn": (28, 28, 1), "preact_resnet18": (32, 32, 3)}
 NUM_CLASSES = 10
@@ -117,11 +117,7 @@ def main() -> None:
                 (ms["torch_forward_and_input_grad"] - ms["torch_forward"])
                 / (ms["jax_forward_and_input_grad"] - ms["jax_forward"]), 3)},
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
