@@ -15,11 +15,20 @@ in each form XLA:CPU offers:
   dots_eigen   nine shifted matrix products (one per kernel tap) on Eigen's GEMM
   dots_ynn     the same products handed to YNNPACK (fusion type individual_dot)
   im2col_ynn   one matrix product over the 9x patch matrix, on YNNPACK
+  winograd     Winograd F(2x2, 3x3) (`hamjax.backends.cpu.winograd`): 16 matrix products of
+               a quarter of the pixels each on Eigen, 2.25x fewer multiplies (the forward and
+               the input gradient, which is a 3x3 stride-1 correlation itself; the weight
+               gradient stays on `eigen`)
+
+The input gradient (`input_gradient`) is timed as the canonical conv computes it: `eigen` is
+its correlation with the reversed kernel, `winograd` the same by F(2x2, 3x3). The stages where
+`winograd` beats `eigen` in both set `winograd.MIN_CHANNELS`.
 
 Every form is compiled first; then each repeat times one call of every form in turn, the order
 rotating per repeat, each call after a 0.2 s pause (`SETTLE_SECONDS`: YNNPACK's threads spin
 after its calls and would slow whichever form runs next). Reported: median ms, GFLOP/s, and
-the per-repeat ratio to `eigen`.
+the per-repeat ratio to `eigen`. GFLOP/s count a direct conv's multiplies for every form, so
+Winograd's is an effective rate.
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from json_output import emit  # benchmarks/ beside this file
 
-from hamjax.backends.cpu import conv
+from hamjax.backends.cpu import conv, winograd
 from hamjax.backends.cpu.isa import cpu_isa
 from hamjax.flops import device_peak_flops
 
@@ -75,6 +85,21 @@ def forward_im2col(x, w):
     return (cols @ w.reshape(9 * c, -1)).reshape(n, h, width, -1)
 
 
+def forward_winograd(x, w):
+    return winograd.winograd_conv3x3(x, w)
+
+
+def input_grad_conv(g, w, use_winograd=False):
+    """The canonical conv's input gradient of a 3x3 stride-1 same-padded conv."""
+    return conv._input_gradient(g, w, g.shape[:3] + (w.shape[2],), (1, 1), ((1, 1), (1, 1)),
+                                use_winograd)
+
+
+def input_grad_winograd(g, w):
+    with mock.patch.object(winograd, "MIN_CHANNELS", 1):  # every stage, to find the threshold
+        return input_grad_conv(g, w, use_winograd=True)
+
+
 def weight_grad_conv(x, g):
     return conv._weight_gradient(g, x, (3, 3, x.shape[-1], g.shape[-1]), (1, 1),
                                  ((1, 1), (1, 1)))
@@ -94,7 +119,10 @@ def weight_grad_im2col(x, g):
 FORMS: dict[str, dict[str, tuple[Callable, dict[str, Any]]]] = {
     "forward": {"eigen": (forward_conv, EIGEN), "ynn_conv": (forward_conv, YNN_CONV),
                 "onednn": (forward_conv, ONEDNN), "dots_eigen": (forward_dots, EIGEN),
-                "dots_ynn": (forward_dots, YNN_DOT), "im2col_ynn": (forward_im2col, YNN_DOT)},
+                "dots_ynn": (forward_dots, YNN_DOT), "im2col_ynn": (forward_im2col, YNN_DOT),
+                "winograd": (forward_winograd, EIGEN)},
+    "input_gradient": {"eigen": (input_grad_conv, EIGEN),
+                       "winograd": (input_grad_winograd, EIGEN)},
     "weight_gradient": {"eigen": (weight_grad_conv, EIGEN),
                         "ynn_conv": (weight_grad_conv, YNN_CONV),
                         "onednn": (weight_grad_conv, ONEDNN),
@@ -104,16 +132,19 @@ FORMS: dict[str, dict[str, tuple[Callable, dict[str, Any]]]] = {
 }
 
 
-def stage_ab(op: str, size: int, channels: int, batch: int, repeats: int) -> dict[str, Any]:
+def stage_ab(op: str, size: int, channels: int, batch: int, repeats: int,
+             forms: list[str] | None = None, settle: float = SETTLE_SECONDS) -> dict[str, Any]:
     """One op at one ResNet stage: every form compiled, checked against `eigen`, timed
     interleaved."""
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randn(batch, size, size, channels).astype(np.float32))
-    second = (rs.randn(3, 3, channels, channels) * 0.05 if op == "forward"
+    second = (rs.randn(3, 3, channels, channels) * 0.05 if op != "weight_gradient"
               else rs.randn(batch, size, size, channels))
     second = jnp.asarray(second.astype(np.float32))
     compiled, texts, outs = {}, {}, {}
     for name, (fn, options) in FORMS[op].items():
+        if forms and name not in forms and name != "eigen":
+            continue
         c = jax.jit(fn, compiler_options=options).lower(x, second).compile()
         compiled[name], texts[name] = c, c.as_text()
         outs[name] = np.asarray(c(x, second))
@@ -122,7 +153,7 @@ def stage_ab(op: str, size: int, channels: int, batch: int, repeats: int) -> dic
     names = list(compiled)
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(SETTLE_SECONDS)
+            time.sleep(settle)
             t0 = time.perf_counter()
             jax.block_until_ready(compiled[name](x, second))
             times[name].append(time.perf_counter() - t0)
@@ -137,7 +168,8 @@ def stage_ab(op: str, size: int, channels: int, batch: int, repeats: int) -> dic
             for n, t in times.items() if n != "eigen"},
         "max_relative_difference_to_eigen": {
             n: float(np.max(np.abs(o - outs["eigen"])) / scale) for n, o in outs.items()},
-        "onednn_hlo_rewritten": _body(texts["onednn"]) != _body(texts["eigen"]),
+        **({"onednn_hlo_rewritten": _body(texts["onednn"]) != _body(texts["eigen"])}
+           if "onednn" in texts else {}),
     }
 
 
@@ -151,6 +183,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ops", nargs="+", default=list(FORMS), choices=list(FORMS))
+    parser.add_argument("--forms", nargs="+", default=None,
+                        help="only these forms beside eigen (default: every form of each op)")
+    parser.add_argument("--settle_seconds", type=float, default=SETTLE_SECONDS,
+                        help="pause before every call (for YNNPACK's spinning threads); 0 "
+                             "times the calls back to back, as a train step runs its convs, "
+                             "which suits forms of many small ops (winograd) without YNNPACK")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     isa = cpu_isa()
@@ -164,13 +203,14 @@ def main() -> None:
         "peak_source": peak_source,
         "note": "PreAct-ResNet-18's 3x3 stride-1 convolutions, batch and stage as named; each "
                 "repeat times every form once, in rotating order, each call after a "
-                f"{SETTLE_SECONDS} s pause",
+                f"{args.settle_seconds} s pause",
         "results": {},
     }
-    for op in FORMS:
+    for op in args.ops:
         for size, channels in STAGES:
             key = f"{op}/{size}x{size}x{channels}"
-            result["results"][key] = stage_ab(op, size, channels, args.batch, args.repeats)
+            result["results"][key] = stage_ab(op, size, channels, args.batch, args.repeats,
+                                              args.forms, args.settle_seconds)
             print(f"# {key}: {result['results'][key]['ms_median']}", flush=True)
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     emit(result, args.out)

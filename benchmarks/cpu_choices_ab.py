@@ -5,9 +5,10 @@
 The choices (`hamjax.backends.cpu.choices`) are decided per vector ISA (the JSON's `cpu_isa`:
 avx2, avx512, avx512_on_256bit_pipes): run this on a quiet machine of each kind and record the
 decision there. `decision` in the JSON says what the medians favour: `ynn_fusions` true if the
-YNNPACK fusions beat the shipped step on most models, `conv_vjp` "xla" if XLA's VJP does, and
-for the canonical VJP's own branches, where their variants ran, `activation_flip` and
-`strided_input_grad` ("phased", the shipped form, or "dilated").
+YNNPACK fusions beat the shipped step on most models, `conv_vjp` "xla" if XLA's VJP does,
+`winograd` true if Winograd's wide convs do (where that variant ran), and for the canonical
+VJP's own branches, where their variants ran, `activation_flip` and `strided_input_grad`
+("phased", the shipped form, or "dilated").
 
 Variants (`hamjax.backends.cpu.conv`, `hamjax.backends.cpu.compile_options`):
   canonical                  the AVX2 choice: custom transposes, the input gradient's spatial
@@ -20,6 +21,10 @@ Variants (`hamjax.backends.cpu.conv`, `hamjax.backends.cpu.compile_options`):
   canonical_dilated_input_grad  the same, except that a strided conv's input gradient is one
                              lhs-dilated conv (XLA's form, in the canonical layout) instead
                              of one stride-1 correlation per output phase (patched in)
+  canonical_winograd         `model.conv_vjp='canonical_winograd'`: the canonical conv whose
+                             3x3 stride-1 convs of at least `winograd.MIN_CHANNELS` channels
+                             (forward and input gradient) run as Winograd F(2x2, 3x3) (only
+                             PreAct-ResNet-18 has such convs)
   xla                        `model.conv_vjp='xla'`: XLA's own conv VJP, YNNPACK fusions off
                              (the CNNs only by default: on PreAct-ResNet-18 its backward convs
                              inside the PGD loop are the jax-ml/jax#12868 slow path)
@@ -72,6 +77,7 @@ VARIANTS = {
     "ynn_fusions": ("canonical", False, True, False),
     "canonical_activation_flip": ("canonical", True, False, False),
     "canonical_dilated_input_grad": ("canonical", False, False, True),
+    "canonical_winograd": ("canonical_winograd", False, False, False),
     "xla": ("xla", False, False, False),
 }
 
@@ -191,7 +197,7 @@ def decision(results: dict[str, Any]) -> dict[str, Any]:
                   if variant in r["ratio_to_canonical_median"]]
         return None if not ratios else sum(x < 1 for x in ratios) > len(ratios) / 2
 
-    ynn, xla = favoured("ynn_fusions"), favoured("xla")
+    ynn, xla, wino = favoured("ynn_fusions"), favoured("xla"), favoured("canonical_winograd")
     flip, dilated = favoured("canonical_activation_flip"), favoured("canonical_dilated_input_grad")
     return {"ynn_fusions": ynn, "conv_vjp": None if xla is None else ("xla" if xla else
                                                                       "canonical"),
@@ -199,7 +205,9 @@ def decision(results: dict[str, Any]) -> dict[str, Any]:
             # variant that tests them did not run
             "activation_flip": flip,
             "strided_input_grad": None if dilated is None else ("dilated" if dilated else
-                                                                "phased")}
+                                                                "phased"),
+            # Winograd for the wide 3x3 convs (conv_vjp "canonical_winograd" where true)
+            "winograd": wino}
 
 
 def main() -> None:

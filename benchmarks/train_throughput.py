@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.backends.cpu.compile_options import compiler_options, jit
+from hamjax.backends.cpu.conv import CONV_VJP_MODES, conv_impl
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import available_methods, get_method
@@ -78,11 +79,12 @@ def method_block(name: str) -> ml_collections.ConfigDict:
     return block
 
 
-def make_config(model: str, method: str, batch: int, dtype: str = "float32"
-                ) -> ml_collections.FrozenConfigDict:
+def make_config(model: str, method: str, batch: int, dtype: str = "float32",
+                conv_vjp: str = "auto") -> ml_collections.FrozenConfigDict:
     config = base_config()
     config.model.name = model
     config.model.dtype = dtype
+    config.model.conv_vjp = conv_vjp
     config.method = method_block(method)
     if get_method(method).needs_meta_batch:
         config.data.meta_per_class = 10
@@ -120,11 +122,12 @@ def step_flops(step, args: tuple, seconds: float, dtype: str, devices=None) -> d
 
 
 def time_cell(model: str, method_name: str, batch: int, repeats: int,
-              dtype: str = "float32", per_dispatch: int = 1) -> dict[str, Any]:
+              dtype: str = "float32", per_dispatch: int = 1,
+              conv_vjp: str = "auto") -> dict[str, Any]:
     """One model x method cell; per_dispatch > 1 times the scanned program of that many steps
     (the same batch each step) and reports per-step figures (FLOPs and FLOP/s per call)."""
     shape = SHAPES[model]
-    config = make_config(model, method_name, batch, dtype)
+    config = make_config(model, method_name, batch, dtype, conv_vjp)
     step, state, method = make_step(config, shape, per_dispatch=per_dispatch)
     rs = np.random.RandomState(0)
     data = {"image": jnp.asarray(rs.rand(batch, *shape).astype(np.float32)),
@@ -161,19 +164,24 @@ def time_cell(model: str, method_name: str, batch: int, repeats: int,
     return cell
 
 
+WARM_ROUNDS = 3  # untimed rounds of every peer before the timed repeats (--vs_torch)
+
+
 def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu",
-                  compile_mode: str = "default", dtype: str = "float32") -> dict[str, Any]:
+                  compile_mode: str = "default", dtype: str = "float32",
+                  conv_vjp: str = "auto") -> dict[str, Any]:
     """The jitted PGD-AT step over all of JAX's devices vs its PyTorch twin on `torch_device`,
     eager and (unless compile_mode is "none") through `torch.compile(mode=compile_mode)`, the
-    three interleaved within each repeat. On CUDA the twins run as research scripts run them
-    there (cudnn.benchmark on); their step ends with `float(loss)`, which waits for the GPU."""
+    three interleaved within each repeat in rotating order. On CUDA the twins run as research
+    scripts run them there (cudnn.benchmark on); their step ends with `float(loss)`, which
+    waits for the GPU."""
     import torch
 
     if torch_device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
 
     shape = SHAPES[model]
-    config = make_config(model, "pgd_at", batch, dtype)
+    config = make_config(model, "pgd_at", batch, dtype, conv_vjp)
     mesh = make_mesh()
     step, state, _ = make_step(config, shape, mesh)
     rs = np.random.RandomState(0)
@@ -209,14 +217,19 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
         peer(x_t, y_t)  # the second call compiles nothing new once both BN modes are seen
         warmup[name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {"jax": [], **{name: [] for name in peers}}
-    for _ in range(repeats):
-        copy = fresh(state)
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(copy, data))
-        times["jax"].append(time.perf_counter() - t0)
-        for name, peer in peers.items():
+    runners = {"jax": lambda copy: jax.block_until_ready(step(copy, data)),
+               **{name: (lambda _, peer=peer: peer(x_t, y_t)) for name, peer in peers.items()}}
+    order = list(runners)
+    # Untimed rounds of all three in turn: on 2 shared cores the jitted step took 1.3-1.5x its
+    # steady time for its first ~3 calls after compiling (the allocator's first touches).
+    for _ in range(WARM_ROUNDS):
+        for name in order:
+            runners[name](fresh(state) if name == "jax" else None)
+    for r in range(repeats):  # the order rotates, so no one always runs after torch's threads
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            copy = fresh(state) if name == "jax" else None
             t0 = time.perf_counter()
-            peer(x_t, y_t)
+            runners[name](copy)
             times[name].append(time.perf_counter() - t0)
     jax_s = statistics.median(times["jax"])
     cell: dict[str, Any] = {
@@ -228,6 +241,7 @@ def vs_torch_cell(model: str, batch: int, repeats: int, torch_device: str = "cpu
         f"torch.autocast({dtype}), float32 weights",
         "jax_seconds_per_step": round(jax_s, 4), "jax_images_per_s": round(batch / jax_s, 2),
         "jax_first_call_seconds_incl_compile": round(warmup["jax"], 2),
+        "seconds_per_step_all": {n: [round(t, 4) for t in ts] for n, ts in times.items()},
     }
     for name in peers:
         sec = statistics.median(times[name])
@@ -252,11 +266,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "jax": jax.__version__, "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()],
                     "compiler_options": compiler_options(), "cpu_isa": cpu_isa(),
+                    # what model.conv_vjp="auto" ran as (the canonical conv, Winograd or not)
+                    "conv_vjp_auto": conv_vjp_auto(),
                     "load_average_at_start": list(os.getloadavg())},
         "settings": {"training_attack": "PGD-10, eps 8/255, step 2/255 (base_config)",
                      "data": "random images and labels", "repeats": args.repeats,
-                     "timing": "median of repeats after a compiling warm-up call",
+                     "timing": "median of repeats after a compiling warm-up call" + (
+                         f" and {WARM_ROUNDS} untimed rounds of every peer, interleaved in "
+                         "rotating order" if args.vs_torch else ""),
                      "dtype": args.dtype, "steps_per_dispatch": args.steps_per_dispatch,
+                     "conv_vjp": args.conv_vjp,
                      "batch": {m: batch_of(m, args) for m in args.models}},
         "results": {},
     }
@@ -267,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for model in args.models:
             result["vs_torch"][model] = vs_torch_cell(
                 model, batch_of(model, args), args.repeats, args.torch_device,
-                args.torch_compile_mode, args.dtype)
+                args.torch_compile_mode, args.dtype, args.conv_vjp)
             print(f"# {model} vs torch: {json.dumps(result['vs_torch'][model])}",
                   file=sys.stderr, flush=True)
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -278,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for method in methods:
             try:
                 row[method] = time_cell(model, method, batch, args.repeats, args.dtype,
-                                        args.steps_per_dispatch)
+                                        args.steps_per_dispatch, args.conv_vjp)
             except Exception as err:  # one broken method must not hide the others' numbers
                 row[method] = {"error": f"{type(err).__name__}: {err}"}
             print(f"# {model} {method}: {json.dumps(row[method])}", file=sys.stderr,
@@ -291,6 +310,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "methods": row}
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     return result
+
+
+def conv_vjp_auto() -> str:
+    """The conv `model.conv_vjp="auto"` resolves to on this backend and ISA."""
+    impl = conv_impl("auto")
+    if getattr(impl, "keywords", {}).get("winograd"):
+        return "canonical_winograd"
+    return "xla" if impl is jax.lax.conv_general_dilated else "canonical"
 
 
 def batch_of(model: str, args: argparse.Namespace) -> int:
@@ -321,6 +348,9 @@ def main() -> None:
     p.add_argument("--torch_compile_mode", default="default",
                    help="torch.compile mode of the compiled PyTorch column with --vs_torch "
                         "(default, reduce-overhead, max-autotune), or 'none' for eager only")
+    p.add_argument("--conv_vjp", default="auto", choices=list(CONV_VJP_MODES),
+                   help="config.model.conv_vjp of the jitted steps (default auto: this "
+                        "backend's and CPU's choice, recorded as machine.conv_vjp_auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="config.model.dtype (compute dtype; weights stay float32), and the "
                         "torch twin under torch.autocast of the same dtype with --vs_torch")

@@ -435,7 +435,8 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "eval.batch_size": "evaluation chunking; each result depends on its example alone",
     "eval.final_splits": "which splits the final report lists",
     "data.data_dir": "where the dataset's files are looked for (e.g. a copy on another machine)",
-    "model.conv_vjp": "how conv gradients are computed; the same values up to float rounding",
+    "model.conv_vjp": "how convs and their gradients are computed (canonical_winograd: wide 3x3 "
+                      "convs by Winograd F(2x2, 3x3)); the same values up to float rounding",
 }
 ABSENT = "(absent)"
 

@@ -112,6 +112,15 @@ def test_every_measured_row_is_the_decision_of_its_recorded_ab():
         # A/B that measured them must have favoured the shipped forms.
         assert decision.get("activation_flip") in (None, False)
         assert decision.get("strided_input_grad") in (None, "phased")
+        # Winograd is on only where an A/B of it against the canonical conv favoured it.
+        if row.winograd_evidence:
+            record = json.loads((root / row.winograd_evidence).read_text())
+            assert record["benchmark"] == "cpu_choices_ab" and record["cpu_isa"] == isa
+            assert "canonical_winograd" in record["results"]["preact_resnet18"][
+                "ratio_to_canonical_median"]
+            assert record["decision"]["winograd"] == row.winograd
+        else:
+            assert not row.winograd
 
 
 def test_an_unmeasured_isa_keeps_the_avx2_choices_and_says_so(caplog):
@@ -147,4 +156,7 @@ def test_auto_conv_vjp_follows_the_isas_decision(monkeypatch):
     assert conv.conv_impl("canonical") is conv.canonical_conv
     _decided(monkeypatch, conv_vjp="canonical")
     assert conv.conv_impl("auto") is conv.canonical_conv
+    _decided(monkeypatch, conv_vjp="canonical", winograd=True)
+    assert conv.conv_impl("auto").func is conv.canonical_conv
+    assert conv.conv_impl("auto").keywords == {"winograd": True}
     assert conv.conv_impl("xla") is jax.lax.conv_general_dilated

@@ -24,6 +24,7 @@ CPU; `tests/test_cpu_conv.py` holds the NumPy reference both must match.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -33,11 +34,14 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from hamjax.backends.cpu.choices import cpu_choices
+from hamjax.backends.cpu.winograd import applies, winograd_conv3x3
 from hamjax.errors import ConfigError
 
 # auto: on the CPU backend what this ISA's row of `choices.MEASURED` decided (the canonical conv
-# on AVX2), XLA's elsewhere; xla: XLA's everywhere; canonical: the canonical conv everywhere.
-CONV_VJP_MODES = ("auto", "xla", "canonical")
+# on AVX2, with Winograd on Zen 4's AVX-512), XLA's elsewhere; xla: XLA's everywhere; canonical:
+# the canonical conv everywhere; canonical_winograd: the canonical conv whose wide 3x3 stride-1
+# convs (forward and input gradient) run as Winograd F(2x2, 3x3) (`winograd.applies`).
+CONV_VJP_MODES = ("auto", "xla", "canonical", "canonical_winograd")
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -45,11 +49,16 @@ _NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _xla_conv(x: jax.Array, w: jax.Array, *, strides: tuple[int, int], padding: Padding):
+def _xla_conv(x: jax.Array, w: jax.Array, *, strides: tuple[int, int], padding: Padding,
+              winograd: bool = False):
+    """The conv's value: Winograd F(2x2, 3x3) where `winograd` is on and the conv is one it
+    pays on (`winograd.applies`), else XLA's conv."""
+    if winograd and applies(x.shape, w.shape, strides, padding, x.dtype):
+        return winograd_conv3x3(x, w)
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
 
 
-def _abstract_eval(x, w, *, strides, padding):
+def _abstract_eval(x, w, *, strides, padding, winograd):
     """Shape, dtype, sharding and varying axes exactly as lax's conv would give them."""
     return jax.lax.conv_general_dilated_p.abstract_eval(
         x, w, window_strides=strides, padding=padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1),
@@ -67,11 +76,16 @@ def _phase_taps(n: int, k: int, s: int, lo: int, out: int, phase: int):
     return c, m, (low, n // s - out - low + m - 1)
 
 
-def _transposed_correlation(g, w, padding):
+def _transposed_correlation(g, w, padding, winograd=False):
     """Stride-1 correlation of g (B,H,W,O) with w (kh,kw,I,O) reversed in space and with its
-    channels swapped: a conv's input gradient. (Reversing the activations instead where the
-    kernel outweighs them did not pay in an interleaved A/B: benchmarks/cpu_choices_ab.py.)"""
-    return _correlate(g, jnp.flip(jnp.swapaxes(w, 2, 3), (0, 1)), padding)
+    channels swapped: a conv's input gradient; by Winograd (with w's channels left in place)
+    where on and it applies. (Reversing the activations instead where the kernel outweighs them
+    did not pay in an interleaved A/B: benchmarks/cpu_choices_ab.py.)"""
+    reversed_w = jnp.flip(w, (0, 1))
+    if winograd and applies(g.shape, (*w.shape[:2], w.shape[3], w.shape[2]), (1, 1), padding,
+                            g.dtype):
+        return winograd_conv3x3(g, reversed_w, kernel_layout="HWOI")
+    return _correlate(g, jnp.swapaxes(reversed_w, 2, 3), padding)
 
 
 def _crop_negative(x, padding, axes=(1, 2)):
@@ -89,7 +103,7 @@ def _correlate(g, w, padding):
     return jax.lax.conv_general_dilated(crop, w, (1, 1), pads, dimension_numbers=_DN)
 
 
-def _phased_input_grad(g, w, x_shape, strides, padding):
+def _phased_input_grad(g, w, x_shape, strides, padding, winograd=False):
     """dx of a conv as s_h * s_w stride-1 correlations of g, one per output phase, interleaved
     (stride 1: one phase): the same sums as the lhs-dilated conv without the
     (s_h s_w - 1)/(s_h s_w) of its multiplies that fall on inserted zeros. Needs each input
@@ -106,18 +120,18 @@ def _phased_input_grad(g, w, x_shape, strides, padding):
                 row.append(jnp.zeros(shape, g.dtype))
                 continue
             taps = w[c_h:c_h + s_h * (m_h - 1) + 1:s_h, c_w:c_w + s_w * (m_w - 1) + 1:s_w]
-            row.append(_transposed_correlation(g, taps, (pad_h, pad_w)))
+            row.append(_transposed_correlation(g, taps, (pad_h, pad_w), winograd))
         rows.append(jnp.stack(row, axis=3))  # B, n_h/s_h, n_w/s_w, s_w, C
     phased = jnp.stack(rows, axis=2)  # B, n_h/s_h, s_h, n_w/s_w, s_w, C
     return phased.reshape(x_shape[0], n_h, n_w, x_shape[3])
 
 
-def _input_gradient(g, w, x_shape, strides, padding):
+def _input_gradient(g, w, x_shape, strides, padding, winograd=False):
     """dx of the conv. An input size not divisible by its stride is extended with zero rows at
     the end (and its high padding shortened to match: the same conv), so every case goes by
     phases; the extra rows' gradient is sliced off."""
     ext = [-(-n // s) * s for n, s in zip(x_shape[1:3], strides, strict=True)]
-    dx = _phased_input_grad(g, w, (x_shape[0], *ext, x_shape[3]), strides, padding)
+    dx = _phased_input_grad(g, w, (x_shape[0], *ext, x_shape[3]), strides, padding, winograd)
     return dx[:, :x_shape[1], :x_shape[2]]
 
 
@@ -139,21 +153,21 @@ def _weight_gradient(g, x, w_shape, strides, padding):
     return jnp.transpose(dw, (1, 2, 0, 3))
 
 
-def _input_transpose(g, x, w, *, strides, padding):
-    return _input_gradient(g, w, x.aval.shape, strides, padding).astype(x.aval.dtype)
+def _input_transpose(g, x, w, *, strides, padding, winograd):
+    return _input_gradient(g, w, x.aval.shape, strides, padding, winograd).astype(x.aval.dtype)
 
 
-def _weight_transpose(g, x, w, *, strides, padding):
+def _weight_transpose(g, x, w, *, strides, padding, winograd):
     return _weight_gradient(g, x, w.aval.shape, strides, padding).astype(w.aval.dtype)
 
 
-def _batch(args, dims, *, strides, padding):
+def _batch(args, dims, *, strides, padding, winograd):
     """vmap: a batch axis on x alone folds into the conv's batch; otherwise lax's own rule."""
     (x, w), (bx, bw) = args, dims
     if bw is None:  # not mapped
         x = jnp.moveaxis(x, bx, 0)
         y = canonical_conv_p.bind(x.reshape(-1, *x.shape[2:]), w, strides=strides,
-                                  padding=padding)
+                                  padding=padding, winograd=winograd)
         return y.reshape(*x.shape[:2], *y.shape[1:]), 0
     conv = jax.vmap(lambda a, b: _xla_conv(a, b, strides=strides, padding=padding), (bx, bw))
     return conv(x, w), 0
@@ -180,16 +194,19 @@ def _is_plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
 
 
 def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, **kwargs):
+                   dimension_numbers=None, feature_group_count=1, *, winograd: bool = False,
+                   **kwargs):
     """`lax.conv_general_dilated` for flax's nn.Conv with XLA:CPU-friendly derivatives (plain
-    2-D NHWC/HWIO convs with explicit padding; anything else falls through to lax unchanged)."""
+    2-D NHWC/HWIO convs with explicit padding; anything else falls through to lax unchanged);
+    `winograd`: its wide 3x3 stride-1 convs by Winograd F(2x2, 3x3)."""
     if _is_plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                  feature_group_count, kwargs.get("batch_group_count", 1)):
         strides = tuple(int(s) for s in window_strides)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         # inside shard_map, replicated weights become varying like the rows, as in lax's conv
         lhs, rhs = auto_insert_reshard(lhs, rhs)
-        return canonical_conv_p.bind(lhs, rhs, strides=strides, padding=pads)
+        return canonical_conv_p.bind(lhs, rhs, strides=strides, padding=pads,
+                                     winograd=bool(winograd))
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
@@ -201,7 +218,11 @@ def conv_impl(mode: str = "auto") -> Any:
         raise ConfigError(f"model.conv_vjp={mode!r}: choose one of {CONV_VJP_MODES} (auto: the "
                           "canonical conv on CPU, XLA's elsewhere)")
     if mode == "auto" and jax.default_backend() == "cpu":
-        mode = cpu_choices().conv_vjp
+        choices = cpu_choices()
+        mode = ("canonical_winograd" if choices.conv_vjp == "canonical" and choices.winograd
+                else choices.conv_vjp)
     if mode == "canonical":
         return canonical_conv
+    if mode == "canonical_winograd":
+        return functools.partial(canonical_conv, winograd=True)
     return jax.lax.conv_general_dilated
