@@ -96,7 +96,7 @@ def input_grad_conv(g, w, use_winograd=False):
 
 
 def input_grad_winograd(g, w):
-    with mock.patch.object(winograd, "MIN_CHANNELS", 1):  # every stage, to find the threshold
+    with mock.patch.multiple(winograd, MIN_CHANNELS=1, MIN_PIXELS=1):  # to find the thresholds
         return input_grad_conv(g, w, use_winograd=True)
 
 

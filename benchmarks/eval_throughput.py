@@ -54,6 +54,7 @@ import numpy as np
 
 from hamjax.attacks import pgd
 from hamjax.backends.cpu.compile_options import compiler_options, jit
+from hamjax.backends.cpu.conv import CONV_VJP_MODES
 from hamjax.evaluation.runner import run_attacks
 from hamjax.evaluation.specs import parse_attacks
 from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
@@ -74,9 +75,10 @@ AA_SETTINGS = {  # APGD-CE / APGD-T / FAB-T steps, targets of APGD-T and FAB-T, 
 
 
 # ----------------------------------------------------------------------------- jax side
-def jax_model(name: str, shape: tuple[int, int, int]):
+def jax_model(name: str, shape: tuple[int, int, int], conv_vjp: str = "auto"):
     channels = shape[-1]
-    model = build_model(ml_collections.ConfigDict({"name": name, "dtype": "float32"}),
+    model = build_model(ml_collections.ConfigDict({"name": name, "dtype": "float32",
+                                                   "conv_vjp": conv_vjp}),
                         NUM_CLASSES, shape, mean=(0.5,) * channels, std=(0.25,) * channels)
     return model, init_variables(model, jax.random.PRNGKey(0), shape)
 
@@ -227,6 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     has_torch = info.get("torch") is not None
     aa = AA_SETTINGS[args.aa]
+    info["conv_vjp"] = args.conv_vjp
     result: dict[str, Any] = {
         "benchmark": "eval_throughput", "machine": info,
         "settings": {
@@ -250,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         aa_batch = args.cnn_aa_batch if name == "small_cnn" else args.resnet_aa_batch
         rng = np.random.default_rng(0)
         x = rng.random((max(batch, aa_batch),) + shape, dtype=np.float32)
-        model, variables = jax_model(name, shape)
+        model, variables = jax_model(name, shape, args.conv_vjp)
         entry: dict[str, Any] = {"input_shape": list(shape), "pgd_batch": batch,
                                  "pgd_repeats": args.repeats if name == "small_cnn" else
                                  args.resnet_repeats,
@@ -347,6 +350,8 @@ def main() -> None:
     p.add_argument("--aa", default=None, choices=sorted(AA_SETTINGS),
                    help="default: standard with --workdir, reduced otherwise")
     p.add_argument("--aa_eps", type=float, default=1e-5)
+    p.add_argument("--conv_vjp", default="auto", choices=list(CONV_VJP_MODES),
+                   help="model.conv_vjp of the random-weight models (auto: this CPU's choice)")
     p.add_argument("--workdir", default="",
                    help="a trained 10-class small_cnn run: AutoAttack on its test images")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])

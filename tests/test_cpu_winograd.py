@@ -59,8 +59,9 @@ def test_the_hwoi_kernel_layout_is_the_swapped_kernel():
 
 
 def _winograd_everywhere():
-    """Winograd on every 3x3 stride-1 same-padded float32 conv, however few its channels."""
-    return mock.patch.object(winograd, "MIN_CHANNELS", 1)
+    """Winograd on every 3x3 stride-1 same-padded float32 conv, however few its channels and
+    pixels."""
+    return mock.patch.multiple(winograd, MIN_CHANNELS=1, MIN_PIXELS=1)
 
 
 @pytest.mark.parametrize("hw", [(6, 8), (7, 5)])
@@ -93,7 +94,8 @@ def test_canonical_conv_value_and_gradients_with_winograd(hw):
 
 def test_winograd_applies_only_where_it_pays():
     wide = (3, 3, 128, 256)
-    assert winograd.applies((2, 8, 8, 128), wide, (1, 1), SAME, jnp.float32)
+    assert winograd.applies((4, 8, 8, 128), wide, (1, 1), SAME, jnp.float32)
+    assert not winograd.applies((2, 4, 4, 128), wide, (1, 1), SAME, jnp.float32)  # 32 pixels
     assert not winograd.applies((2, 8, 8, 128), wide, (2, 2), SAME, jnp.float32)
     assert not winograd.applies((2, 8, 8, 128), wide, (1, 1), ((0, 0), (0, 0)), jnp.float32)
     assert not winograd.applies((2, 8, 8, 128), wide, (1, 1), SAME, jnp.bfloat16)

@@ -9,11 +9,14 @@ each 2x2 output tile from a 4x4 input tile with 16 products per channel pair ins
 independent (pixels/4 x C) @ (C x O) products on Eigen's GEMM plus cheap linear transforms.
 
 The transforms are memory-bound (they read and write every activation a few times), the products
-are not, so it pays only where the channels are many: `applies` takes convs whose input and
-output channels are both at least `MIN_CHANNELS` (the per-stage A/B in
-`benchmarks/conv_kernels_ab.py`: PreAct-ResNet-18's 64-channel stage runs slower this way, its
-128-512-channel stages faster). Float32 only: the transforms' rounding is ~1e-6 relative there
-(tests/test_cpu_winograd.py), bfloat16's would be ~1e-2.
+are not, and the kernel's transform costs the same however few pixels share it, so it pays only
+where the channels are many and the pixels not too few: `applies` takes convs whose input and
+output channels are both at least `MIN_CHANNELS` and whose input holds at least `MIN_PIXELS`
+positions (batch x height x width; the per-stage A/B in `benchmarks/conv_kernels_ab.py`:
+PreAct-ResNet-18's 64-channel stage runs slower this way at batch 32, its 128-512-channel
+stages faster; its 4x4x512 stage slower at batch 4, 64 positions, and even at batch 8).
+Float32 only: the transforms' rounding is ~1e-6 relative there (tests/test_cpu_winograd.py),
+bfloat16's would be ~1e-2.
 
 Every step is plain jnp (slices, adds, dots), so autodiff, vmap and jvp work; the canonical conv
 uses it for the forward pass and for the input gradient (itself a 3x3 stride-1 correlation with
@@ -32,16 +35,18 @@ B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.f
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 MIN_CHANNELS = 128
+MIN_PIXELS = 256  # batch x height x width of the conv's input as traced (global under jit)
 
 
 def applies(x_shape, w_shape, strides, padding, dtype) -> bool:
     """Whether the conv of x (NHWC) with w (HWIO) is one this module computes and where it pays:
     a 3x3 kernel, stride 1, padding 1 on every side, float32, at least `MIN_CHANNELS` input and
-    output channels."""
+    output channels and `MIN_PIXELS` input positions."""
     return (tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
             and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
             and jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4
-            and min(w_shape[2], w_shape[3]) >= MIN_CHANNELS)
+            and min(w_shape[2], w_shape[3]) >= MIN_CHANNELS
+            and x_shape[0] * x_shape[1] * x_shape[2] >= MIN_PIXELS)
 
 
 def _combine(coefficients, parts):
