@@ -21,8 +21,9 @@ in each form XLA:CPU offers:
                gradient stays on `eigen`)
 
 The input gradient (`input_gradient`) is timed as the canonical conv computes it: `eigen` is
-its correlation with the reversed kernel, `winograd` the same by F(2x2, 3x3). The stages where
-`winograd` beats `eigen` in both set `winograd.MIN_CHANNELS`.
+its correlation with the reversed kernel, `winograd` the same by F(2x2, 3x3) (its thresholds
+lifted). The stages where `winograd` beats `eigen` in both set `winograd.MIN_CHANNELS`, and the
+same at a small --batch `winograd.MIN_PIXELS`.
 
 Every form is compiled first; then each repeat times one call of every form in turn, the order
 rotating per repeat, each call after a 0.2 s pause (`SETTLE_SECONDS`: YNNPACK's threads spin

@@ -23,8 +23,8 @@ Variants (`hamjax.backends.cpu.conv`, `hamjax.backends.cpu.compile_options`):
                              of one stride-1 correlation per output phase (patched in)
   canonical_winograd         `model.conv_vjp='canonical_winograd'`: the canonical conv whose
                              3x3 stride-1 convs of at least `winograd.MIN_CHANNELS` channels
-                             (forward and input gradient) run as Winograd F(2x2, 3x3) (only
-                             PreAct-ResNet-18 has such convs)
+                             and `winograd.MIN_PIXELS` positions (forward and input gradient)
+                             run as Winograd F(2x2, 3x3) (only PreAct-ResNet-18 has such convs)
   xla                        `model.conv_vjp='xla'`: XLA's own conv VJP, YNNPACK fusions off
                              (the CNNs only by default: on PreAct-ResNet-18 its backward convs
                              inside the PGD loop are the jax-ml/jax#12868 slow path)

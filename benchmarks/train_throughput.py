@@ -50,7 +50,7 @@ import ml_collections
 import numpy as np
 
 from hamjax.backends.cpu.compile_options import compiler_options, jit
-from hamjax.backends.cpu.conv import CONV_VJP_MODES, conv_impl
+from hamjax.backends.cpu.conv import CONV_VJP_MODES, resolved_conv_vjp
 from hamjax.config import base_config, method_config, validate_config
 from hamjax.flops import compiled_flops, cpu_isa, flop_report, jaxpr_flops
 from hamjax.methods import available_methods, get_method
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "devices": [str(d) for d in jax.devices()],
                     "compiler_options": compiler_options(), "cpu_isa": cpu_isa(),
                     # what model.conv_vjp="auto" ran as (the canonical conv, Winograd or not)
-                    "conv_vjp_auto": conv_vjp_auto(),
+                    "conv_vjp_auto": resolved_conv_vjp("auto"),
                     "load_average_at_start": list(os.getloadavg())},
         "settings": {"training_attack": "PGD-10, eps 8/255, step 2/255 (base_config)",
                      "data": "random images and labels", "repeats": args.repeats,
@@ -310,14 +310,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "methods": row}
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     return result
-
-
-def conv_vjp_auto() -> str:
-    """The conv `model.conv_vjp="auto"` resolves to on this backend and ISA."""
-    impl = conv_impl("auto")
-    if getattr(impl, "keywords", {}).get("winograd"):
-        return "canonical_winograd"
-    return "xla" if impl is jax.lax.conv_general_dilated else "canonical"
 
 
 def batch_of(model: str, args: argparse.Namespace) -> int:

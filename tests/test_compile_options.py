@@ -159,4 +159,8 @@ def test_auto_conv_vjp_follows_the_isas_decision(monkeypatch):
     _decided(monkeypatch, conv_vjp="canonical", winograd=True)
     assert conv.conv_impl("auto").func is conv.canonical_conv
     assert conv.conv_impl("auto").keywords == {"winograd": True}
+    assert conv.resolved_conv_vjp("auto") == "canonical_winograd"
+    assert conv.resolved_conv_vjp("canonical") == "canonical"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv.resolved_conv_vjp("auto") == "xla"
     assert conv.conv_impl("xla") is jax.lax.conv_general_dilated

@@ -212,15 +212,24 @@ def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
 
 
-def conv_impl(mode: str = "auto") -> Any:
-    """The conv primitive a model's nn.Conv uses for `model.conv_vjp` = mode (CONV_VJP_MODES)."""
+def resolved_conv_vjp(mode: str = "auto") -> str:
+    """The concrete mode `model.conv_vjp` = mode stands for here ("auto" resolved: this ISA's
+    row of `choices.MEASURED` on the CPU backend, "xla" elsewhere)."""
     if mode not in CONV_VJP_MODES:
         raise ConfigError(f"model.conv_vjp={mode!r}: choose one of {CONV_VJP_MODES} (auto: the "
                           "canonical conv on CPU, XLA's elsewhere)")
-    if mode == "auto" and jax.default_backend() == "cpu":
-        choices = cpu_choices()
-        mode = ("canonical_winograd" if choices.conv_vjp == "canonical" and choices.winograd
-                else choices.conv_vjp)
+    if mode != "auto":
+        return mode
+    if jax.default_backend() != "cpu":
+        return "xla"
+    choices = cpu_choices()
+    return ("canonical_winograd" if choices.conv_vjp == "canonical" and choices.winograd
+            else choices.conv_vjp)
+
+
+def conv_impl(mode: str = "auto") -> Any:
+    """The conv primitive a model's nn.Conv uses for `model.conv_vjp` = mode (CONV_VJP_MODES)."""
+    mode = resolved_conv_vjp(mode)
     if mode == "canonical":
         return canonical_conv
     if mode == "canonical_winograd":
